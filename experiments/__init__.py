@@ -1,0 +1,1 @@
+"""Experiment suite: data pipelines, configs and the `python -m experiments.run` job."""

@@ -1,0 +1,1 @@
+"""rapq-jax: exact power-of-two post-training quantization for JAX/Flax."""

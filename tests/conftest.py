@@ -1,0 +1,38 @@
+"""Shared fixtures.
+
+Tests that need the shared CIFAR-10 data or pretrained models find it through the
+environment variable ``RAPQ_SHARED_DIR`` (``.ci/run`` sets it to ``../shared``).
+Outside CI a missing directory skips those tests; with ``CI=true`` it fails them,
+so CI never passes without having run them.
+"""
+import os
+import pathlib
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _missing(what: str):
+  msg = f"{what} not found; set RAPQ_SHARED_DIR to the shared data directory"
+  if os.environ.get("CI", "").lower() == "true":
+    pytest.fail(msg)
+  pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+  """Root of the shared data (``data/``, ``models/``)."""
+  root = pathlib.Path(os.environ.get("RAPQ_SHARED_DIR", REPO_ROOT.parent / "shared"))
+  if not (root / "data" / "cifar10_jpeg" / "test.npz").is_file():
+    _missing(f"shared data at {root}")
+  return root
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> pathlib.Path:
+  """Debian's Fashion-MNIST IDX files (apt-get install -y dataset-fashion-mnist)."""
+  root = pathlib.Path(os.environ.get("RAPQ_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+  if not (root / "t10k-images-idx3-ubyte.gz").is_file():
+    _missing(f"Fashion-MNIST IDX files at {root}")
+  return root
