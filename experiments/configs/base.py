@@ -1,0 +1,39 @@
+"""Defaults shared by every experiment config; the per-model files override them.
+
+Paths may start with `$RAPQ_SHARED_DIR`, which `experiments.run` replaces by
+`--shared_dir` (default: the RAPQ_SHARED_DIR environment variable).
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Shared defaults: calibration, bit widths, reconstruction schedule."""
+  config = ml_collections.ConfigDict()
+  config.seed = 1005
+
+  config.model = ""  # rapq_jax.models.get_model name
+  config.checkpoint = ""  # .npz/.th/.pth path or URL, read by rapq_jax.convert.load_pretrained
+  config.checkpoint_scheme = "torchvision"  # state-dict naming scheme of the checkpoint
+
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.source = ""  # 'npz' | 'fashion_mnist' | 'tfds'
+  config.dataset.name = ""  # TFDS name (source 'tfds')
+  config.dataset.train = ""  # calibration pool: .npz path or split
+  config.dataset.test = ""  # evaluation set: .npz path or split
+  config.dataset.data_dir = config_dict.placeholder(str)  # IDX directory or TFDS data_dir
+  config.dataset.manual_dir = config_dict.placeholder(str)  # TFDS manual_dir (imagenet2012)
+  config.dataset.image_size = config_dict.placeholder(int)  # resize + center-crop size (TFDS)
+  config.dataset.mean = config_dict.placeholder(tuple)  # per channel, applied after x / 255
+  config.dataset.std = config_dict.placeholder(tuple)
+
+  config.eval_batch_size = 256
+  config.calibration_size = 1024
+
+  config.wbits = 4
+  config.abits = 4
+  config.first_last_bits = 8  # first conv and last linear layer
+  config.weight_iters = 2000  # reconstruction iterations per block, weight rounding
+  config.act_iters = 500  # activation step-size iterations per block
+  config.batch_size = 32  # reconstruction batch
+  return config

@@ -1,0 +1,12 @@
+"""MobileNetV2 on ImageNet (TFDS imagenet2012, BRECQ's FP32 checkpoint)."""
+import ml_collections
+
+from experiments.configs import imagenet_resnet18
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = imagenet_resnet18.get_config()
+  config.model = "mobilenetv2"
+  config.checkpoint = "https://github.com/yhhhli/BRECQ/releases/download/v1.0/mobilenetv2.pth.tar"
+  config.checkpoint_scheme = "brecq"
+  return config

@@ -1,0 +1,77 @@
+"""Experiment plumbing: a config's data, pretrained model and test accuracy."""
+import copy
+import dataclasses
+import functools
+import string
+from typing import Callable
+
+import flax.linen as nn
+import ml_collections
+import numpy as np
+
+from experiments import data as data_lib
+from rapq_jax import convert
+from rapq_jax import evaluate as evaluate_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """Calibration sample and test split (uint8 NHWC, int32 labels) with their preprocessing."""
+  calib_images: np.ndarray  # uint8 [config.calibration_size, H, W, C]
+  calib_labels: np.ndarray  # int32 [config.calibration_size]
+  test_images: np.ndarray  # uint8 [N, H, W, C]
+  test_labels: np.ndarray  # int32 [N]
+  preprocess: Callable[[np.ndarray], np.ndarray]  # uint8 batch -> float32 model input
+
+
+def resolve_paths(config: ml_collections.ConfigDict, shared_dir: str) -> ml_collections.ConfigDict:
+  """Copy of `config` with `$RAPQ_SHARED_DIR` in every string field replaced by `shared_dir`."""
+  config = copy.deepcopy(config)
+
+  def resolve(node):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        resolve(value)
+      elif isinstance(value, str):
+        node[key] = string.Template(value).safe_substitute(RAPQ_SHARED_DIR=shared_dir)
+
+  resolve(config)
+  return config
+
+
+def _load_split(dataset: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, H, W, C], labels int32 [N]) of dataset[split] ('train' or 'test')."""
+  if dataset.source == "npz":
+    return data_lib.load_npz(dataset[split])
+  if dataset.source == "fashion_mnist":
+    root = dataset.data_dir or data_lib.FASHION_MNIST_DIR
+    return data_lib.load_fashion_mnist(dataset[split], root)
+  if dataset.source == "tfds":
+    return data_lib.load_tfds(dataset.name, dataset[split], data_dir=dataset.data_dir,
+                              manual_dir=dataset.manual_dir, image_size=dataset.image_size)
+  raise ValueError(
+      f"config.dataset.source must be 'npz', 'fashion_mnist' or 'tfds'; got {dataset.source!r}")
+
+
+def load_data(config: ml_collections.ConfigDict) -> Data:
+  """Test split, and a calibration sample (config.calibration_size, config.seed) of the train split."""
+  train_images, train_labels = _load_split(config.dataset, "train")
+  calib_images, calib_labels = data_lib.calibration_sample(
+      train_images, train_labels, config.calibration_size, config.seed)
+  test_images, test_labels = _load_split(config.dataset, "test")
+  preprocess = functools.partial(
+      data_lib.normalize, mean=config.dataset.mean, std=config.dataset.std)
+  return Data(calib_images, calib_labels, test_images, test_labels, preprocess)
+
+
+def load_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, dict]:
+  """(model, {'params', 'batch_stats'}) from config.checkpoint."""
+  return convert.load_pretrained(config.checkpoint, config.model, scheme=config.checkpoint_scheme)
+
+
+def evaluate_model(model: nn.Module, variables: dict, data: Data, config: ml_collections.ConfigDict,
+                   *, desc: str) -> dict:
+  """dict(top1, top5, n) of `model` in eval mode on the test split."""
+  return evaluate_lib.evaluate(
+      lambda x: model.apply(variables, x, train=False), data.test_images, data.test_labels,
+      batch_size=config.eval_batch_size, preprocess=data.preprocess, desc=desc)

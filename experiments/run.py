@@ -1,0 +1,153 @@
+r"""Runs quantization methods on one experiment config and reports test accuracy.
+
+  python -m experiments.run --config cifar10_resnet20 --methods fp
+  python -m experiments.run --config path/to/config.py --methods fp --config.eval_batch_size=500
+
+`--config` takes a name from experiments/configs or a config file path; any
+config field can be overridden as `--config.<field>=<value>`.
+"""
+import copy
+import json
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+from experiments import configs
+from experiments import pipeline
+
+DEFAULT_SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared"
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def run_fp(config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
+  """Accuracy of the pretrained full-precision model."""
+  model, variables = pipeline.load_model(config)
+  return pipeline.evaluate_model(model, variables, data, config, desc="fp")
+
+
+# Method name -> function(config, data) -> dict(top1, top5, n). Quantized methods
+# run once per --bits pair, with config.wbits / config.abits set to it.
+METHODS = {"fp": run_fp}
+UNQUANTIZED = frozenset({"fp"})
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+  """'fp,rapq' -> ('fp', 'rapq'); every name must be a key of METHODS."""
+  names = tuple(name.strip() for name in text.split(","))
+  for name in names:
+    if name not in METHODS:
+      raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
+  return names
+
+
+def parse_bits(text: str) -> tuple[tuple[int, int], ...]:
+  """'4/4,2/4' -> ((4, 4), (2, 4)): weight/activation bit widths, each MIN_BITS..MAX_BITS."""
+  pairs = []
+  for token in text.split(","):
+    parts = token.strip().split("/")
+    if len(parts) != 2 or not all(p.isdigit() and MIN_BITS <= int(p) <= MAX_BITS for p in parts):
+      raise ValueError(
+          f"bad bit-width pair {token!r}: expected W/A with integers {MIN_BITS}..{MAX_BITS}, "
+          "comma-separated (e.g. 4/4,2/4)")
+    pairs.append((int(parts[0]), int(parts[1])))
+  return tuple(pairs)
+
+
+class _Parser(flags.ArgumentParser):
+  """absl parser from a plain `str -> value` function that raises ValueError."""
+
+  def __init__(self, parse_fn):
+    self._parse_fn = parse_fn
+
+  def parse(self, argument):
+    return self._parse_fn(argument)
+
+  def flag_type(self):
+    return "string"
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", configs.config_path("cifar10_resnet20"),
+    f"Config name ({', '.join(configs.available())}) or config file path.")
+_METHODS = flags.DEFINE(_Parser(parse_methods), "methods", "fp",
+                        f"Comma-separated methods to run; accepted: {', '.join(METHODS)}.")
+_BITS = flags.DEFINE(_Parser(parse_bits), "bits", None,
+                     "Comma-separated W/A bit widths, e.g. 4/4,2/4 (default: config.wbits/abits).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (default runs/<config>-<timestamp>).")
+_SHARED_DIR = flags.DEFINE_string(
+    "shared_dir", None,
+    "Replaces $RAPQ_SHARED_DIR in config paths (default: env RAPQ_SHARED_DIR, else ../shared).")
+
+
+def _config_file(value: str) -> str:
+  """`value` if it is a file, else the path of the config named `value`."""
+  return value if os.path.isfile(value) else configs.config_path(value)
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+  """argv with a bare `--config NAME` (or `--config=NAME`) replaced by its config file path."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    flag, eq, value = arg.partition("=")
+    if flag not in ("--config", "-config"):
+      continue
+    if eq:
+      argv[i] = f"{flag}={_config_file(value)}"
+    elif i + 1 < len(argv):
+      argv[i + 1] = _config_file(argv[i + 1])
+  return argv
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    argv = resolve_config_argv(argv)
+  except ValueError as e:
+    sys.exit(f"FATAL Flags parsing error: --config: {e}")
+  return app.parse_flags_with_usage(argv)
+
+
+def format_result(result: dict) -> str:
+  """One line: method, bit widths, top-1 and top-5 accuracy."""
+  bits = "FP32" if result["wbits"] is None else f"W{result['wbits']}A{result['abits']}"
+  top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f} %"
+  return (f"{result['method']:<6} {bits:<5} top-1 {result['top1']:.2f} %  top-5 {top5}  "
+          f"(n={result['n']})")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
+  shared_dir = _SHARED_DIR.value or os.environ.get("RAPQ_SHARED_DIR", str(DEFAULT_SHARED_DIR))
+  config = pipeline.resolve_paths(_CONFIG.value, shared_dir)
+  workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  data = pipeline.load_data(config)
+  results = []
+  for method in _METHODS.value:
+    if method in UNQUANTIZED:
+      bits = [(None, None)]
+    else:
+      bits = _BITS.value or [(config.wbits, config.abits)]
+    for wbits, abits in bits:
+      method_config = config
+      if wbits is not None:
+        method_config = copy.deepcopy(config)
+        method_config.wbits, method_config.abits = wbits, abits
+      result = METHODS[method](method_config, data)
+      results.append(dict(method=method, wbits=wbits, abits=abits, **result))
+      print(format_result(results[-1]), flush=True)
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

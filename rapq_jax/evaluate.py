@@ -1,0 +1,103 @@
+"""Top-1/top-5 accuracy of a classifier, data-parallel over all local devices."""
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def _check_inputs(images, labels, batch_size: int) -> None:
+  """Raises ValueError unless images is NHWC, labels 1-D int of equal length."""
+  shape = getattr(images, "shape", None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(f"images must be a 4-D NHWC array; got shape {shape}")
+  if shape[0] == 0:
+    raise ValueError(f"images must hold at least one image; got shape {shape}")
+  labels_shape = getattr(labels, "shape", None)
+  if labels_shape is None or len(labels_shape) != 1:
+    raise ValueError(f"labels must be a 1-D array; got shape {labels_shape}")
+  if labels_shape[0] != shape[0]:
+    raise ValueError(
+        f"labels must have one entry per image: {labels_shape[0]} labels for {shape[0]} images")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be integers; got dtype {labels.dtype}")
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+
+
+def _counts_fn(apply_fn: Callable, x: np.ndarray, labels: np.ndarray) -> tuple[Callable, int]:
+  """Checks apply_fn's logits on batch x and the label range.
+
+  Returns:
+    (jitted (x [B, ...], labels int32 [B], mask bool [B]) -> (top-1 hits, top-k hits)
+    int32 with k = min(5, num_classes), num_classes).
+  """
+  logits = jax.eval_shape(apply_fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  if len(logits.shape) != 2 or logits.shape[0] != x.shape[0]:
+    raise ValueError(f"apply_fn must return logits [{x.shape[0]}, num_classes]; got {logits.shape}")
+  num_classes = logits.shape[1]
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"labels must lie in [0, {num_classes}); got {bad[:5].tolist()}")
+
+  def counts(x, labels, mask):
+    _, top = jax.lax.top_k(apply_fn(x), min(5, num_classes))
+    hits = top == labels[:, None]
+    return jnp.sum(hits[:, 0] & mask), jnp.sum(jnp.any(hits, axis=1) & mask)
+
+  return jax.jit(counts), num_classes
+
+
+def evaluate(apply_fn: Callable[[jax.Array], jax.Array],
+             images,
+             labels,
+             *,
+             batch_size: int = 256,
+             preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+             progress: bool = True,
+             desc: str = "eval") -> dict:
+  """Top-1/top-5 accuracy of `apply_fn` on (images, labels).
+
+  Args:
+    apply_fn: pure JAX function, float batch [B, H', W', C'] -> logits [B, num_classes].
+    images: [N, H, W, C] array (NHWC); uint8 when `preprocess` converts it.
+    labels: int [N] class indices in [0, num_classes).
+    batch_size: images per step, split evenly over `jax.devices()` (each batch is
+      padded to a multiple of the device count; padded rows are not counted).
+    preprocess: host-side numpy function applied per batch, e.g. uint8 -> float32.
+    progress: show a tqdm progress bar.
+    desc: progress bar label.
+
+  Returns:
+    dict(top1=percent, top5=percent or None when num_classes < 5, n=N).
+  """
+  _check_inputs(images, labels, batch_size)
+  labels = np.asarray(labels)
+  n = images.shape[0]
+  devices = jax.devices()
+  sharding = NamedSharding(Mesh(np.asarray(devices), ("batch",)), PartitionSpec("batch"))
+  counts, num_classes = None, None
+  top1, top5 = 0, 0
+  with tqdm.tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+    for start in range(0, n, batch_size):
+      x = images[start:start + batch_size]
+      rows = x.shape[0]
+      x = np.asarray(preprocess(x) if preprocess is not None else x)
+      if x.shape[:1] != (rows,) or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"preprocessed batch must be float with {rows} rows; got {x.dtype} {x.shape}"
+            + ("" if preprocess is not None else " (pass preprocess= to convert images)"))
+      if counts is None:
+        counts, num_classes = _counts_fn(apply_fn, x, labels)
+      pad = -rows % len(devices)
+      y = np.asarray(labels[start:start + batch_size], np.int32)
+      mask = np.arange(rows + pad) < rows
+      x, y = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), np.pad(y, (0, pad))
+      c1, c5 = counts(*jax.device_put((x, y, mask), sharding))
+      top1, top5 = top1 + c1, top5 + c5
+      bar.update(rows)
+  return dict(top1=100.0 * int(top1) / n,
+              top5=100.0 * int(top5) / n if num_classes >= 5 else None,
+              n=n)

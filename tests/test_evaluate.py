@@ -1,0 +1,123 @@
+"""Specification of rapq_jax.evaluate: top-1/top-5 accuracy, data-parallel over devices."""
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rapq_jax.evaluate import evaluate
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def linear_problem(n, num_classes=10, seed=0):
+  """Random uint8 images [n,4,4,3], labels, and weights of a linear classifier."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+  labels = rng.integers(0, num_classes, size=n)
+  weights = rng.normal(size=(4 * 4 * 3, num_classes)).astype(np.float32)
+  return images, labels, weights
+
+
+def linear_apply(weights):
+  return lambda x: x.reshape(x.shape[0], -1) @ weights
+
+
+def to_float(images):
+  return images.astype(np.float32) / 255.0
+
+
+def numpy_accuracy(images, labels, weights):
+  """(top1 %, top5 %) computed in float64 numpy."""
+  logits = to_float(images).reshape(len(images), -1).astype(np.float64) @ weights
+  ranked = np.argsort(-logits, axis=1)
+  top5 = np.any(ranked[:, :5] == labels[:, None], axis=1)
+  return 100 * np.mean(ranked[:, 0] == labels), 100 * np.mean(top5)
+
+
+@pytest.mark.parametrize("n,batch_size", [(1, 256), (37, 10), (64, 64), (100, 7)])
+def test_matches_numpy_reference(n, batch_size):
+  images, labels, weights = linear_problem(n)
+  result = evaluate(linear_apply(weights), images, labels, batch_size=batch_size,
+                    preprocess=to_float, progress=False)
+  top1, top5 = numpy_accuracy(images, labels, weights)
+  assert result["n"] == n
+  chex.assert_trees_all_close((result["top1"], result["top5"]), (top1, top5))
+
+
+def test_float_images_need_no_preprocess():
+  images, labels, weights = linear_problem(20)
+  with_fn = evaluate(linear_apply(weights), images, labels, preprocess=to_float, progress=False)
+  without = evaluate(linear_apply(weights), to_float(images), labels, progress=False)
+  assert with_fn == without
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_top5_is_none_below_five_classes(num_classes):
+  images, labels, weights = linear_problem(30, num_classes)
+  result = evaluate(linear_apply(weights), images, labels, preprocess=to_float, progress=False)
+  assert result["top5"] is None
+  assert result["top1"] == pytest.approx(numpy_accuracy(images, labels, weights)[0])
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 40), batch_size=st.integers(1, 48))
+def test_result_does_not_depend_on_batch_size(n, batch_size):
+  images, labels, weights = linear_problem(n)
+  apply_fn = linear_apply(weights)
+  reference = evaluate(apply_fn, images, labels, batch_size=64, preprocess=to_float, progress=False)
+  result = evaluate(apply_fn, images, labels, batch_size=batch_size, preprocess=to_float,
+                    progress=False)
+  assert result == reference
+  assert 0 <= result["top1"] <= result["top5"] <= 100
+
+
+def test_four_devices_match_one_device():
+  """Batch 10 on 4 devices: every batch is padded to 12 rows, padded rows not counted."""
+  images, labels, weights = linear_problem(37)
+  expected = evaluate(linear_apply(weights), images, labels, batch_size=10, preprocess=to_float,
+                      progress=False)
+  script = f"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {os.path.join(REPO_ROOT, 'tests')!r})
+from test_evaluate import linear_problem, linear_apply, to_float
+from rapq_jax.evaluate import evaluate
+assert jax.device_count() == 4, jax.devices()
+images, labels, weights = linear_problem(37)
+print(json.dumps(evaluate(linear_apply(weights), images, labels, batch_size=10,
+                          preprocess=to_float, progress=False)))
+"""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == expected
+
+
+def _identity(x):
+  return x.reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("images,labels,kwargs,match", [
+    (np.zeros((4, 8, 8), np.float32), np.zeros(4, int), {}, r"4-D NHWC.*\(4, 8, 8\)"),
+    (np.zeros((0, 2, 2, 3), np.float32), np.zeros(0, int), {}, r"at least one image"),
+    (np.zeros((4, 2, 2, 3), np.float32), np.zeros((4, 1), int), {}, r"1-D.*\(4, 1\)"),
+    (np.zeros((4, 2, 2, 3), np.float32), np.zeros(3, int), {}, r"3 labels for 4 images"),
+    (np.zeros((4, 2, 2, 3), np.float32), np.zeros(4, np.float32), {}, r"integers.*float32"),
+    (np.zeros((4, 2, 2, 3), np.float32), np.array([0, 1, 12, -1]), {}, r"\[0, 12\).*\[12, -1\]"),
+    (np.zeros((4, 2, 2, 3), np.float32), np.zeros(4, int), {"batch_size": 0}, r"positive int.*0"),
+    (np.zeros((4, 2, 2, 3), np.uint8), np.zeros(4, int), {}, r"float.*uint8.*preprocess="),
+])
+def test_rejects_bad_inputs(images, labels, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    evaluate(_identity, images, labels, progress=False, **kwargs)
+
+
+def test_rejects_logits_that_are_not_2d():
+  with pytest.raises(ValueError, match=r"logits \[4, num_classes\].*\(4, 2, 2, 3\)"):
+    evaluate(lambda x: x, np.zeros((4, 2, 2, 3), np.float32), np.zeros(4, int), progress=False)

@@ -1,0 +1,148 @@
+"""Specification of `python -m experiments.run`: flags, configs and the fp method."""
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import chex
+import numpy as np
+
+from experiments import configs
+from experiments import pipeline
+from experiments import run
+from rapq_jax.models import MODEL_NAMES
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=120):
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=REPO_ROOT,
+                        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# --bits and --methods
+
+@pytest.mark.parametrize("text,expected", [
+    ("4/4", ((4, 4),)),
+    ("4/4,2/4", ((4, 4), (2, 4))),
+    ("2/8, 8/2", ((2, 8), (8, 2))),
+])
+def test_parse_bits(text, expected):
+  assert run.parse_bits(text) == expected
+
+
+@pytest.mark.parametrize("text,token", [
+    ("4/9", "4/9"), ("1/4", "1/4"), ("4", "4"), ("4/4/4", "4/4/4"), ("a/4", "a/4"),
+    ("4/-4", "4/-4"), ("", ""), ("4/4,", ""),
+])
+def test_parse_bits_rejects(text, token):
+  with pytest.raises(ValueError, match=rf"bad bit-width pair '{re.escape(token)}'.*2\.\.8"):
+    run.parse_bits(text)
+
+
+def test_parse_methods():
+  assert run.parse_methods("fp") == ("fp",)
+
+
+@pytest.mark.parametrize("text,bad", [("fp,foo", "foo"), ("", ""), ("FP", "FP")])
+def test_parse_methods_rejects_unknown(text, bad):
+  with pytest.raises(ValueError, match=rf"unknown method '{bad}'; accepted: .*fp"):
+    run.parse_methods(text)
+
+
+# Configs
+
+@pytest.mark.parametrize("name", configs.available())
+def test_every_config_loads_with_required_fields(name):
+  config = importlib.import_module(f"experiments.configs.{name}").get_config()
+  assert config.model in MODEL_NAMES
+  assert config.dataset.source in ("npz", "fashion_mnist", "tfds")
+  assert len(config.dataset.mean) == len(config.dataset.std)
+  assert config.calibration_size == 1024 and config.seed == 1005
+  assert (config.wbits, config.abits, config.first_last_bits) == (4, 4, 8)
+
+
+def test_expected_configs_exist():
+  assert {"cifar10_resnet20", "cifar10_resnet56", "imagenet_resnet18",
+          "imagenet_mobilenetv2"} <= set(configs.available())
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--config", "cifar10_resnet20"], ["--config", configs.config_path("cifar10_resnet20")]),
+    (["--config=cifar10_resnet56"], [f"--config={configs.config_path('cifar10_resnet56')}"]),
+    (["--config", __file__, "--config.seed=3"], ["--config", __file__, "--config.seed=3"]),
+])
+def test_resolve_config_argv(argv, expected):
+  assert run.resolve_config_argv(["run", *argv]) == ["run", *expected]
+
+
+def test_config_path_lists_available_names():
+  with pytest.raises(ValueError, match=r"unknown config 'nope'; available: .*cifar10_resnet20"):
+    configs.config_path("nope")
+
+
+# Pipeline
+
+def cifar10_config():
+  return importlib.import_module("experiments.configs.cifar10_resnet20").get_config()
+
+
+def test_resolve_paths_substitutes_shared_dir_in_a_copy():
+  config = cifar10_config()
+  resolved = pipeline.resolve_paths(config, "/data/shared")
+  assert resolved.checkpoint == "/data/shared/models/cifar10_resnet20.npz"
+  assert resolved.dataset.test == "/data/shared/data/cifar10_jpeg/test.npz"
+  assert config.checkpoint == "$RAPQ_SHARED_DIR/models/cifar10_resnet20.npz"
+
+
+def test_load_data_samples_calibration_set_and_normalizes(tmp_path):
+  rng = np.random.default_rng(0)
+  for split, n in [("train", 20), ("test", 7)]:
+    np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+             labels=rng.integers(0, 10, n))
+  config = cifar10_config()
+  config.dataset.train, config.dataset.test = str(tmp_path / "train.npz"), str(tmp_path / "test.npz")
+  config.calibration_size = 5
+  data = pipeline.load_data(config)
+  chex.assert_shape([data.calib_images, data.calib_labels], [(5, 8, 8, 3), (5,)])
+  chex.assert_shape([data.test_images, data.test_labels], [(7, 8, 8, 3), (7,)])
+  chex.assert_type(data.preprocess(data.test_images), np.float32)
+
+
+def test_load_data_rejects_unknown_source():
+  config = cifar10_config()
+  config.dataset.source = "csv"
+  with pytest.raises(ValueError, match=r"'npz', 'fashion_mnist' or 'tfds'; got 'csv'"):
+    pipeline.load_data(config)
+
+
+# Command line errors
+
+@pytest.mark.parametrize("args,message", [
+    (["--bits", "4/4,2/9"], r"--bits=4/4,2/9: bad bit-width pair '2/9'"),
+    (["--methods", "fp,foo"], r"unknown method 'foo'; accepted: fp"),
+    (["--config", "nope"], r"unknown config 'nope'; available: .*cifar10_resnet56"),
+])
+def test_cli_rejects_bad_flags(args, message):
+  proc = run_cli(*args)
+  assert proc.returncode != 0
+  assert re.search(message, proc.stderr), proc.stderr
+
+
+# End to end (shared CIFAR-10 data and checkpoint)
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_fp_cifar10_resnet20_top1(shared_dir, tmp_path):
+  proc = run_cli("--config", "cifar10_resnet20", "--methods", "fp", "--shared_dir", str(shared_dir),
+                 "--workdir", str(tmp_path), "--config.eval_batch_size=500", timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  top1 = float(re.search(r"^fp\s+FP32\s+top-1 ([\d.]+) %", proc.stdout, re.M).group(1))
+  assert top1 == pytest.approx(81.03, abs=0.05)
+  [result] = json.loads((tmp_path / "results.json").read_text())
+  assert result["method"] == "fp" and result["n"] == 10000
+  assert json.loads((tmp_path / "config.json").read_text())["eval_batch_size"] == 500
