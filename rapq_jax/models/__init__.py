@@ -1,0 +1,48 @@
+"""Flax linen image classifiers whose variables mirror their PyTorch originals.
+
+Every model takes NHWC float32 images and is called as
+``model.apply({'params': p, 'batch_stats': s}, x, train=False)``, returning logits.
+
+Naming rule (a contract: BN folding and checkpoint conversion rely on it): Flax paths
+mirror PyTorch module paths. The first two dot components of a block path form one
+submodule name joined by ``_`` and the remaining components form the leaf layer name
+joined by ``_``; top-level stem/head layers keep their torch name. Examples:
+``layer1.0.conv1`` -> ``params['layer1_0']['conv1']``,
+``layer2.0.downsample.0`` -> ``params['layer2_0']['downsample_0']``,
+``features.2.conv.1.0`` -> ``params['features_2']['conv_1_0']``,
+``conv1`` -> ``params['conv1']``, ``classifier.1`` -> ``params['classifier_1']``.
+Conv kernels are HWIO (no bias), Dense kernels [in, out]; BN has ``scale``, ``bias``
+in ``params`` and ``mean``, ``var`` in ``batch_stats``.
+"""
+import flax.linen as nn
+
+from rapq_jax.models.cifar_resnet import CifarBasicBlock, CifarResNet
+from rapq_jax.models.mobilenetv2 import ConvBNReLU6, InvertedResidual, MobileNetV2
+from rapq_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+
+# name -> (constructor taking num_classes, default num_classes)
+_MODELS = {
+    'cifar_resnet20': (lambda k: CifarResNet(num_blocks=3, num_classes=k), 10),
+    'cifar_resnet32': (lambda k: CifarResNet(num_blocks=5, num_classes=k), 10),
+    'cifar_resnet44': (lambda k: CifarResNet(num_blocks=7, num_classes=k), 10),
+    'cifar_resnet56': (lambda k: CifarResNet(num_blocks=9, num_classes=k), 10),
+    'resnet18': (lambda k: ResNet((2, 2, 2, 2), BasicBlock, num_classes=k), 1000),
+    'resnet50': (lambda k: ResNet((3, 4, 6, 3), Bottleneck, num_classes=k), 1000),
+    'mobilenetv2': (lambda k: MobileNetV2(num_classes=k), 1000),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
+
+
+def get_model(name: str, num_classes: int | None = None) -> nn.Module:
+  """The model called ``name`` (one of ``MODEL_NAMES``), with its dataset's class count by default."""
+  if name not in _MODELS:
+    raise ValueError(f'unknown model {name!r}; expected one of {", ".join(MODEL_NAMES)}')
+  build, default_classes = _MODELS[name]
+  return build(default_classes if num_classes is None else num_classes)
+
+
+__all__ = [
+    'MODEL_NAMES', 'get_model', 'CifarResNet', 'CifarBasicBlock', 'ResNet', 'BasicBlock',
+    'Bottleneck', 'MobileNetV2', 'InvertedResidual', 'ConvBNReLU6',
+]
