@@ -1,0 +1,93 @@
+"""Settings of a post-training quantization run (frozen, hashable, validated)."""
+import dataclasses
+
+from rapq_jax import pot
+
+METHODS = ("naive", "brecq", "brecq_pot", "rapq")
+SEARCH_MODES = ("none", "before", "after", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class PTQConfig:
+  """What to quantize and how. Iteration counts are per reconstruction unit.
+
+  Method switches (``method`` presets them through ``for_method``):
+    pot_scales: every scale an exact power of two (False only for float BRECQ).
+    reconstruct: AdaRound/BRECQ block reconstruction (False: round to nearest).
+    learn_exponent: RAPQ's floor/ceil relaxation of each weight exponent.
+  """
+  wbits: int = 4
+  abits: int = 4
+  first_last_bits: int = 8
+  weight_signed: bool = False
+  pot_scales: bool = True
+  reconstruct: bool = True
+  learn_exponent: bool = True
+  iters_w: int = 2000
+  iters_a: int = 500
+  batch_size: int = 32
+  lr_w: float = 1e-3
+  lr_a: float = 4e-4
+  round_weight: float = 0.01
+  b_start: float = 20.0
+  b_end: float = 2.0
+  warmup: float = 0.2
+  exp_warm_iters: int = 500
+  exp_reg_factor: float = 10.0
+  reinit_alpha_on_harden: bool = True
+  lp_source: str = "bn"
+  lp_coef: float = 0.1
+  lp_digits: int | None = 1
+  lp_fixed: float = 2.0
+  bn_stats_weight: float = 0.0
+  init_p: float = 2.4
+  weights_see_act_quant: bool = True
+  search: str = "after"
+  search_objective: str = "kl"
+  search_sweeps: int = 3
+  search_samples: int = 256
+  seed: int = 1005
+
+  def __post_init__(self):
+    for name in ("wbits", "abits", "first_last_bits"):
+      try:
+        pot.check_bits(getattr(self, name))
+      except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
+    for name in ("iters_w", "iters_a", "search_sweeps", "exp_warm_iters"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 0")
+    for name in ("batch_size", "search_samples"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
+    if self.lp_source not in ("bn", "fixed"):
+      raise ValueError(f"lp_source = {self.lp_source!r}: expected 'bn' or 'fixed'")
+    if self.search not in SEARCH_MODES:
+      raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
+    if self.search_objective not in ("kl", "mse"):
+      raise ValueError(f"search_objective = {self.search_objective!r}: expected 'kl' or 'mse'")
+    if self.learn_exponent and self.exp_warm_iters > self.iters_w and self.reconstruct:
+      raise ValueError(f"exp_warm_iters = {self.exp_warm_iters} exceeds iters_w = "
+                       f"{self.iters_w}: the exponent must be hardened before the end")
+    if not self.pot_scales and (self.learn_exponent or self.search != "none"):
+      raise ValueError("float scales (pot_scales=False) need learn_exponent=False and "
+                       "search='none'")
+
+  @property
+  def learns_exponent(self) -> bool:
+    return self.pot_scales and self.reconstruct and self.learn_exponent
+
+
+def for_method(method: str, **overrides) -> PTQConfig:
+  """Preset of a method: 'naive' (Lp scale to nearest PoT, round to nearest), 'brecq'
+  (float scales), 'brecq_pot' (BRECQ on nearest-PoT scales), 'rapq' (learned exponents,
+  BN-derived Lp objective, network-wide search). ``overrides`` replace fields."""
+  presets = {
+      "naive": dict(reconstruct=False, learn_exponent=False, lp_source="fixed", search="none"),
+      "brecq": dict(pot_scales=False, learn_exponent=False, lp_source="fixed", search="none"),
+      "brecq_pot": dict(learn_exponent=False, lp_source="fixed", search="none"),
+      "rapq": dict(),
+  }
+  if method not in presets:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  return PTQConfig(**{**presets[method], **overrides})

@@ -1,0 +1,195 @@
+"""The PTQ pipeline over a folded network: initialise quantizers, optionally search the
+integer exponents network-wide, reconstruct unit by unit, and return the result.
+
+Unit inputs during reconstruction come from the already-quantized network and targets
+from the FP network (BRECQ's setting); both are cached once per unit.
+"""
+import functools
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from rapq_jax import objective, quantized, quantizers, search
+from rapq_jax.config import PTQConfig
+from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
+from rapq_jax.reconstruct import hooks, reconstruct_unit, structural
+
+INIT_SAMPLES = 256
+_apply_quantized = jax.jit(quantized.apply)
+FORWARD_BATCH = 256
+
+
+class PTQResult(NamedTuple):
+  """apply: jitted fake-quant inference ``x -> logits``; model: the integer
+  ``QuantizedModel`` (None for float scales); states/specs: final quantizer states;
+  report: per-unit seconds, Lp exponents, loss curves, search results."""
+  apply: Callable
+  model: quantized.QuantizedModel | None
+  states: dict
+  specs: dict
+  report: dict
+
+
+def unit_specs(net: Network, cfg: PTQConfig) -> dict:
+  """``{unit: (wspecs, aspecs)}``: first and last weight layers, the network input and
+  the activation feeding the classifier at ``first_last_bits``; the rest at
+  ``wbits`` / ``abits``."""
+  first, head = net.units[0].name, net.units[-1].name
+  feeder = net.units[-2].name
+  specs = {}
+  for unit in net.units:
+    wb = cfg.first_last_bits if unit.name in (first, head) else cfg.wbits
+    wspecs = {l.role: quantizers.WeightSpec(wb, pot=cfg.pot_scales, signed=cfg.weight_signed)
+              for l in unit.layers}
+    aspecs = {}
+    for a in unit.acts:
+      ab = cfg.first_last_bits if (a.name == "input" or (unit.name == feeder and a.name == "out")) \
+          else cfg.abits
+      aspecs[a.name] = quantizers.ActSpec(ab, signed=a.signed, pot=cfg.pot_scales)
+    specs[unit.name] = (wspecs, aspecs)
+  return specs
+
+
+def unit_lp(net: Network, unit_name: str, cfg: PTQConfig) -> float:
+  """Lp exponent of a unit's reconstruction loss (BN-derived or fixed)."""
+  unit = next(u for u in net.units if u.name == unit_name)
+  role = unit.last_bn_layer
+  if cfg.lp_source == "fixed" or role is None or role not in net.bn[unit_name]:
+    return cfg.lp_fixed
+  return objective.bn_lp_exponent(net.bn[unit_name][role]["gamma"], coef=cfg.lp_coef,
+                                  digits=cfg.lp_digits, default=cfg.lp_fixed)
+
+
+def _batched(fn, x, batch: int = FORWARD_BATCH):
+  return jnp.concatenate([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
+  """Jitted per-unit functions, shared by equally shaped units (see ``structural``):
+  init(params, x) -> (wstates, astates); hard(params, state, x) -> quantized output;
+  fp(params, x) -> FP output."""
+  wspecs, aspecs = dict(wspecs), dict(aspecs)
+
+  @jax.jit
+  def init(params, x):
+    # Lp-initialised weights, then activation states computed in order on ``x`` (each
+    # point sees the points before it already quantized).
+    wstates = {l.role: quantizers.init_weight(
+        params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.learns_exponent,
+        learn_rounding=cfg.reconstruct, p=cfg.init_p) for l in unit.layers}
+    astates = {}
+
+    def aq(name, h):
+      astates[name] = quantizers.init_act(h, aspecs[name], p=cfg.init_p)
+      return quantizers.act_fake_quant(h, astates[name], aspecs[name])
+
+    wq, _ = hooks(wstates, {}, wspecs, aspecs, soft=True, acts_on=False)
+    unit_apply(unit, params, x, wq, aq)
+    return wstates, astates
+
+  @jax.jit
+  def hard(params, state, x):
+    wq, aq = hooks(state["w"], state["a"], wspecs, aspecs, soft=False, acts_on=True)
+    return unit_apply(unit, params, x, wq, aq)[0]
+
+  @jax.jit
+  def fp(params, x):
+    return unit_apply(unit, params, x, identity_hook, identity_hook)[0]
+
+  return init, hard, fp
+
+
+def _fns(unit, specs, cfg):
+  wspecs, aspecs = specs[unit.name]
+  return _unit_fns(structural(unit), tuple(sorted(wspecs.items())),
+                   tuple(sorted(aspecs.items())), cfg)
+
+
+def _init_all(net, specs, x, cfg):
+  """Initial states of every unit along the round-to-nearest quantized flow."""
+  states = {}
+  for unit in net.units:
+    init, hard, _ = _fns(unit, specs, cfg)
+    w, a = init(net.params[unit.name], x)
+    states[unit.name] = {"w": w, "a": a}
+    x = hard(net.params[unit.name], states[unit.name], x)
+  return states
+
+
+def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool):
+  res = search.search_exponents(net, states, specs, x, fp_logits, weights=weights, acts=True,
+                                kind=cfg.search_objective, max_sweeps=cfg.search_sweeps)
+  moved = [f"{u}/{k}:{n}{int(o):+d}" for (u, k, n), o in zip(res.names, np.asarray(res.offsets))
+           if o]
+  info = dict(before=res.before, after=res.after, sweeps=res.sweeps, moved=moved)
+  return res.states, info
+
+
+def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
+                     progress: bool = True, metadata: dict | None = None) -> PTQResult:
+  """Quantizes a folded network.
+
+  Args:
+    net: from ``rapq_jax.fold.build_network``.
+    calib: float32 [N, H, W, C] preprocessed calibration images (N >= batch size).
+    cfg: method settings (``rapq_jax.config.for_method``).
+    metadata: extra JSON-serialisable facts stored in the result (config, versions...).
+  Returns:
+    PTQResult; for power-of-two settings ``model`` holds integers and int32 exponents.
+  """
+  calib = jnp.asarray(calib, jnp.float32)
+  if cfg.reconstruct and calib.shape[0] < cfg.batch_size:
+    raise ValueError(f"calibration set has {calib.shape[0]} images, fewer than the "
+                     f"batch size {cfg.batch_size}")
+  specs = unit_specs(net, cfg)
+  key = jax.random.PRNGKey(cfg.seed)
+  report = {"units": {}, "search": {}}
+  sub = calib[:cfg.search_samples]
+  fp_logits = None
+  if cfg.search != "none":
+    fp_logits = _batched(lambda h: network_apply(net, h), sub)
+
+  states = _init_all(net, specs, calib[:INIT_SAMPLES], cfg)
+  if cfg.search in ("before", "both"):
+    t0 = time.perf_counter()
+    states, info = _run_search(net, states, specs, sub, fp_logits, cfg, weights=not cfg.reconstruct)
+    report["search"]["before"] = {**info, "seconds": time.perf_counter() - t0}
+
+  if cfg.reconstruct:
+    fp_x, q_x = calib, calib
+    for i, unit in enumerate(net.units):
+      params, (wspecs, aspecs) = net.params[unit.name], specs[unit.name]
+      init, hard, fp = _fns(unit, specs, cfg)
+      fp_y = _batched(functools.partial(fp, params), fp_x)
+      wstates = states[unit.name]["w"]
+      _, astates = init(params, q_x[:INIT_SAMPLES])
+      p = unit_lp(net, unit.name, cfg)
+      res = reconstruct_unit(unit, params, net.bn[unit.name], wstates, astates, wspecs,
+                             aspecs, q_x, fp_y, cfg, p, jax.random.fold_in(key, i),
+                             progress=progress)
+      states[unit.name] = {"w": res.wstates, "a": res.astates}
+      q_x = _batched(functools.partial(hard, params, states[unit.name]), q_x)
+      fp_x = fp_y
+      report["units"][unit.name] = {"seconds": res.seconds, "p": p, "history": res.history}
+      if progress:
+        tqdm.write(f"  {unit.name:>14}: {res.seconds:6.1f} s  p={p:g}  "
+                   f"final loss {res.history['weights'][-1][1]:.4g}")
+
+  if cfg.search in ("after", "both"):
+    t0 = time.perf_counter()
+    states, info = _run_search(net, states, specs, sub, fp_logits, cfg, weights=not cfg.reconstruct)
+    report["search"]["after"] = {**info, "seconds": time.perf_counter() - t0}
+
+  model = None
+  if cfg.pot_scales:
+    model = quantized.from_states(net, states, specs, metadata or {})
+    apply = functools.partial(_apply_quantized, model)
+  else:
+    fn = jax.jit(lambda n, st, x: search.quantized_logits(n, st, specs, x))
+    apply = functools.partial(fn, net, states)
+  return PTQResult(apply, model, states, specs, report)

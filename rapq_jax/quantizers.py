@@ -1,0 +1,177 @@
+"""Learnable weight and activation quantizers used during reconstruction.
+
+Weight quantizer state (a dict pytree per layer; ``O`` output channels, last axis):
+
+* ``log2s``: float32 [O], base log2 step size. Integer-valued for power-of-two modes
+  (``e0``; for RAPQ the floor of the Lp scale's log2), real for float-scale BRECQ.
+* ``v``: float32 [O], RAPQ only, until hardened: the exponent is ``e0 + h(v)``.
+* ``alpha``: float32, kernel shape: AdaRound logits (absent for round-to-nearest).
+* ``lo``: float32 [O], clipping minimum from the Lp search, giving the integer zero point
+  ``clip(round(-lo / scale), 0, 2**b - 1)`` for asymmetric (unsigned) weights.
+
+Activation quantizer state: ``{'t': float32 scalar}``, the log2 step size. Power-of-two
+modes use ``2**round(t)`` forward with a straight-through gradient on ``t``; float mode
+uses ``2**t``.
+"""
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rapq_jax import pot, rounding
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+  """Static description of a weight quantizer."""
+  bits: int
+  pot: bool = True
+  signed: bool = False   # signed symmetric; else unsigned with integer zero point
+
+
+@dataclasses.dataclass(frozen=True)
+class ActSpec:
+  """Static description of a per-tensor activation quantizer."""
+  bits: int
+  signed: bool = False
+  pot: bool = True
+
+
+def _qrange(spec) -> tuple[int, int]:
+  return pot.int_range(spec.bits, spec.signed)
+
+
+# ---------------------------------------------------------------- weights
+
+def init_weight(w: chex.Array, spec: WeightSpec, *, learn_exponent: bool = False,
+                learn_rounding: bool = True, p: float = 2.4) -> dict:
+  """Lp-initialised weight quantizer for kernel ``w`` (output channels last).
+
+  PoT: ``log2s`` is the nearest integer exponent, or with ``learn_exponent`` the floor
+  with ``v`` set so that ``h(v)`` equals the fractional part (the soft scale then starts
+  at the Lp scale). Float: ``log2s = log2(lp scale)``. ``alpha`` starts so that the soft
+  rounding reproduces ``w``.
+  """
+  lp = pot.lp_scale_search(w, spec.bits, signed=spec.signed, per_channel=True, p=p)
+  scale = jnp.where(lp.scale > 0, lp.scale, pot.exp2(pot.EXP_MIN))
+  state = {"lo": lp.lo}
+  if not spec.pot:
+    state["log2s"] = jnp.log2(scale)
+  elif learn_exponent:
+    log2s = jnp.log2(scale)
+    e0 = pot.clip_exponent(jnp.floor(log2s))
+    state["log2s"] = e0.astype(jnp.float32)
+    state["v"] = rounding.init_logits(log2s - e0)
+  else:
+    state["log2s"] = pot.log2_exponents(scale)[0].astype(jnp.float32)
+  if learn_rounding:
+    state["alpha"] = _alpha_for(w, weight_scale(state, spec))
+  return state
+
+
+def _alpha_for(w, scale):
+  x = w / scale
+  return rounding.init_logits(x - jnp.floor(x))
+
+
+def weight_scale(state: dict, spec: WeightSpec) -> chex.Array:
+  """Per-channel step size [O]: ``2**(e0 + h(v))`` while the exponent is soft, exactly
+  ``2**e`` once it is an integer, ``2**log2s`` for float scales."""
+  if not spec.pot:
+    return jnp.exp2(state["log2s"])
+  base = pot.exp2(state["log2s"].astype(jnp.int32))
+  if "v" in state:
+    return base * jnp.exp2(rounding.rectified_sigmoid(state["v"]))
+  return base
+
+
+def zero_point(state: dict, spec: WeightSpec, scale: chex.Array) -> chex.Array:
+  """Integer zero point per channel (float-typed integers; 0 when signed)."""
+  if spec.signed:
+    return jnp.zeros_like(scale)
+  _, qmax = _qrange(spec)
+  return jax.lax.stop_gradient(jnp.clip(jnp.round(-state["lo"] / scale), 0, qmax))
+
+
+def weight_fake_quant(w: chex.Array, state: dict, spec: WeightSpec, *,
+                      soft: bool) -> chex.Array:
+  """Quantized-dequantized kernel. With ``alpha``: ``floor(w/s) + h(alpha)`` (soft) or
+  ``+ (alpha >= 0)`` (hard); without it: round to nearest."""
+  qmin, qmax = _qrange(spec)
+  scale = weight_scale(state, spec)
+  zp = zero_point(state, spec, scale)
+  x = w / scale
+  if "alpha" in state:
+    r = rounding.rectified_sigmoid(state["alpha"]) if soft else rounding.hard_choice(state["alpha"])
+    q = jnp.floor(x) + r
+  else:
+    q = pot.round_ste(x)
+  return (jnp.clip(q + zp, qmin, qmax) - zp) * scale
+
+
+def harden_exponent(w: chex.Array, state: dict, spec: WeightSpec, *,
+                    reinit_alpha: bool = True) -> dict:
+  """Ends RAPQ's exponent learning: ``e = e0 + (v >= 0)``, an exact integer, and drops
+  ``v``. With ``reinit_alpha`` the rounding logits restart on the new integer grid."""
+  e = pot.clip_exponent(state["log2s"] + rounding.hard_choice(state["v"]))
+  new = {k: val for k, val in state.items() if k != "v"}
+  new["log2s"] = e.astype(jnp.float32)
+  if reinit_alpha and "alpha" in state:
+    new["alpha"] = _alpha_for(w, pot.exp2(e))
+  return new
+
+
+def weight_integers(w: chex.Array, state: dict, spec: WeightSpec):
+  """Final integers of a PoT weight quantizer with a hard exponent.
+
+  Returns:
+    (q kernel-shaped 8-bit container in the spec's range: int8 when signed, uint8
+    when unsigned; e int32 [O]; zp int32 [O]).
+  """
+  if not spec.pot or "v" in state:
+    raise ValueError("weight_integers needs a power-of-two quantizer with a hardened exponent")
+  qmin, qmax = _qrange(spec)
+  e = pot.clip_exponent(state["log2s"])
+  scale = pot.exp2(e)
+  zp = zero_point(state, spec, scale)
+  x = w / scale
+  if "alpha" in state:
+    q = jnp.floor(x) + rounding.hard_choice(state["alpha"])
+  else:
+    q = jnp.round(x)
+  q = jnp.clip(q + zp, qmin, qmax)
+  return q.astype(jnp.int8 if spec.signed else jnp.uint8), e, zp.astype(jnp.int32)
+
+
+# ------------------------------------------------------------ activations
+
+def init_act(x: chex.Array, spec: ActSpec, p: float = 2.4) -> dict:
+  """Per-tensor Lp initialisation; PoT modes start at the nearest integer exponent."""
+  lp = pot.lp_scale_search(x, spec.bits, signed=spec.signed, per_channel=False, p=p)
+  if spec.pot:
+    return {"t": pot.log2_exponents(lp.scale)[0].astype(jnp.float32)}
+  return {"t": jnp.log2(jnp.where(lp.scale > 0, lp.scale, pot.exp2(pot.EXP_MIN)))}
+
+
+def act_scale(state: dict, spec: ActSpec) -> chex.Array:
+  """Step size: exactly ``2**round(t)`` forward with ``d/dt = scale * ln 2`` (PoT), or
+  ``2**t`` (float)."""
+  t = state["t"]
+  if not spec.pot:
+    return jnp.exp2(t)
+  exact = pot.exp2(pot.clip_exponent(jnp.round(t)))
+  return exact * (1.0 + (t - jax.lax.stop_gradient(t)) * math.log(2.0))
+
+
+def act_fake_quant(x: chex.Array, state: dict, spec: ActSpec) -> chex.Array:
+  """Per-tensor fake quantization (zero point 0), straight-through rounding."""
+  return pot.fake_quant_scaled(x, act_scale(state, spec), spec.bits, signed=spec.signed)
+
+
+def act_exponent(state: dict, spec: ActSpec) -> chex.Array:
+  """The integer exponent (int32 scalar) of a PoT activation quantizer."""
+  if not spec.pot:
+    raise ValueError("act_exponent needs a power-of-two activation quantizer")
+  return pot.clip_exponent(jnp.round(state["t"]))

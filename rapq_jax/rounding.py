@@ -1,0 +1,50 @@
+"""Rectified-sigmoid relaxation of a binary rounding choice (AdaRound), used for both
+the rounding of every weight and the floor/ceil choice of every PoT exponent (RAPQ).
+
+``h(v) = clip(sigmoid(v) * (zeta - gamma) + gamma, 0, 1)``, with ``zeta = 1.1`` and
+``gamma = -0.1``; the hard choice is ``v >= 0``. The regulariser
+``sum(1 - |2 h(v) - 1| ** b)`` pushes every ``h`` to 0 or 1 as ``b`` anneals.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: chex.Array) -> chex.Array:
+  """Soft choice in [0, 1], float, same shape as ``v``."""
+  return jnp.clip(jax.nn.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def hard_choice(v: chex.Array) -> chex.Array:
+  """The hardened choice: 1 where ``h(v) >= 0.5`` (``v >= 0``), else 0 (float)."""
+  return (v >= 0).astype(jnp.float32)
+
+
+def init_logits(fraction: chex.Array) -> chex.Array:
+  """Logits ``v`` with ``h(v) == fraction`` for fractions in (0, 1), so that the soft
+  relaxation starts exactly at the unquantized value."""
+  frac = jnp.clip(fraction, 1e-4, 1.0 - 1e-4)
+  return -jnp.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
+
+
+def regularizer(v: chex.Array, b: chex.Array) -> chex.Array:
+  """``sum(1 - |2 h(v) - 1| ** b)`` (float scalar): zero only when every h is 0 or 1."""
+  return jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** b)
+
+
+def temperature_schedule(num_steps: int, *, start_b: float = 20.0, end_b: float = 2.0,
+                         warmup: float = 0.2) -> optax.Schedule:
+  """AdaRound's ``b``: ``start_b`` for the first ``warmup`` fraction of steps (where the
+  regulariser is off, see ``regularizer_active``), then linear down to ``end_b``."""
+  warm = int(warmup * num_steps)
+  return optax.join_schedules(
+      [optax.constant_schedule(start_b),
+       optax.linear_schedule(start_b, end_b, max(num_steps - warm, 1))], [warm])
+
+
+def regularizer_active(step: chex.Array, num_steps: int, warmup: float = 0.2) -> chex.Array:
+  """1.0 once ``step`` is past the warm-up fraction, else 0.0 (float scalar)."""
+  return (step >= int(warmup * num_steps)).astype(jnp.float32)
