@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rapq_jax.models.mobilenetv2 import INVERTED_RESIDUAL_SETTING
 from rapq_jax.network import ActPoint, Layer, Network, Unit
 
 BN_EPS = 1e-5
@@ -72,13 +73,8 @@ def _resnet_units(params) -> list[Unit]:
   return units
 
 
-# torchvision MobileNetV2 blocks features_1..17: (expand t, stride s) from its table.
-_MBV2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-
-
-def mobilenetv2_strides(settings=_MBV2_SETTINGS) -> list[int]:
-  """Stride of each inverted residual block, in order."""
+def mobilenetv2_strides(settings=INVERTED_RESIDUAL_SETTING) -> list[int]:
+  """Stride of each inverted residual block, in order, from (t, c, n, s) stages."""
   return [s if i == 0 else 1 for _, _, n, s in settings for i in range(n)]
 
 
@@ -137,20 +133,21 @@ def _get(tree, path: str):
   return tree
 
 
-def build_network(variables, *, block_strides=None, eps: float = BN_EPS) -> Network:
+def build_network(variables, *, model=None, eps: float = BN_EPS) -> Network:
   """Folds every BN of a ``rapq_jax.models`` network and splits it into units.
 
   Args:
     variables: ``{'params', 'batch_stats'}`` of a CIFAR ResNet, torchvision
       ResNet-18/50 or MobileNetV2 from ``rapq_jax.models``.
-    block_strides: MobileNetV2 only: stride per inverted residual block (default:
-      torchvision's table).
+    model: the Flax module the variables belong to; MobileNetV2 block strides are read
+      from its ``setting`` (default: torchvision's table).
   Returns:
     The folded ``Network`` (float32 arrays).
   """
   params, stats = variables["params"], variables.get("batch_stats", {})
   if "classifier_1" in params:
-    units = _mobilenet_units(params, block_strides or mobilenetv2_strides())
+    setting = getattr(model, "setting", None) or INVERTED_RESIDUAL_SETTING
+    units = _mobilenet_units(params, mobilenetv2_strides(setting))
   elif "linear" in params or "fc" in params:
     units = _resnet_units(params)
   else:
