@@ -7,6 +7,7 @@ r"""Runs quantization methods on one experiment config and reports test accuracy
 config field can be overridden as `--config.<field>=<value>`.
 """
 import copy
+import functools
 import json
 import os
 import pathlib
@@ -19,7 +20,9 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments import configs
+from experiments import methods
 from experiments import pipeline
+from experiments import report
 
 DEFAULT_SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared"
 MIN_BITS, MAX_BITS = 2, 8
@@ -31,9 +34,10 @@ def run_fp(config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
   return pipeline.evaluate_model(model, variables, data, config, desc="fp")
 
 
-# Method name -> function(config, data) -> dict(top1, top5, n). Quantized methods
+# Method name -> function(config, data) -> dict(top1, top5, n, ...). Quantized methods
 # run once per --bits pair, with config.wbits / config.abits set to it.
-METHODS = {"fp": run_fp}
+METHODS = {"fp": run_fp, **{name: functools.partial(methods.run_method, method=name)
+                            for name in methods.QUANT_METHODS}}
 UNQUANTIZED = frozenset({"fp"})
 
 
@@ -75,7 +79,7 @@ class _Parser(flags.ArgumentParser):
 _CONFIG = config_flags.DEFINE_config_file(
     "config", configs.config_path("cifar10_resnet20"),
     f"Config name ({', '.join(configs.available())}) or config file path.")
-_METHODS = flags.DEFINE(_Parser(parse_methods), "methods", "fp",
+_METHODS = flags.DEFINE(_Parser(parse_methods), "methods", "naive,brecq,rapq",
                         f"Comma-separated methods to run; accepted: {', '.join(METHODS)}.")
 _BITS = flags.DEFINE(_Parser(parse_bits), "bits", None,
                      "Comma-separated W/A bit widths, e.g. 4/4,2/4 (default: config.wbits/abits).")
@@ -110,7 +114,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     argv = resolve_config_argv(argv)
   except ValueError as e:
     sys.exit(f"FATAL Flags parsing error: --config: {e}")
-  return app.parse_flags_with_usage(argv)
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: override of an unknown field
+    sys.exit(f"FATAL Flags parsing error: no such config field {e}; see the config file or "
+             "rapq_jax.config.PTQConfig for the fields of config.ptq")
 
 
 def format_result(result: dict) -> str:
@@ -118,7 +126,21 @@ def format_result(result: dict) -> str:
   bits = "FP32" if result["wbits"] is None else f"W{result['wbits']}A{result['abits']}"
   top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f} %"
   return (f"{result['method']:<6} {bits:<5} top-1 {result['top1']:.2f} %  top-5 {top5}  "
-          f"(n={result['n']})")
+          f"(n={result['n']}, {result['wall_seconds']:.0f} s)")
+
+
+def _write_outputs(workdir: pathlib.Path, config, results: list[dict]) -> None:
+  """results.json (every figure, config, environment), results.md and the plots.
+  results.json is written last and atomically: its presence means the run finished."""
+  table = report.results_table(results)
+  report.atomic_write(workdir / "results.md", table)
+  report.plot_top1(results, workdir / "top1.png")
+  report.plot_exponents(results, workdir / "weight_exponents.png")
+  report.plot_losses(results, workdir / "reconstruction_loss.png")
+  record = dict(config=json.loads(config.to_json_best_effort()), results=results,
+                **report.environment())
+  report.atomic_write(workdir / "results.json", json.dumps(record, indent=1, default=float))
+  print("\n" + table + f"\nwrote {workdir}/results.json, results.md and plots", flush=True)
 
 
 def main(argv):
@@ -127,26 +149,32 @@ def main(argv):
   name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
   shared_dir = _SHARED_DIR.value or os.environ.get("RAPQ_SHARED_DIR", str(DEFAULT_SHARED_DIR))
   config = pipeline.resolve_paths(_CONFIG.value, shared_dir)
-  workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-  data = pipeline.load_data(config)
-  results = []
-  for method in _METHODS.value:
-    if method in UNQUANTIZED:
-      bits = [(None, None)]
-    else:
-      bits = _BITS.value or [(config.wbits, config.abits)]
-    for wbits, abits in bits:
+  names = _METHODS.value
+  if any(m not in UNQUANTIZED for m in names) and "fp" not in names:
+    names = ("fp",) + names  # every table reports the drop from FP
+  bits = _BITS.value or [(config.wbits, config.abits)]
+  runs = []
+  for method in names:
+    for wbits, abits in ([(None, None)] if method in UNQUANTIZED else bits):
       method_config = config
       if wbits is not None:
         method_config = copy.deepcopy(config)
         method_config.wbits, method_config.abits = wbits, abits
-      result = METHODS[method](method_config, data)
-      results.append(dict(method=method, wbits=wbits, abits=abits, **result))
-      print(format_result(results[-1]), flush=True)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+        methods.ptq_config(method_config, method)  # validate every run before any starts
+      runs.append((method, wbits, abits, method_config))
+  workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  workdir.mkdir(parents=True, exist_ok=True)
+  report.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
+
+  data = pipeline.load_data(config)
+  results = []
+  for method, wbits, abits, method_config in runs:
+    start = time.perf_counter()
+    result = METHODS[method](method_config, data)
+    result.setdefault("wall_seconds", time.perf_counter() - start)
+    results.append(dict(method=method, wbits=wbits, abits=abits, **result))
+    print(format_result(results[-1]), flush=True)
+  _write_outputs(workdir, config, results)
 
 
 if __name__ == "__main__":

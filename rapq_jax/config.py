@@ -41,7 +41,7 @@ class PTQConfig:
   lp_fixed: float = 2.0
   bn_stats_weight: float = 0.0
   init_p: float = 2.4
-  weights_see_act_quant: bool = True
+  weights_see_act_quant: bool = False
   search: str = "after"
   search_objective: str = "kl"
   search_sweeps: int = 3

@@ -3,8 +3,15 @@
 Paths may start with `$RAPQ_SHARED_DIR`, which `experiments.run` replaces by
 `--shared_dir` (default: the RAPQ_SHARED_DIR environment variable).
 """
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
+
+from rapq_jax.config import PTQConfig
+
+# PTQConfig fields set from the top-level fields below, not from config.ptq.
+_TOP_LEVEL = ("wbits", "abits", "first_last_bits", "iters_w", "iters_a", "batch_size", "seed")
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -28,6 +35,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.dataset.std = config_dict.placeholder(tuple)
 
   config.eval_batch_size = 256
+  config.test_size = config_dict.placeholder(int)  # evaluate on the first N test images only
   config.calibration_size = 1024
 
   config.wbits = 4
@@ -36,4 +44,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.weight_iters = 2000  # reconstruction iterations per block, weight rounding
   config.act_iters = 500  # activation step-size iterations per block
   config.batch_size = 32  # reconstruction batch
+  # Every other rapq_jax.config.PTQConfig field at its default, overridable as e.g.
+  # --config.ptq.lp_coef=0.5 (a method's own preset still applies on top).
+  config.ptq = ml_collections.ConfigDict(
+      {f.name: f.default for f in dataclasses.fields(PTQConfig) if f.name not in _TOP_LEVEL},
+      type_safe=False)
   return config

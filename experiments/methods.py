@@ -1,0 +1,93 @@
+"""Quantization methods and ablations as runnable experiments.
+
+Each method maps an experiment config (ml_collections) to a ``rapq_jax`` ``PTQConfig``:
+the config's bit widths, iteration budget and seed, then ``config.ptq`` overrides, then
+the method's own preset on top. ``run_method`` quantizes the config's model with it and
+measures top-1, wall time and what the plots need.
+"""
+import dataclasses
+import time
+
+import ml_collections
+import numpy as np
+
+from experiments import pipeline
+from rapq_jax import config as ptq_config_lib
+from rapq_jax import evaluate as evaluate_lib
+from rapq_jax import fold, ptq
+
+# name -> (base method, PTQConfig overrides, one-line description)
+QUANT_METHODS = {
+    "naive": ("naive", {}, "Lp scale to nearest power of two, round to nearest"),
+    "brecq": ("brecq", {}, "BRECQ, float scales (non-PoT upper bound)"),
+    "brecq_pot": ("brecq_pot", {}, "BRECQ on nearest power-of-two scales"),
+    "rapq": ("rapq", {}, "RAPQ: learned PoT exponents, BN-derived Lp, exponent search"),
+    "rapq_no_exp": ("rapq", {"learn_exponent": False}, "RAPQ without exponent learning"),
+    "rapq_no_bnp": ("rapq", {"lp_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),
+    "rapq_bnstats": ("rapq", {"bn_stats_weight": 1.0}, "RAPQ plus the BN-statistics term"),
+    "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),
+}
+
+
+def ptq_config(config: ml_collections.ConfigDict, method: str) -> ptq_config_lib.PTQConfig:
+  """The PTQConfig of ``method`` for an experiment config (ValueError names bad fields)."""
+  if method not in QUANT_METHODS:
+    raise ValueError(f"unknown method {method!r}; accepted: {', '.join(QUANT_METHODS)}")
+  base, preset, _ = QUANT_METHODS[method]
+  fields = dict(wbits=config.wbits, abits=config.abits, first_last_bits=config.first_last_bits,
+                iters_w=config.weight_iters, iters_a=config.act_iters,
+                batch_size=config.batch_size, seed=config.seed)
+  defaults = {f.name: f.default for f in dataclasses.fields(ptq_config_lib.PTQConfig)}
+  ptq_fields = config.ptq.to_dict()
+  unknown = sorted(set(ptq_fields) - set(defaults))
+  if unknown:
+    raise ValueError(f"unknown config.ptq field(s) {unknown}; accepted: {sorted(defaults)}")
+  # Precedence: method preset < fields the config changed from the defaults < the
+  # config's top-level fields < the ablation's own switch.
+  changed = {k: v for k, v in ptq_fields.items() if v != defaults[k]}
+  try:
+    return ptq_config_lib.for_method(base, **{**changed, **fields, **preset})
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"method {method!r}: {err}") from None
+
+
+def _weight_exponents(result: ptq.PTQResult) -> dict:
+  """``{'unit/role': {exponent: count}}`` of the final per-channel weight exponents."""
+  if result.model is None:
+    return {}
+  out = {}
+  for unit, layers in result.model.weights.items():
+    for role, w in layers.items():
+      values, counts = np.unique(np.asarray(w["e"]), return_counts=True)
+      out[f"{unit}/{role}"] = {int(v): int(c) for v, c in zip(values, counts)}
+  return out
+
+
+def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: str, *,
+               progress: bool = True) -> dict:
+  """Quantizes and evaluates; returns a JSON-serialisable record of the run."""
+  cfg = ptq_config(config, method)
+  start = time.perf_counter()
+  model, variables = pipeline.load_model(config)
+  net = fold.build_network(variables, model=model)
+  calib = data.preprocess(data.calib_images)
+  result = ptq.quantize_network(net, calib, cfg, progress=progress,
+                                metadata=dict(method=method, ptq=cfg.__dict__))
+  quant_seconds = time.perf_counter() - start
+  metrics = evaluate_lib.evaluate(result.apply, data.test_images, data.test_labels,
+                                  batch_size=config.eval_batch_size, preprocess=data.preprocess,
+                                  desc=f"{method} W{cfg.wbits}A{cfg.abits}", progress=progress)
+  units = result.report["units"]
+  iters = cfg.iters_w + cfg.iters_a
+  return dict(
+      **metrics,
+      power_of_two=result.model is not None,
+      quantize_seconds=quant_seconds,
+      wall_seconds=time.perf_counter() - start,
+      seconds_per_iter={u: r["seconds"] / iters for u, r in units.items()} if iters else {},
+      lp={u: r["p"] for u, r in units.items()},
+      loss_curves={u: r["history"] for u, r in units.items()},
+      search=result.report["search"],
+      weight_exponents=_weight_exponents(result),
+      ptq=dict(cfg.__dict__),
+  )

@@ -1,0 +1,154 @@
+"""Run outputs: the results table, plots, environment facts and atomic file writes."""
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend first)
+import numpy as np  # noqa: E402
+
+
+def atomic_write(path: pathlib.Path, data: str | bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file and a rename, so a reader
+  never sees a half-written file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  mode = "wb" if isinstance(data, bytes) else "w"
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, mode) as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def environment() -> dict:
+  """Versions, machine and git commit: what is needed to rerun a result."""
+  import flax
+  import optax
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=repo, capture_output=True, text=True).stdout.strip())
+  except (OSError, subprocess.CalledProcessError):
+    commit, dirty = None, None
+  return dict(
+      versions=dict(python=platform.python_version(), jax=jax.__version__,
+                    flax=flax.__version__, optax=optax.__version__, numpy=np.__version__),
+      machine=dict(platform=platform.platform(), processor=platform.machine(),
+                   cpu_count=os.cpu_count(), devices=[str(d) for d in jax.devices()]),
+      git=dict(commit=commit, dirty=dirty),
+  )
+
+
+def _bits(r: dict) -> str:
+  return "FP32" if r["wbits"] is None else f"W{r['wbits']}A{r['abits']}"
+
+
+def results_table(results: list[dict]) -> str:
+  """Markdown table, one row per method and bit width: top-1, drop from FP, whether
+  every scale is a power of two, wall time and mean seconds per iteration."""
+  fp = next((r["top1"] for r in results if r["method"] == "fp"), None)
+  lines = ["| method | bits | top-1 % | drop from FP | PoT | wall time s | s/iter (mean) |",
+           "|---|---|---|---|---|---|---|"]
+  for r in results:
+    drop = "" if fp is None or r["method"] == "fp" else f"{fp - r['top1']:.2f}"
+    spi = r.get("seconds_per_iter") or {}
+    mean_spi = f"{np.mean(list(spi.values())) * 1e3:.1f} ms" if spi else ""
+    pot = "" if r["method"] == "fp" else ("yes" if r.get("power_of_two") else "no")
+    wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else ""
+    lines.append(f"| {r['method']} | {_bits(r)} | {r['top1']:.2f} | {drop} | {pot} | {wall} | "
+                 f"{mean_spi} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_top1(results: list[dict], path: pathlib.Path) -> None:
+  """Grouped bars: top-1 per method, one group per bit width; FP as a line."""
+  quant = [r for r in results if r["method"] != "fp"]
+  bits = sorted({_bits(r) for r in quant})
+  methods = list(dict.fromkeys(r["method"] for r in quant))
+  fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(bits) * max(len(methods), 1) / 2, 4))
+  width = 0.8 / max(len(methods), 1)
+  for i, m in enumerate(methods):
+    vals = [next((r["top1"] for r in quant if r["method"] == m and _bits(r) == b), np.nan)
+            for b in bits]
+    ax.bar(np.arange(len(bits)) + i * width, vals, width, label=m)
+  fp = next((r["top1"] for r in results if r["method"] == "fp"), None)
+  if fp is not None:
+    ax.axhline(fp, color="k", ls="--", lw=1, label=f"FP32 {fp:.2f}")
+  ax.set_xticks(np.arange(len(bits)) + width * (len(methods) - 1) / 2, bits)
+  ax.set_ylabel("top-1 %")
+  ax.set_title("Top-1 by method and bit width")
+  ax.legend(fontsize=7, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_exponents(results: list[dict], path: pathlib.Path, *, methods=("naive", "rapq")) -> None:
+  """Per weight layer: how many channels got each exponent, naive vs RAPQ (first bit
+  width that has both), so the exponents RAPQ moved stand out."""
+  by_bits = {}
+  for r in results:
+    if r["method"] in methods and r.get("weight_exponents"):
+      by_bits.setdefault(_bits(r), {})[r["method"]] = r["weight_exponents"]
+  chosen = next(((b, d) for b, d in by_bits.items() if len(d) == len(methods)), None)
+  if chosen is None:
+    chosen = next(iter(by_bits.items()), None)
+  if chosen is None:
+    return
+  bits, per_method = chosen
+  layers = list(next(iter(per_method.values())))
+  cols = min(6, len(layers))
+  rows = -(-len(layers) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 1.9 * rows), squeeze=False)
+  for ax, layer in zip(axes.flat, layers):
+    values = sorted({int(e) for m in per_method.values() for e in m.get(layer, {})})
+    width = 0.8 / len(per_method)
+    for i, (m, hist) in enumerate(per_method.items()):
+      counts = [hist.get(layer, {}).get(str(v), hist.get(layer, {}).get(v, 0)) for v in values]
+      ax.bar(np.arange(len(values)) + i * width, counts, width, label=m)
+    ax.set_xticks(np.arange(len(values)) + width * (len(per_method) - 1) / 2, values, fontsize=6)
+    ax.set_title(layer, fontsize=7)
+    ax.tick_params(labelsize=6)
+  for ax in list(axes.flat)[len(layers):]:
+    ax.axis("off")
+  axes.flat[0].legend(fontsize=6)
+  fig.suptitle(f"Weight exponents per layer ({bits}): channels per exponent", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_losses(results: list[dict], path: pathlib.Path) -> None:
+  """Reconstruction loss curves per unit (weight phase then activation phase), one
+  panel per reconstructed method and bit width."""
+  runs = [r for r in results if r.get("loss_curves")]
+  if not runs:
+    return
+  fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2), squeeze=False)
+  for ax, r in zip(axes.flat, runs):
+    for unit, hist in r["loss_curves"].items():
+      w = hist.get("weights", [])
+      a = [(s + (w[-1][0] if w else 0), v) for s, v in hist.get("acts", [])]
+      pts = w + a
+      if pts:
+        ax.plot([s for s, _ in pts], [v for _, v in pts], lw=0.8, label=unit)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration (weights, then activations)")
+    ax.set_title(f"{r['method']} {_bits(r)}", fontsize=9)
+  axes.flat[0].set_ylabel("Lp reconstruction loss")
+  axes.flat[-1].legend(fontsize=5, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
