@@ -160,7 +160,10 @@ def main(argv):
       if wbits is not None:
         method_config = copy.deepcopy(config)
         method_config.wbits, method_config.abits = wbits, abits
-        methods.ptq_config(method_config, method)  # validate every run before any starts
+        try:  # validate every run before any starts
+          methods.ptq_config(method_config, method)
+        except ValueError as err:
+          raise app.UsageError(str(err)) from None
       runs.append((method, wbits, abits, method_config))
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   workdir.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,31 @@ def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool):
   return res.states, info
 
 
+def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
+  """Validates calibration images (float NHWC, the first layer's channel count, at least
+  one batch, all finite) and returns them as float32; ValueError names what is wrong."""
+  shape, dtype = getattr(calib, "shape", None), getattr(calib, "dtype", None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(f"calibration images must be a rank-4 NHWC array; got shape {shape}")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"calibration images must be preprocessed floats; got dtype {dtype}")
+  first = net.units[0].layers[0]
+  channels = net.params[net.units[0].name][first.role]["kernel"].shape[-2] * first.groups
+  if shape[-1] != channels:
+    raise ValueError(f"calibration images have {shape[-1]} channels; the network's first "
+                     f"layer expects {channels}")
+  if shape[0] == 0:
+    raise ValueError("calibration set is empty")
+  if cfg.reconstruct and shape[0] < cfg.batch_size:
+    raise ValueError(f"calibration set has {shape[0]} images, fewer than the batch size "
+                     f"{cfg.batch_size}")
+  calib = jnp.asarray(calib, jnp.float32)
+  bad = int(jnp.sum(~jnp.isfinite(calib)))
+  if bad:
+    raise ValueError(f"calibration set contains {bad} NaN or infinite values")
+  return calib
+
+
 def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
                      progress: bool = True, metadata: dict | None = None) -> PTQResult:
   """Quantizes a folded network.
@@ -142,10 +167,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   Returns:
     PTQResult; for power-of-two settings ``model`` holds integers and int32 exponents.
   """
-  calib = jnp.asarray(calib, jnp.float32)
-  if cfg.reconstruct and calib.shape[0] < cfg.batch_size:
-    raise ValueError(f"calibration set has {calib.shape[0]} images, fewer than the "
-                     f"batch size {cfg.batch_size}")
+  calib = check_calibration(net, calib, cfg)
   specs = unit_specs(net, cfg)
   key = jax.random.PRNGKey(cfg.seed)
   report = {"units": {}, "search": {}}

@@ -1,0 +1,129 @@
+"""The quantization job: method presets, outputs, the generated RESULTS.md, end to end."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import methods, report, results_doc
+from experiments.configs import base
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_warm_iters=4",
+        "--config.calibration_size=64", "--config.test_size=300",
+        "--config.ptq.search_samples=32", "--config.ptq.search_sweeps=1"]
+
+
+@pytest.mark.parametrize("method, field, value", [
+    ("naive", "reconstruct", False),
+    ("naive", "search", "none"),
+    ("brecq", "pot_scales", False),
+    ("brecq_pot", "learn_exponent", False),
+    ("rapq", "learn_exponent", True),
+    ("rapq", "lp_source", "bn"),
+    ("rapq_no_exp", "learn_exponent", False),
+    ("rapq_no_bnp", "lp_source", "fixed"),
+    ("rapq_bnstats", "bn_stats_weight", 1.0),
+    ("rapq_no_search", "search", "none"),
+])
+def test_method_presets(method, field, value):
+  assert getattr(methods.ptq_config(base.get_base_config(), method), field) == value
+
+
+def test_config_fields_reach_the_method_but_presets_survive_defaults():
+  config = base.get_base_config()
+  config.wbits, config.weight_iters, config.ptq.lp_coef = 2, 700, 0.5
+  cfg = methods.ptq_config(config, "rapq")
+  assert (cfg.wbits, cfg.iters_w, cfg.lp_coef) == (2, 700, 0.5)
+  assert not methods.ptq_config(config, "naive").reconstruct
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("wbits", 9, "wbits"),
+    ("weight_iters", 100, "exp_warm_iters = 500 exceeds iters_w = 100"),
+])
+def test_bad_config_values_are_named(field, value, message):
+  config = base.get_base_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    methods.ptq_config(config, "rapq")
+
+
+def test_unknown_method_is_named():
+  with pytest.raises(ValueError, match="'bogus'.*naive"):
+    methods.ptq_config(base.get_base_config(), "bogus")
+
+
+def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
+  target = tmp_path / "results.json"
+  report.atomic_write(target, "old")
+
+  class Boom:  # not str/bytes-writable: the write raises mid-way
+    pass
+
+  with pytest.raises(TypeError):
+    report.atomic_write(target, Boom())
+  assert target.read_text() == "old"
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def _record(top1_rapq):
+  res = [dict(method="fp", wbits=None, abits=None, top1=81.0, top5=99.0, n=100),
+         dict(method="rapq", wbits=4, abits=4, top1=top1_rapq, top5=98.0, n=100,
+              power_of_two=True, wall_seconds=12.0, seconds_per_iter={"u": 0.01},
+              search={"after": dict(before=0.3, after=0.2, sweeps=2, moved=["u/a:out+1"],
+                                    seconds=1.0)}, ptq=dict(iters_w=10, iters_a=2, batch_size=8))]
+  return dict(config=dict(model="m", calibration_size=64, seed=1), results=res,
+              **report.environment())
+
+
+def test_results_doc_is_regenerated_identically(tmp_path):
+  (tmp_path / "a_run.json").write_text(json.dumps(_record(78.5)))
+  first = results_doc.render(tmp_path)
+  assert results_doc.render(tmp_path) == first
+  assert "| rapq | W4A4 | 78.50 | 2.50 | yes | 12 | 10.0 ms |" in first
+  (tmp_path / "a_run.json").write_text(json.dumps(_record(77.0)))
+  assert results_doc.render(tmp_path) != first
+
+
+def test_committed_results_doc_is_up_to_date():
+  out = subprocess.run([sys.executable, "-m", "experiments.results_doc", "--check"], cwd=REPO,
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr + out.stdout
+
+
+def _run(args, workdir, **kw):
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args, f"--workdir={workdir}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, **kw)
+
+
+def test_tiny_job_end_to_end_writes_every_output(fashion_mnist_dir, tmp_path):
+  out = _run(["--config", "fmnist_resnet", "--methods", "naive,rapq", "--bits", "4/4",
+              f"--config.dataset.data_dir={fashion_mnist_dir}", *TINY], tmp_path, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for name in ("results.json", "results.md", "top1.png", "weight_exponents.png",
+               "reconstruction_loss.png", "config.json"):
+    assert (tmp_path / name).stat().st_size > 0, name
+  record = json.loads((tmp_path / "results.json").read_text())
+  assert [r["method"] for r in record["results"]] == ["fp", "naive", "rapq"]
+  assert all(r["power_of_two"] for r in record["results"][1:])
+  assert record["versions"]["jax"] and record["git"]["commit"]
+  assert record["config"]["model"] == "fmnist_resnet"
+  table = (tmp_path / "results.md").read_text()
+  assert "| naive | W4A4 |" in table and "| rapq | W4A4 |" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.ptq.no_such_field=1"], "no_such_field"),
+    (["--config.wbits=9"], "wbits"),
+    (["--methods", "rapq", "--bits", "4/9"], "4/9"),
+])
+def test_bad_flags_fail_before_any_output(tmp_path, args, message):
+  out = _run(["--config", "fmnist_resnet", *args], tmp_path / "run", timeout=300)
+  assert out.returncode != 0
+  assert message in out.stderr
+  assert not (tmp_path / "run" / "results.json").exists()
