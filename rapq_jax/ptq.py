@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rapq_jax import objective, quantized, quantizers, search
+from rapq_jax import objective, quantized, quantizers, rounding, search
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
 from rapq_jax.reconstruct import hooks, reconstruct_unit, structural
@@ -122,12 +122,41 @@ def _init_all(net, specs, x, cfg):
 
 
 def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool):
+  """Runs the search; returns its result and a JSON-able summary."""
+  t0 = time.perf_counter()
   res = search.search_exponents(net, states, specs, x, fp_logits, weights=weights, acts=True,
                                 kind=cfg.search_objective, max_sweeps=cfg.search_sweeps)
   moved = [f"{u}/{k}:{n}{int(o):+d}" for (u, k, n), o in zip(res.names, np.asarray(res.offsets))
            if o]
-  info = dict(before=res.before, after=res.after, sweeps=res.sweeps, moved=moved)
-  return res.states, info
+  info = dict(before=res.before, after=res.after, sweeps=res.sweeps, moved=moved,
+              seconds=time.perf_counter() - t0)
+  return res, info
+
+
+def _rounded(states: dict) -> dict:
+  """Round-to-nearest view of quantizer states: no AdaRound logits, soft exponents
+  rounded (``e0 + (v >= 0)``), as the search before reconstruction evaluates them."""
+  out = {}
+  for u, st in states.items():
+    w = {}
+    for r, s in st["w"].items():
+      w[r] = {"lo": s["lo"], "log2s": s["log2s"] + (rounding.hard_choice(s["v"]) if "v" in s else 0.0)}
+    out[u] = {"w": w, "a": st["a"]}
+  return out
+
+
+def _shift_weights(net, states, specs, offsets: dict) -> dict:
+  """Moves each weight layer's exponents by ``offsets[(unit, 'w', role)]`` and restarts
+  its rounding logits on the new grid."""
+  out = {}
+  for u, st in states.items():
+    w = {}
+    for r, s in st["w"].items():
+      off = float(offsets.get((u, "w", r), 0))
+      w[r] = s if not off else quantizers.reset_rounding(
+          net.params[u][r]["kernel"], {**s, "log2s": s["log2s"] + off}, specs[u][0][r])
+    out[u] = {"w": w, "a": st["a"]}
+  return out
 
 
 def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
@@ -177,10 +206,16 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     fp_logits = _batched(lambda h: network_apply(net, h), sub)
 
   states = _init_all(net, specs, calib[:INIT_SAMPLES], cfg)
+  act_offsets = {}
   if cfg.search in ("before", "both"):
-    t0 = time.perf_counter()
-    states, info = _run_search(net, states, specs, sub, fp_logits, cfg, weights=not cfg.reconstruct)
-    report["search"]["before"] = {**info, "seconds": time.perf_counter() - t0}
+    # Weight exponents are searched on round-to-nearest weights; reconstruction then
+    # starts from the moved grids, and activation offsets apply on top of each unit's
+    # own initialisation.
+    res, report["search"]["before"] = _run_search(net, _rounded(states), specs, sub, fp_logits,
+                                                  cfg, weights=True)
+    offsets = dict(zip(res.names, np.asarray(res.offsets).tolist()))
+    states = res.states if not cfg.reconstruct else _shift_weights(net, states, specs, offsets)
+    act_offsets = {(u, n): o for (u, k, n), o in offsets.items() if k == "a"}
 
   if cfg.reconstruct:
     fp_x, q_x = calib, calib
@@ -190,6 +225,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
       fp_y = _batched(functools.partial(fp, params), fp_x)
       wstates = states[unit.name]["w"]
       _, astates = init(params, q_x[:INIT_SAMPLES])
+      astates = {n: {"t": a["t"] + act_offsets.get((unit.name, n), 0)} for n, a in astates.items()}
       p = unit_lp(net, unit.name, cfg)
       res = reconstruct_unit(unit, params, net.bn[unit.name], wstates, astates, wspecs,
                              aspecs, q_x, fp_y, cfg, p, jax.random.fold_in(key, i),
@@ -203,9 +239,10 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
                    f"final loss {res.history['weights'][-1][1]:.4g}")
 
   if cfg.search in ("after", "both"):
-    t0 = time.perf_counter()
-    states, info = _run_search(net, states, specs, sub, fp_logits, cfg, weights=not cfg.reconstruct)
-    report["search"]["after"] = {**info, "seconds": time.perf_counter() - t0}
+    # After AdaRound has learned a rounding for each grid only activations move.
+    res, report["search"]["after"] = _run_search(net, states, specs, sub, fp_logits, cfg,
+                                                 weights=not cfg.reconstruct)
+    states = res.states
 
   model = None
   if cfg.pot_scales:

@@ -76,6 +76,14 @@ def _alpha_for(w, scale):
   return rounding.init_logits(x - jnp.floor(x))
 
 
+def reset_rounding(w: chex.Array, state: dict, spec: WeightSpec) -> dict:
+  """Restarts the AdaRound logits on the state's current grid (after its exponent
+  moved), so the soft rounding again reproduces ``w``."""
+  if "alpha" not in state:
+    return state
+  return {**state, "alpha": _alpha_for(w, weight_scale(state, spec))}
+
+
 def weight_scale(state: dict, spec: WeightSpec) -> chex.Array:
   """Per-channel step size [O]: ``2**(e0 + h(v))`` while the exponent is soft, exactly
   ``2**e`` once it is an integer, ``2**log2s`` for float scales."""
@@ -118,9 +126,7 @@ def harden_exponent(w: chex.Array, state: dict, spec: WeightSpec, *,
   e = pot.clip_exponent(state["log2s"] + rounding.hard_choice(state["v"]))
   new = {k: val for k, val in state.items() if k != "v"}
   new["log2s"] = e.astype(jnp.float32)
-  if reinit_alpha and "alpha" in state:
-    new["alpha"] = _alpha_for(w, pot.exp2(e))
-  return new
+  return reset_rounding(w, new, spec) if reinit_alpha else new
 
 
 def weight_integers(w: chex.Array, state: dict, spec: WeightSpec):
