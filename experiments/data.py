@@ -1,4 +1,4 @@
-"""Input pipelines: dataset loaders, host-side preprocessing and calibration sampling.
+"""Input pipelines: dataset loaders, host-side preprocessing, training batches, calibration sampling.
 
 Every loader returns (images uint8 [N, H, W, C] NHWC, labels int32 [N]); the
 preprocessing functions map uint8 pixels to the float32 inputs the models expect.
@@ -6,6 +6,7 @@ preprocessing functions map uint8 pixels to the float32 inputs the models expect
 import gzip
 import os
 import struct
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -222,6 +223,30 @@ def resize_center_crop(image, *, resize: int = 256, crop: int = 224) -> np.ndarr
 def imagenet_eval_preprocess(image) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [224, 224, 3]: resize 256, center-crop 224, normalize."""
   return normalize(resize_center_crop(image), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def train_batches(images, labels, batch_size: int, rng: np.random.Generator, *, mean,
+                  std) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """One epoch of normalized batches in an order drawn from `rng`; the last partial batch is dropped.
+
+  Args:
+    images: uint8 [N, H, W, C].
+    labels: int32 [N].
+    batch_size: images per batch, 1..N.
+    rng: draws one permutation of 0..N-1 per call.
+    mean, std: per-channel normalization (see `normalize`).
+
+  Yields:
+    (float32 [batch_size, H, W, C], int32 [batch_size]).
+  """
+  if len(images) != len(labels):
+    raise ValueError(f"{len(images)} images but {len(labels)} labels")
+  if not 0 < batch_size <= len(images):
+    raise ValueError(f"batch_size={batch_size} must lie in 1..{len(images)} (the number of images)")
+  order = rng.permutation(len(images))
+  for start in range(0, len(images) - batch_size + 1, batch_size):
+    index = order[start:start + batch_size]
+    yield normalize(images[index], mean, std), labels[index]
 
 
 def calibration_sample(images, labels, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

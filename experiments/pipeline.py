@@ -2,7 +2,10 @@
 import copy
 import dataclasses
 import functools
+import os
+import pathlib
 import string
+import urllib.parse
 from typing import Callable
 
 import flax.linen as nn
@@ -12,6 +15,8 @@ import numpy as np
 from experiments import data as data_lib
 from rapq_jax import convert
 from rapq_jax import evaluate as evaluate_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +69,22 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   return Data(calib_images, calib_labels, test_images, test_labels, preprocess)
 
 
+def checkpoint_location(checkpoint: str) -> str:
+  """`checkpoint`, or the repository root joined with it for a relative path that is no file here.
+
+  Committed checkpoints are named relative to the repository root
+  (experiments/checkpoints/...), so jobs find them from any working directory.
+  """
+  if (urllib.parse.urlparse(checkpoint).scheme in convert.URL_SCHEMES
+      or os.path.isabs(checkpoint) or os.path.isfile(checkpoint)):
+    return checkpoint
+  return str(REPO_ROOT / checkpoint)
+
+
 def load_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, dict]:
-  """(model, {'params', 'batch_stats'}) from config.checkpoint."""
-  return convert.load_pretrained(config.checkpoint, config.model, scheme=config.checkpoint_scheme)
+  """(model, {'params', 'batch_stats'}) from config.checkpoint (see `checkpoint_location`)."""
+  return convert.load_pretrained(checkpoint_location(config.checkpoint), config.model,
+                                 scheme=config.checkpoint_scheme)
 
 
 def evaluate_model(model: nn.Module, variables: dict, data: Data, config: ml_collections.ConfigDict,

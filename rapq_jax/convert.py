@@ -1,10 +1,11 @@
-"""PyTorch-layout checkpoints -> Flax variables of the ``rapq_jax.models`` networks.
+"""PyTorch-layout checkpoints <-> Flax variables of the ``rapq_jax.models`` networks.
 
 A PyTorch state dict maps dotted module paths to tensors (conv weights OIHW,
 depthwise [C, 1, kh, kw], linear [out, in], BN ``weight``/``bias``/``running_mean``/
 ``running_var``). ``convert_state_dict`` turns it into ``{'params', 'batch_stats'}``
 of numpy float32 arrays (conv kernels HWIO, Dense kernels [in, out]) following the
-naming rule of ``rapq_jax.models`` and checks every key and shape against the model.
+naming rule of ``rapq_jax.models`` and checks every key and shape against the model;
+``to_state_dict`` is its inverse.
 """
 import hashlib
 import os
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax.models import get_model
+from rapq_jax.models import get_model, input_shape
 
 CACHE_DIR = pathlib.Path.home() / '.cache' / 'rapq_jax'
 NUMPY_SUFFIXES = ('.npz',)
@@ -72,6 +73,16 @@ def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return shape
 
 
+def _to_torch(kind: str, array) -> np.ndarray:
+  """Flax array -> PyTorch float32 array: HWIO -> OIHW, [in, out] -> [out, in], vectors as is."""
+  array = np.asarray(array, dtype=np.float32)
+  if kind == 'kernel' and array.ndim == 4:
+    return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+  if kind == 'kernel':
+    return np.ascontiguousarray(array.T)
+  return array
+
+
 def _to_flax(kind: str, array: np.ndarray) -> np.ndarray:
   """PyTorch array -> Flax float32 array (inverse of ``_torch_shape``)."""
   array = np.asarray(array, dtype=np.float32)
@@ -87,7 +98,7 @@ def _expected_layout(model: nn.Module, model_name: str,
   """Checkpoint key -> (Flax path incl. collection and leaf, PyTorch shape) for ``model``."""
   if scheme not in SCHEMES:
     raise ValueError(f'unknown scheme {scheme!r}; expected one of {", ".join(SCHEMES)}')
-  image = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  image = jax.ShapeDtypeStruct((1, *input_shape(model_name)), jnp.float32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
   layout = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
@@ -137,6 +148,28 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
       node = node.setdefault(name, {})
     node[names[-1]] = _to_flax(names[-1], arrays[key])
   return variables
+
+
+def to_state_dict(variables: Mapping[str, Any], model_name: str,
+                  scheme: str = 'torchvision') -> dict[str, np.ndarray]:
+  """``{'params', 'batch_stats'}`` of ``model_name`` -> PyTorch state dict of float32 arrays.
+
+  The inverse of ``convert_state_dict``: conv kernels HWIO -> OIHW, Dense kernels
+  [in, out] -> [out, in], BN ``scale``/``mean``/``var`` -> ``weight``/``running_mean``/
+  ``running_var``; no ``num_batches_tracked``. Raises ``CheckpointError`` listing the
+  variables that do not belong to ``model_name``'s layout.
+  """
+  arrays = {tuple(p.key for p in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  layout = _expected_layout(get_model(model_name), model_name, scheme)
+  expected = {names for names, _ in layout.values()}
+  unknown = sorted('/'.join(names) for names in arrays if names not in expected)
+  missing = sorted('/'.join(names) for names in expected if names not in arrays)
+  if unknown or missing:
+    raise CheckpointError(
+        f'variables do not fit {model_name!r}: ' + ', '.join(
+            [f'unexpected {n}' for n in unknown] + [f'missing {n}' for n in missing]))
+  return {key: _to_torch(names[-1], arrays[names]) for key, (names, _) in layout.items()}
 
 
 def _download(url: str, cache_dir: pathlib.Path) -> pathlib.Path:

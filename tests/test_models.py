@@ -33,7 +33,7 @@ def block_configs(model: nn.Module) -> dict[str, nn.Module]:
 
 def test_model_names():
   assert MODEL_NAMES == ('cifar_resnet20', 'cifar_resnet32', 'cifar_resnet44', 'cifar_resnet56',
-                         'resnet18', 'resnet50', 'mobilenetv2')
+                         'resnet18', 'resnet50', 'mobilenetv2', 'fmnist_resnet', 'fmnist_mobilenet')
 
 
 def test_unknown_name_lists_accepted_names():

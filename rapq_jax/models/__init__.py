@@ -20,29 +20,49 @@ from rapq_jax.models.cifar_resnet import CifarBasicBlock, CifarResNet
 from rapq_jax.models.mobilenetv2 import ConvBNReLU6, InvertedResidual, MobileNetV2
 from rapq_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 
-# name -> (constructor taking num_classes, default num_classes)
+# Fashion-MNIST MobileNetV2: (t, c, n, s) per stage, 6 inverted residual blocks.
+FMNIST_MOBILENET_SETTING = ((1, 8, 1, 1), (4, 16, 2, 2), (4, 24, 2, 2), (4, 32, 1, 1))
+
+# name -> (constructor taking num_classes, default num_classes, input image (H, W, C))
 _MODELS = {
-    'cifar_resnet20': (lambda k: CifarResNet(num_blocks=3, num_classes=k), 10),
-    'cifar_resnet32': (lambda k: CifarResNet(num_blocks=5, num_classes=k), 10),
-    'cifar_resnet44': (lambda k: CifarResNet(num_blocks=7, num_classes=k), 10),
-    'cifar_resnet56': (lambda k: CifarResNet(num_blocks=9, num_classes=k), 10),
-    'resnet18': (lambda k: ResNet((2, 2, 2, 2), BasicBlock, num_classes=k), 1000),
-    'resnet50': (lambda k: ResNet((3, 4, 6, 3), Bottleneck, num_classes=k), 1000),
-    'mobilenetv2': (lambda k: MobileNetV2(num_classes=k), 1000),
+    'cifar_resnet20': (lambda k: CifarResNet(num_blocks=3, num_classes=k), 10, (32, 32, 3)),
+    'cifar_resnet32': (lambda k: CifarResNet(num_blocks=5, num_classes=k), 10, (32, 32, 3)),
+    'cifar_resnet44': (lambda k: CifarResNet(num_blocks=7, num_classes=k), 10, (32, 32, 3)),
+    'cifar_resnet56': (lambda k: CifarResNet(num_blocks=9, num_classes=k), 10, (32, 32, 3)),
+    'resnet18': (lambda k: ResNet((2, 2, 2, 2), BasicBlock, num_classes=k), 1000, (224, 224, 3)),
+    'resnet50': (lambda k: ResNet((3, 4, 6, 3), Bottleneck, num_classes=k), 1000, (224, 224, 3)),
+    'mobilenetv2': (lambda k: MobileNetV2(num_classes=k), 1000, (224, 224, 3)),
+    'fmnist_resnet': (lambda k: CifarResNet(num_blocks=2, num_classes=k, widths=(8, 16, 32)),
+                      10, (28, 28, 1)),
+    'fmnist_mobilenet': (lambda k: MobileNetV2(num_classes=k, dropout_rate=0.0,
+                                               setting=FMNIST_MOBILENET_SETTING, stem_planes=16,
+                                               last_planes=128),
+                         10, (28, 28, 1)),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
 
 
-def get_model(name: str, num_classes: int | None = None) -> nn.Module:
-  """The model called ``name`` (one of ``MODEL_NAMES``), with its dataset's class count by default."""
+def _entry(name: str) -> tuple:
+  """The ``_MODELS`` entry of ``name``; ValueError listing the accepted names otherwise."""
   if name not in _MODELS:
     raise ValueError(f'unknown model {name!r}; expected one of {", ".join(MODEL_NAMES)}')
-  build, default_classes = _MODELS[name]
+  return _MODELS[name]
+
+
+def get_model(name: str, num_classes: int | None = None) -> nn.Module:
+  """The model called ``name`` (one of ``MODEL_NAMES``), with its dataset's class count by default."""
+  build, default_classes, _ = _entry(name)
   return build(default_classes if num_classes is None else num_classes)
 
 
+def input_shape(name: str) -> tuple[int, int, int]:
+  """(H, W, C) of the images the model called ``name`` was trained on."""
+  return _entry(name)[2]
+
+
 __all__ = [
-    'MODEL_NAMES', 'get_model', 'CifarResNet', 'CifarBasicBlock', 'ResNet', 'BasicBlock',
-    'Bottleneck', 'MobileNetV2', 'InvertedResidual', 'ConvBNReLU6',
+    'MODEL_NAMES', 'FMNIST_MOBILENET_SETTING', 'get_model', 'input_shape', 'CifarResNet',
+    'CifarBasicBlock', 'ResNet', 'BasicBlock', 'Bottleneck', 'MobileNetV2', 'InvertedResidual',
+    'ConvBNReLU6',
 ]

@@ -98,22 +98,26 @@ class MobileNetV2(nn.Module):
     num_classes: logits per image.
     dropout_rate: dropout before the classifier (active only with ``train=True``).
     setting: (t, c, n, s) per stage.
+    stem_planes: output channels of the stem ``features_0``.
+    last_planes: output channels of the last 1x1 conv (torchvision's ``last_channel``).
   """
   num_classes: int = 1000
   dropout_rate: float = 0.2
   setting: Sequence[tuple[int, int, int, int]] = INVERTED_RESIDUAL_SETTING
+  stem_planes: int = 32
+  last_planes: int = 1280
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """[N, H, W, 3] float32 -> logits [N, num_classes]."""
-    x = ConvBNReLU6(32, 3, 2, name='features_0')(x, train)
-    in_planes, index = 32, 1
+    """[N, H, W, C] float32 -> logits [N, num_classes]."""
+    x = ConvBNReLU6(self.stem_planes, 3, 2, name='features_0')(x, train)
+    in_planes, index = self.stem_planes, 1
     for t, c, n, s in self.setting:
       for i in range(n):
         block = InvertedResidual(in_planes, c, s if i == 0 else 1, t, name=f'features_{index}')
         x = block(x, train)
         in_planes, index = c, index + 1
-    x = ConvBNReLU6(1280, 1, 1, name=f'features_{index}')(x, train)
+    x = ConvBNReLU6(self.last_planes, 1, 1, name=f'features_{index}')(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='classifier_1')(x)
