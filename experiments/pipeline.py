@@ -64,6 +64,10 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   calib_images, calib_labels = data_lib.calibration_sample(
       train_images, train_labels, config.calibration_size, config.seed)
   test_images, test_labels = _load_split(config.dataset, "test")
+  if config.test_size is not None:
+    if not 0 < config.test_size <= len(test_images):
+      raise ValueError(f"config.test_size = {config.test_size}: expected 1..{len(test_images)}")
+    test_images, test_labels = test_images[:config.test_size], test_labels[:config.test_size]
   preprocess = functools.partial(
       data_lib.normalize, mean=config.dataset.mean, std=config.dataset.std)
   return Data(calib_images, calib_labels, test_images, test_labels, preprocess)
