@@ -1,5 +1,6 @@
 r"""Runs quantization methods on one experiment config and reports test accuracy.
 
+  python -m experiments.run                      # default: Fashion-MNIST ResNet, naive/BRECQ/RAPQ at W4A4, W2A4
   python -m experiments.run --config cifar10_resnet20 --methods fp
   python -m experiments.run --config path/to/config.py --methods fp --config.eval_batch_size=500
 
@@ -77,12 +78,12 @@ class _Parser(flags.ArgumentParser):
 
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", configs.config_path("cifar10_resnet20"),
+    "config", configs.config_path("fmnist_resnet"),
     f"Config name ({', '.join(configs.available())}) or config file path.")
 _METHODS = flags.DEFINE(_Parser(parse_methods), "methods", "naive,brecq,rapq",
                         f"Comma-separated methods to run; accepted: {', '.join(METHODS)}.")
-_BITS = flags.DEFINE(_Parser(parse_bits), "bits", None,
-                     "Comma-separated W/A bit widths, e.g. 4/4,2/4 (default: config.wbits/abits).")
+_BITS = flags.DEFINE(_Parser(parse_bits), "bits", "4/4,2/4",
+                     "Comma-separated W/A bit widths of the quantized methods.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default runs/<config>-<timestamp>).")
 _SHARED_DIR = flags.DEFINE_string(
@@ -152,7 +153,7 @@ def main(argv):
   names = _METHODS.value
   if any(m not in UNQUANTIZED for m in names) and "fp" not in names:
     names = ("fp",) + names  # every table reports the drop from FP
-  bits = _BITS.value or [(config.wbits, config.abits)]
+  bits = _BITS.value
   runs = []
   for method in names:
     for wbits, abits in ([(None, None)] if method in UNQUANTIZED else bits):

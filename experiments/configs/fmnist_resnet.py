@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.mean = data.FASHION_MNIST_MEAN
   config.dataset.std = data.FASHION_MNIST_STD
   config.eval_batch_size = 1000
-  # At least rapq_jax.config.PTQConfig.exp_warm_iters (500): RAPQ hardens its exponents then.
   config.weight_iters = 500
   config.act_iters = 100
+  config.ptq.exp_warm_iters = 100  # RAPQ hardens its exponents after these iterations
   return config
