@@ -15,6 +15,9 @@ class PTQConfig:
     pot_scales: every scale an exact power of two (False only for float BRECQ).
     reconstruct: AdaRound/BRECQ block reconstruction (False: round to nearest).
     learn_exponent: RAPQ's floor/ceil relaxation of each weight exponent.
+  weight_phase_act_quant: during the weight phase, the probability that an activation
+    inside the unit is quantized (0: FP activations as in BRECQ's first stage, 1: all
+    quantized, in between: QDrop's random mix), drawn per element and step.
   """
   wbits: int = 4
   abits: int = 4
@@ -41,7 +44,7 @@ class PTQConfig:
   lp_fixed: float = 2.0
   bn_stats_weight: float = 0.0
   init_p: float = 2.4
-  weights_see_act_quant: bool = False
+  weight_phase_act_quant: float = 0.0
   search: str = "after"
   search_objective: str = "kl"
   search_sweeps: int = 3
@@ -64,6 +67,9 @@ class PTQConfig:
       raise ValueError(f"lp_source = {self.lp_source!r}: expected 'bn' or 'fixed'")
     if self.search not in SEARCH_MODES:
       raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
+    if not 0.0 <= self.weight_phase_act_quant <= 1.0:
+      raise ValueError(f"weight_phase_act_quant = {self.weight_phase_act_quant!r}: expected a "
+                       "probability in [0, 1]")
     if self.search_objective not in ("kl", "mse"):
       raise ValueError(f"search_objective = {self.search_objective!r}: expected 'kl' or 'mse'")
     if self.learn_exponent and self.exp_warm_iters > self.iters_w and self.reconstruct:

@@ -82,9 +82,21 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
                                           end_b=cfg.b_end, warmup=cfg.warmup)
   b_exp = optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1))
 
-  def loss_fn(train, frozen, astates, params, targets, x, y_t, it):
+  points = sorted(aspecs)
+  prob = cfg.weight_phase_act_quant
+
+  def loss_fn(train, frozen, astates, params, targets, x, y_t, it, key):
     ws = _merge(train, frozen)
-    wq, aq = hooks(ws, astates, wspecs, aspecs, soft=True, acts_on=cfg.weights_see_act_quant)
+    wq, aq_all = hooks(ws, astates, wspecs, aspecs, soft=True, acts_on=True)
+
+    def aq(name, h):
+      if prob == 0.0:
+        return h
+      if prob == 1.0:
+        return aq_all(name, h)
+      keep = jax.random.bernoulli(jax.random.fold_in(key, points.index(name)), prob, h.shape)
+      return jnp.where(keep, aq_all(name, h), h)
+
     y, pre = unit_apply(unit, params, x, wq, aq)
     rec = objective.lp_loss(y, y_t, p)
     reg = sum(rounding.regularizer(s["alpha"], b_round(it)) for s in train.values())
@@ -98,9 +110,10 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
 
   @jax.jit
   def step(train, opt_state, frozen, astates, params, targets, xs, ys, key, it):
-    x, y_t = _batch(xs, ys, jax.random.fold_in(key, it), cfg.batch_size)
+    kb, kd = jax.random.split(jax.random.fold_in(key, it))
+    x, y_t = _batch(xs, ys, kb, cfg.batch_size)
     (loss, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        train, frozen, astates, params, targets, x, y_t, it)
+        train, frozen, astates, params, targets, x, y_t, it, kd)
     updates, opt_state = opt.update(grads, opt_state, train)
     return optax.apply_updates(train, updates), opt_state, rec
 

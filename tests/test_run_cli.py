@@ -143,6 +143,6 @@ def test_fp_cifar10_resnet20_top1(shared_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr
   top1 = float(re.search(r"^fp\s+FP32\s+top-1 ([\d.]+) %", proc.stdout, re.M).group(1))
   assert top1 == pytest.approx(81.03, abs=0.05)
-  [result] = json.loads((tmp_path / "results.json").read_text())
+  [result] = json.loads((tmp_path / "results.json").read_text())["results"]
   assert result["method"] == "fp" and result["n"] == 10000
   assert json.loads((tmp_path / "config.json").read_text())["eval_batch_size"] == 500
