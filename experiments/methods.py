@@ -6,6 +6,7 @@ the method's own preset on top. ``run_method`` quantizes the config's model with
 measures top-1, wall time and what the plots need.
 """
 import dataclasses
+import pathlib
 import time
 
 import ml_collections
@@ -14,15 +15,18 @@ import numpy as np
 from experiments import pipeline
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
-from rapq_jax import fold, ptq
+from rapq_jax import export, fold, ptq
 
 # name -> (base method, PTQConfig overrides, one-line description)
 QUANT_METHODS = {
     "naive": ("naive", {}, "Lp scale to nearest power of two, round to nearest"),
     "brecq": ("brecq", {}, "BRECQ, float scales (non-PoT upper bound)"),
     "brecq_pot": ("brecq_pot", {}, "BRECQ on nearest power-of-two scales"),
-    "rapq": ("rapq", {}, "RAPQ: learned PoT exponents, BN-derived Lp, exponent search"),
-    "rapq_no_exp": ("rapq", {"learn_exponent": False}, "RAPQ without exponent learning"),
+    "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp, exponent search"),
+    "rapq_learned_exp": ("rapq", {"learn_exponent": True},
+                         "RAPQ with the paper's learned floor/ceil exponent relaxation"),
+    "rapq_nearest_exp": ("rapq", {"exp_init": "nearest"},
+                         "RAPQ with nearest (log-domain) exponents instead of the Lp choice"),
     "rapq_no_bnp": ("rapq", {"lp_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),
     "rapq_bnstats": ("rapq", {"bn_stats_weight": 1.0}, "RAPQ plus the BN-statistics term"),
     "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),
@@ -63,9 +67,16 @@ def _weight_exponents(result: ptq.PTQResult) -> dict:
   return out
 
 
+def model_dir_name(method: str, cfg: ptq_config_lib.PTQConfig) -> str:
+  """Directory name of a saved model: ``'<method>_w<W>a<A>'``."""
+  return f"{method}_w{cfg.wbits}a{cfg.abits}"
+
+
 def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: str, *,
-               progress: bool = True) -> dict:
-  """Quantizes and evaluates; returns a JSON-serialisable record of the run."""
+               progress: bool = True, save_dir: str | pathlib.Path | None = None) -> dict:
+  """Quantizes and evaluates; returns a JSON-serialisable record of the run. With
+  ``save_dir``, a power-of-two model is saved (orbax, atomically) to
+  ``save_dir/<model_dir_name>`` with its input shape and preprocessing."""
   cfg = ptq_config(config, method)
   start = time.perf_counter()
   model, variables = pipeline.load_model(config)
@@ -74,6 +85,11 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
   result = ptq.quantize_network(net, calib, cfg, progress=progress,
                                 metadata=dict(method=method, ptq=cfg.__dict__))
   quant_seconds = time.perf_counter() - start
+  if save_dir is not None and result.model is not None:
+    export.save_model(result.model, pathlib.Path(save_dir) / model_dir_name(method, cfg),
+                      extra=dict(input_shape=list(calib.shape[1:]),
+                                 preprocess=dict(scale=1 / 255, mean=config.dataset.mean,
+                                                 std=config.dataset.std)))
   metrics = evaluate_lib.evaluate(result.apply, data.test_images, data.test_labels,
                                   batch_size=config.eval_batch_size, preprocess=data.preprocess,
                                   desc=f"{method} W{cfg.wbits}A{cfg.abits}", progress=progress)

@@ -81,7 +81,8 @@ def _unit_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
     # point sees the points before it already quantized).
     wstates = {l.role: quantizers.init_weight(
         params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.learns_exponent,
-        learn_rounding=cfg.reconstruct, p=cfg.init_p) for l in unit.layers}
+        learn_rounding=cfg.reconstruct, p=cfg.init_p, exponent_choice=cfg.exp_init)
+        for l in unit.layers}
     astates = {}
 
     def aq(name, h):

@@ -46,13 +46,16 @@ def _qrange(spec) -> tuple[int, int]:
 # ---------------------------------------------------------------- weights
 
 def init_weight(w: chex.Array, spec: WeightSpec, *, learn_exponent: bool = False,
-                learn_rounding: bool = True, p: float = 2.4) -> dict:
+                learn_rounding: bool = True, p: float = 2.4,
+                exponent_choice: str = "nearest") -> dict:
   """Lp-initialised weight quantizer for kernel ``w`` (output channels last).
 
-  PoT: ``log2s`` is the nearest integer exponent, or with ``learn_exponent`` the floor
-  with ``v`` set so that ``h(v)`` equals the fractional part (the soft scale then starts
-  at the Lp scale). Float: ``log2s = log2(lp scale)``. ``alpha`` starts so that the soft
-  rounding reproduces ``w``.
+  PoT: ``log2s`` is an integer exponent per channel: the Lp scale's ``nearest`` in the
+  log domain, or (``exponent_choice='lp'``) whichever of its floor and ceil gives the
+  smaller round-to-nearest Lp error; with ``learn_exponent`` it is the floor with ``v``
+  set so that ``h(v)`` equals the fractional part (the soft scale then starts at the Lp
+  scale). Float: ``log2s = log2(lp scale)``. ``alpha`` starts so that the soft rounding
+  reproduces ``w``.
   """
   lp = pot.lp_scale_search(w, spec.bits, signed=spec.signed, per_channel=True, p=p)
   scale = jnp.where(lp.scale > 0, lp.scale, pot.exp2(pot.EXP_MIN))
@@ -64,8 +67,19 @@ def init_weight(w: chex.Array, spec: WeightSpec, *, learn_exponent: bool = False
     e0 = pot.clip_exponent(jnp.floor(log2s))
     state["log2s"] = e0.astype(jnp.float32)
     state["v"] = rounding.init_logits(log2s - e0)
-  else:
+  elif exponent_choice == "nearest":
     state["log2s"] = pot.log2_exponents(scale)[0].astype(jnp.float32)
+  elif exponent_choice == "lp":
+    _, lo_e, hi_e = pot.log2_exponents(scale)
+    axes = tuple(range(w.ndim - 1))
+
+    def err(e):
+      st = {"lo": lp.lo, "log2s": e.astype(jnp.float32)}
+      return jnp.mean(jnp.abs(weight_fake_quant(w, st, spec, soft=False) - w) ** p, axis=axes)
+
+    state["log2s"] = jnp.where(err(hi_e) < err(lo_e), hi_e, lo_e).astype(jnp.float32)
+  else:
+    raise ValueError(f"exponent_choice = {exponent_choice!r}: expected 'nearest' or 'lp'")
   if learn_rounding:
     state["alpha"] = _alpha_for(w, weight_scale(state, spec))
   return state

@@ -77,7 +77,9 @@ def _batch(xs, ys, key, batch_size):
 def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
                  learn_v: bool):
   wspecs, aspecs = dict(wspecs), dict(aspecs)
-  opt = optax.adam(cfg.lr_w)
+  # alpha and the exponent logits v learn at their own rates.
+  opt = optax.multi_transform({"alpha": optax.adam(cfg.lr_w), "v": optax.adam(cfg.lr_exp)},
+                              lambda tree: {r: {k: k for k in s} for r, s in tree.items()})
   b_round = rounding.temperature_schedule(cfg.iters_w, start_b=cfg.b_start,
                                           end_b=cfg.b_end, warmup=cfg.warmup)
   b_exp = optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1))

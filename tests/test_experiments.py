@@ -22,9 +22,10 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("naive", "search", "none"),
     ("brecq", "pot_scales", False),
     ("brecq_pot", "learn_exponent", False),
-    ("rapq", "learn_exponent", True),
+    ("rapq", "exp_init", "lp"),
     ("rapq", "lp_source", "bn"),
-    ("rapq_no_exp", "learn_exponent", False),
+    ("rapq_learned_exp", "learn_exponent", True),
+    ("rapq_nearest_exp", "exp_init", "nearest"),
     ("rapq_no_bnp", "lp_source", "fixed"),
     ("rapq_bnstats", "bn_stats_weight", 1.0),
     ("rapq_no_search", "search", "none"),
@@ -49,7 +50,7 @@ def test_bad_config_values_are_named(field, value, message):
   config = base.get_base_config()
   config[field] = value
   with pytest.raises(ValueError, match=message):
-    methods.ptq_config(config, "rapq")
+    methods.ptq_config(config, "rapq_learned_exp")
 
 
 def test_unknown_method_is_named():
