@@ -65,13 +65,19 @@ def log2_exponents(scale: chex.Array) -> tuple[chex.Array, chex.Array, chex.Arra
     (nearest, floor, ceil), int32 arrays of ``scale``'s shape, saturated; a
     non-positive scale maps to EXP_MIN.
   """
-  log2s = jnp.log2(jnp.where(scale > 0, scale, 1.0))
   valid = scale > 0
+  safe = jnp.where(valid, scale, 1.0)
+  # floor / ceil from the binary exponent, exactly: XLA's float32 log2 is off by ~1e-6
+  # at some exact powers of two (log2(2**13) < 13), which would move a floor or ceil.
+  mantissa, exp = jnp.frexp(safe)          # safe = mantissa * 2**exp, mantissa in [0.5, 1)
+  floor = exp - 1
+  ceil = jnp.where(mantissa == 0.5, floor, exp)
+  nearest = jnp.clip(jnp.round(jnp.log2(safe)), floor, ceil)
 
   def to_int(v):
     return clip_exponent(jnp.where(valid, v, EXP_MIN))
 
-  return to_int(jnp.round(log2s)), to_int(jnp.floor(log2s)), to_int(jnp.ceil(log2s))
+  return to_int(nearest), to_int(floor), to_int(ceil)
 
 
 def _bcast(a: chex.Array, x: chex.Array) -> chex.Array:
@@ -121,7 +127,12 @@ def fake_quant_scaled(x: chex.Array, scale: chex.Array, bits: int, *, signed: bo
   qmin, qmax = int_range(bits, signed)
   scale = _bcast(scale, x)
   zp = _bcast(zero_point, x).astype(x.dtype)
-  q = jnp.clip(round_ste(x / scale) + zp, qmin, qmax)
+  # Bounded first: an x / scale that overflows to inf would make round_ste inf - inf = NaN
+  # (anything beyond 2**24 saturates below anyway).
+  q = round_ste(jnp.clip(x / scale, -2.0 ** 24, 2.0 ** 24)) + zp
+  # Straight-through clip with gradient 1 on all of [qmin, qmax], ends included
+  # (jnp.clip passes only 1/2 where q equals a bound).
+  q = jnp.where(q < qmin, qmin, jnp.where(q > qmax, qmax, q))
   return (q - zp) * scale
 
 

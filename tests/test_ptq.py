@@ -1,0 +1,308 @@
+"""Specification of the PTQ pipeline (rapq_jax.ptq, reconstruct, quantized, config), end
+to end on a tiny CIFAR ResNet (one block per stage) with random weights and random
+calibration images.
+
+Every method runs; power-of-two methods return a ``QuantizedModel`` of integers and
+int32 exponents whose inference equals the fake-quant states path; reconstruction lowers
+its objective; the same config and seed reproduce the same integers bit for bit.
+"""
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rapq_jax import config, fold, objective, pot, ptq, quantized, reconstruct, search
+from rapq_jax.models.cifar_resnet import CifarResNet
+from rapq_jax.network import Network, network_apply
+
+HW, N_CALIB = 16, 64
+SMALL = dict(iters_w=30, iters_a=10, exp_warm_iters=10, batch_size=8, search_samples=32)
+POT_METHODS = ("naive", "brecq_pot", "rapq")
+
+
+def random_variables(model, seed=0):
+  """Random kernels, BN scales/biases and running statistics (no model.init run)."""
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, HW, HW, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = jax.tree_util.keystr(path), leaf.shape
+    if name.endswith("['kernel']"):
+      a = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+    elif name.endswith("['scale']"):
+      a = rng.uniform(0.5, 1.5, size=shape)
+    elif name.endswith("['var']"):
+      a = rng.uniform(0.3, 3.0, size=shape)
+    else:
+      a = rng.normal(size=shape) * 0.2
+    return jnp.asarray(a, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = CifarResNet(num_blocks=1)
+  net = fold.build_network(random_variables(model), model=model)
+  calib = jax.random.normal(jax.random.PRNGKey(0), (N_CALIB, HW, HW, 3), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, HW, HW, 3), jnp.float32)
+  return net, calib, x
+
+
+@pytest.fixture(scope="module")
+def run(tiny):
+  """method -> PTQResult (each method quantized once per module)."""
+  net, calib, _ = tiny
+  cache = {}
+
+  def get(method):
+    if method not in cache:
+      cache[method] = ptq.quantize_network(net, calib, config.for_method(method, **SMALL),
+                                           progress=False, metadata={"method": method})
+    return cache[method]
+
+  return get
+
+
+# ------------------------------------------------------------------ end to end
+
+@pytest.mark.parametrize("method", config.METHODS)
+def test_every_method_runs(tiny, run, method):
+  net, _, x = tiny
+  result = run(method)
+  logits = result.apply(x)
+  chex.assert_shape(logits, (x.shape[0], 10))
+  chex.assert_type(logits, jnp.float32)
+  chex.assert_tree_all_finite(logits)
+  assert set(result.states) == set(result.specs) == set(net.unit_names())
+  cfg = config.for_method(method, **SMALL)
+  if cfg.reconstruct:
+    assert list(result.report["units"]) == net.unit_names()
+    for name, info in result.report["units"].items():
+      assert info["history"]["weights"][-1][0] == cfg.iters_w   # the last iteration
+      assert all(np.isfinite(v) for _, v in info["history"]["weights"])
+  else:
+    assert result.report["units"] == {}
+  assert (result.model is None) == (method == "brecq")
+  if method == "rapq":
+    info = result.report["search"]["after"]
+    assert info["after"] <= info["before"]
+    for name, unit_info in result.report["units"].items():
+      assert unit_info["p"] in ((2.0,) if name == "linear" else (1.0, 1.1))
+
+
+@pytest.mark.parametrize("method", POT_METHODS)
+def test_pot_model_integers_and_exponents(tiny, run, method):
+  net, _, _ = tiny
+  model = run(method).model
+  quantized.check_power_of_two(model)
+  table = model.bit_table()
+  cfg = config.for_method(method, **SMALL)
+  for unit in net.units:
+    for layer in unit.layers:
+      w = model.weights[unit.name][layer.role]
+      bits, signed = table[f"{unit.name}/{layer.role}"]
+      edge = unit.name in (net.units[0].name, net.units[-1].name)
+      assert bits == (cfg.first_last_bits if edge else cfg.wbits) and signed == cfg.weight_signed
+      kernel = net.params[unit.name][layer.role]["kernel"]
+      chex.assert_shape(w["q"], kernel.shape)
+      chex.assert_type(w["q"], jnp.int8 if signed else jnp.uint8)
+      chex.assert_shape([w["e"], w["zp"]], (kernel.shape[-1],))
+      chex.assert_type([w["e"], w["zp"]], jnp.int32)
+      qmin, qmax = pot.int_range(bits, signed)
+      q = np.asarray(w["q"], np.int32)
+      assert q.min() >= qmin and q.max() <= qmax
+      assert np.all((w["zp"] >= 0) & (w["zp"] <= qmax))
+      assert np.all((w["e"] >= pot.EXP_MIN) & (w["e"] <= pot.EXP_MAX))
+    for point, e in model.acts[unit.name].items():
+      chex.assert_shape(e, ())
+      chex.assert_type(e, jnp.int32)
+  # Dequantized kernels are exact integer multiples of powers of two.
+  for unit, layers in quantized.dequantized_params(model).items():
+    for role, p in layers.items():
+      w = model.weights[unit][role]
+      scaled = np.asarray(p["kernel"]) / np.ldexp(1.0, np.asarray(w["e"]))
+      np.testing.assert_array_equal(scaled, np.round(scaled))
+  assert model.info == {"method": method}
+
+
+@pytest.mark.parametrize("method", POT_METHODS)
+def test_apply_equals_quantized_apply(tiny, run, method):
+  _, _, x = tiny
+  result = run(method)
+  chex.assert_trees_all_close(result.apply(x), quantized.apply(result.model, x),
+                              rtol=1e-5, atol=1e-5)
+
+
+def fake_quant_logits(model, x):
+  """Float fake-quant inference of a QuantizedModel: kernels ``(q - zp) * 2**e`` with
+  their biases, activations ``pot.fake_quant`` at their exponents."""
+  table = model.bit_table()
+  net = Network(model.units, quantized.dequantized_params(model), {})
+
+  def aq_for(u):
+    def aq(point, h):
+      bits, signed = table[f"{u}/@{point}"]
+      return pot.fake_quant(h, model.acts[u][point], bits, signed=signed)
+    return aq
+
+  return network_apply(net, x, None, aq_for)
+
+
+@pytest.mark.parametrize("method", config.METHODS)
+def test_model_equals_hard_fake_quant_states(tiny, run, method):
+  """The integers and exponents reproduce the final hard quantizer states: fake-quant
+  inference of the model equals ``search.quantized_logits`` on the states."""
+  net, _, x = tiny
+  result = run(method)
+  expected = jax.jit(lambda n, s: search.quantized_logits(n, s, result.specs, x))(
+      net, result.states)
+  got = result.apply(x) if result.model is None else jax.jit(fake_quant_logits)(result.model, x)
+  chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_rapq_states_are_hard(run):
+  result = run("rapq")
+  for unit, state in result.states.items():
+    for role, w in state["w"].items():
+      assert "v" not in w
+      np.testing.assert_array_equal(w["log2s"], np.round(w["log2s"]))
+      np.testing.assert_array_equal(result.model.weights[unit][role]["e"], w["log2s"])
+
+
+def test_same_config_and_seed_give_identical_integers(tiny, run):
+  net, calib, _ = tiny
+  first = run("rapq").model
+  again = ptq.quantize_network(net, calib, config.for_method("rapq", **SMALL), progress=False,
+                               metadata={"method": "rapq"})
+  chex.assert_trees_all_equal(again.model.weights, first.weights)
+  chex.assert_trees_all_equal(again.model.acts, first.acts)
+  assert again.model.bits == first.bits and again.model.metadata == first.metadata
+
+
+def test_unit_specs_bit_widths(tiny):
+  net, _, _ = tiny
+  cfg = config.for_method("rapq", wbits=3, abits=5, first_last_bits=8)
+  specs = ptq.unit_specs(net, cfg)
+  assert list(specs) == net.unit_names()
+  w_bits = {u: {r: s.bits for r, s in specs[u][0].items()} for u in specs}
+  assert w_bits["conv1"] == {"conv": 8} and w_bits["linear"] == {"fc": 8}
+  assert w_bits["layer2_0"] == {"conv1": 3, "conv2": 3}
+  a = {u: {p: (s.bits, s.signed) for p, s in specs[u][1].items()} for u in specs}
+  assert a["conv1"] == {"input": (8, True), "out": (5, False)}
+  assert a["layer1_0"] == {"relu1": (5, False), "out": (5, False)}
+  assert a["layer3_0"] == {"relu1": (5, False), "out": (8, False)}   # feeds the classifier
+  assert a["linear"] == {}
+
+
+# ------------------------------------------------------------------ reconstruction
+
+@pytest.fixture(scope="module")
+def block(tiny):
+  """One basic block (``layer1_0``) with its FP inputs/targets and initial states."""
+  net, calib, _ = tiny
+  cfg = config.for_method("brecq_pot", iters_w=100, iters_a=0, batch_size=32, wbits=3)
+  specs = ptq.unit_specs(net, cfg)
+  unit = net.units[1]
+  params = net.params[unit.name]
+  init, hard, fp = ptq._fns(unit, specs, cfg)
+  x_in = jax.jit(lambda n, x: network_apply(n, x, until=1))(net, calib)
+  y_fp = fp(params, x_in)
+  w0, a0 = init(params, x_in)
+  return net, unit, params, cfg, specs[unit.name], hard, x_in, y_fp, {"w": w0, "a": a0}
+
+
+def test_reconstruction_decreases_objective(block, monkeypatch):
+  """On one block, the recorded reconstruction loss falls from the first to the last
+  record, and the hard-quantized block output is closer to the FP one after than with
+  the initial round-to-nearest states."""
+  net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, start = block
+  monkeypatch.setattr(reconstruct, "REPORT_EVERY", 10)
+  result = reconstruct.reconstruct_unit(unit, params, net.bn[unit.name], start["w"], start["a"],
+                                        wspecs, aspecs, x_in, y_fp, cfg, 2.0,
+                                        jax.random.PRNGKey(3), progress=False)
+  steps, losses = zip(*result.history["weights"])
+  assert steps == tuple(range(10, 101, 10))
+  assert result.history["acts"] == []
+  assert losses[-1] < 0.9 * losses[0]
+  before = objective.lp_loss(hard(params, start, x_in), y_fp, 2.0)
+  after = objective.lp_loss(hard(params, {"w": result.wstates, "a": result.astates}, x_in),
+                            y_fp, 2.0)
+  assert float(after) < 0.8 * float(before)
+  assert result.seconds > 0
+  # Power-of-two exponents stay exact integers, alpha keeps its shape.
+  for role, w in result.wstates.items():
+    np.testing.assert_array_equal(w["log2s"], start["w"][role]["log2s"])
+    chex.assert_equal_shape([w["alpha"], params[role]["kernel"]])
+
+
+def test_reconstruction_raises_on_non_finite_inputs(block):
+  net, unit, params, cfg, (wspecs, aspecs), _, x_in, y_fp, start = block
+  bad = x_in.at[:, 0, 0, 0].set(jnp.nan)
+  with pytest.raises(FloatingPointError, match=r"unit 'layer1_0'.*non-finite.*rounding phase"):
+    reconstruct.reconstruct_unit(unit, params, net.bn[unit.name], start["w"], start["a"],
+                                 wspecs, aspecs, bad, y_fp, cfg, 2.0, jax.random.PRNGKey(3),
+                                 progress=False)
+
+
+def test_nan_calibration_is_rejected(tiny):
+  """Non-finite calibration images never reach reconstruction: quantize_network
+  rejects them up front."""
+  net, calib, _ = tiny
+  bad = calib.at[3, 2, 1, 0].set(jnp.nan)
+  for method in ("naive", "rapq"):
+    with pytest.raises(ValueError, match="1 NaN or infinite"):
+      ptq.quantize_network(net, bad, config.for_method(method, **SMALL), progress=False)
+
+
+def test_too_few_calibration_images(tiny):
+  net, calib, _ = tiny
+  with pytest.raises(ValueError, match="batch size 8"):
+    ptq.quantize_network(net, calib[:4], config.for_method("brecq_pot", **SMALL), progress=False)
+
+
+# ------------------------------------------------------------------ config
+
+@pytest.mark.parametrize("method, expected", [
+    ("naive", dict(pot_scales=True, reconstruct=False, learns_exponent=False, search="none")),
+    ("brecq", dict(pot_scales=False, reconstruct=True, learns_exponent=False, search="none")),
+    ("brecq_pot", dict(pot_scales=True, reconstruct=True, learns_exponent=False, search="none")),
+    ("rapq", dict(pot_scales=True, reconstruct=True, learns_exponent=True, search="after",
+                  lp_source="bn")),
+])
+def test_method_presets(method, expected):
+  cfg = config.for_method(method)
+  for field, value in expected.items():
+    assert getattr(cfg, field) == value
+  hash(cfg)                                        # static under jit / lru_cache
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.wbits = 3
+
+
+@pytest.mark.parametrize("make, field, value", [
+    (lambda: config.for_method("bogus"), "method", "'bogus'"),
+    (lambda: config.for_method("rapq", wbits=9), "wbits", "9"),
+    (lambda: config.for_method("rapq", abits=1), "abits", "1"),
+    (lambda: config.for_method("rapq", first_last_bits=4.0), "first_last_bits", "4.0"),
+    (lambda: config.for_method("rapq", iters_w=-1), "iters_w", "-1"),
+    (lambda: config.for_method("rapq", iters_a=2.5), "iters_a", "2.5"),
+    (lambda: config.for_method("rapq", batch_size=0), "batch_size", "0"),
+    (lambda: config.for_method("rapq", search="x"), "search", "'x'"),
+    (lambda: config.for_method("rapq", search_objective="l1"), "search_objective", "'l1'"),
+    (lambda: config.for_method("rapq", lp_source="gamma"), "lp_source", "'gamma'"),
+    (lambda: config.for_method("rapq", iters_w=100, exp_warm_iters=101), "exp_warm_iters", "101"),
+    (lambda: config.for_method("brecq", search="after"), "search", "none"),
+])
+def test_config_validation(make, field, value):
+  with pytest.raises(ValueError) as err:
+    make()
+  assert field in str(err.value) and value in str(err.value)
+
+
+def test_exp_warm_iters_may_exceed_iters_w_without_exponent_learning():
+  config.for_method("brecq_pot", iters_w=10, exp_warm_iters=500)
+  config.for_method("naive", iters_w=10, exp_warm_iters=500)

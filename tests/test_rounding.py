@@ -1,0 +1,135 @@
+"""Specification of rapq_jax.rounding: the rectified sigmoid relaxation of a binary
+rounding choice, its inverse, the AdaRound regulariser and its temperature schedule."""
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rapq_jax import rounding
+
+HYPOTHESIS = settings(max_examples=30, deadline=None)
+logits = hnp.arrays(np.float32, 16, elements=st.floats(-1e6, 1e6, width=32))
+fractions = hnp.arrays(np.float32, 16, elements=st.floats(0.0, 1.0, width=32))
+
+
+@given(v=logits)
+@HYPOTHESIS
+def test_rectified_sigmoid_in_unit_interval(v):
+  h = rounding.rectified_sigmoid(v)
+  chex.assert_shape(h, v.shape)
+  chex.assert_type(h, jnp.float32)
+  assert np.all(h >= 0.0) and np.all(h <= 1.0)
+
+
+def test_rectified_sigmoid_saturates_and_is_monotone():
+  v = jnp.linspace(-10.0, 10.0, 201)
+  h = np.asarray(rounding.rectified_sigmoid(v))
+  assert np.all(np.diff(h) >= 0)
+  assert h[0] == 0.0 and h[-1] == 1.0          # stretched past [0, 1], then clipped
+  np.testing.assert_allclose(rounding.rectified_sigmoid(jnp.float32(0.0)), 0.5, atol=1e-7)
+
+
+@given(v=logits)
+@HYPOTHESIS
+def test_hard_choice_is_h_at_least_half(v):
+  hard = rounding.hard_choice(v)
+  chex.assert_type(hard, jnp.float32)
+  np.testing.assert_array_equal(hard, (v >= 0).astype(np.float32))
+  h = rounding.rectified_sigmoid(v)
+  assert np.all((h >= 0.5) | (hard == 0)) and np.all((h <= 0.5) | (hard == 1))
+
+
+@given(f=fractions)
+@HYPOTHESIS
+def test_init_logits_inverts_rectified_sigmoid(f):
+  v = rounding.init_logits(f)
+  chex.assert_shape(v, f.shape)
+  chex.assert_tree_all_finite(v)
+  h = rounding.rectified_sigmoid(v)
+  # Fractions are kept 1e-4 away from 0 and 1 (so the logit stays inside the
+  # unsaturated part of h); elsewhere h(init_logits(f)) == f to float precision.
+  inner = (f >= 1e-4) & (f <= 1 - 1e-4)
+  np.testing.assert_allclose(h[inner], f[inner], atol=2e-6)
+  np.testing.assert_allclose(h, f, atol=1e-4 + 2e-6)
+  assert np.all((h > 0) & (h < 1))
+
+
+def test_init_logits_hard_choice_is_round_to_nearest():
+  f = jnp.array([0.1, 0.49, 0.51, 0.9], jnp.float32)
+  np.testing.assert_array_equal(rounding.hard_choice(rounding.init_logits(f)), [0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("b", [2.0, 8.0, 20.0])
+def test_regularizer_zero_exactly_at_binary_choices(b):
+  v = jnp.array([-50.0, -5.0, -3.0, 3.0, 5.0, 50.0], jnp.float32)   # all h in {0, 1}
+  assert set(np.asarray(rounding.rectified_sigmoid(v)).tolist()) == {0.0, 1.0}
+  reg = rounding.regularizer(v, b)
+  chex.assert_shape(reg, ())
+  assert float(reg) == 0.0
+
+
+@given(f=hnp.arrays(np.float32, 8, elements=st.floats(2.0 ** -6, 1 - 2.0 ** -6, width=32)),
+       b=st.floats(2.0, 20.0))
+@HYPOTHESIS
+def test_regularizer_positive_between_binary_choices(f, b):
+  v = rounding.init_logits(f)
+  per_element = jax.vmap(lambda vi: rounding.regularizer(vi, b))(v)
+  assert np.all(per_element > 0)
+  np.testing.assert_allclose(rounding.regularizer(v, b), np.sum(per_element), rtol=1e-5)
+  # The closed form: sum(1 - |2h - 1| ** b).
+  h = np.asarray(rounding.rectified_sigmoid(v), np.float64)
+  np.testing.assert_allclose(rounding.regularizer(v, b), np.sum(1 - np.abs(2 * h - 1) ** b),
+                             rtol=1e-4)
+
+
+def test_regularizer_is_largest_at_half():
+  v = rounding.init_logits(jnp.array([0.5, 0.3, 0.1], jnp.float32))
+  per_element = jax.vmap(lambda vi: rounding.regularizer(vi, 2.0))(v)
+  np.testing.assert_allclose(per_element[0], 1.0, atol=1e-5)
+  assert per_element[0] > per_element[1] > per_element[2]
+
+
+@pytest.mark.parametrize("num_steps, warmup", [(100, 0.2), (1000, 0.2), (50, 0.0), (10, 0.5)])
+def test_temperature_schedule(num_steps, warmup):
+  start_b, end_b = 20.0, 2.0
+  sched = rounding.temperature_schedule(num_steps, start_b=start_b, end_b=end_b, warmup=warmup)
+  warm = int(warmup * num_steps)
+  b = np.array([float(sched(i)) for i in range(num_steps + 1)])
+  np.testing.assert_array_equal(b[:warm + 1], start_b)     # constant through the warm-up
+  assert np.all(np.diff(b[warm:]) < 0)                     # then strictly decreasing
+  np.testing.assert_allclose(b[-1], end_b, rtol=1e-6)      # ... to end_b
+  slope = (end_b - start_b) / (num_steps - warm)           # ... linearly
+  np.testing.assert_allclose(b[warm:], start_b + slope * np.arange(num_steps - warm + 1),
+                             rtol=1e-5)
+
+
+def test_regularizer_active_after_warmup():
+  active = np.array([float(rounding.regularizer_active(jnp.int32(i), 100, 0.2))
+                     for i in range(100)])
+  np.testing.assert_array_equal(active, (np.arange(100) >= 20).astype(np.float32))
+
+
+def test_regularizer_alone_drives_h_to_binary():
+  """A few hundred Adam steps on the regulariser with b = 2 push every h to 0 or 1,
+  each to the side it started on."""
+  v0 = jax.random.normal(jax.random.PRNGKey(0), (256,)) * 2.0
+  opt = optax.adam(0.1)
+
+  @jax.jit
+  def step(v, state):
+    grads = jax.grad(rounding.regularizer)(v, 2.0)
+    updates, state = opt.update(grads, state, v)
+    return optax.apply_updates(v, updates), state
+
+  v, state = v0, opt.init(v0)
+  for _ in range(300):
+    v, state = step(v, state)
+  h = np.asarray(rounding.rectified_sigmoid(v))
+  assert float(rounding.regularizer(v0, 2.0)) > 10.0
+  assert set(np.unique(h).tolist()) <= {0.0, 1.0}
+  assert float(rounding.regularizer(v, 2.0)) == 0.0
+  np.testing.assert_array_equal(rounding.hard_choice(v), rounding.hard_choice(v0))
