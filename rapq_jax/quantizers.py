@@ -63,10 +63,9 @@ def init_weight(w: chex.Array, spec: WeightSpec, *, learn_exponent: bool = False
   if not spec.pot:
     state["log2s"] = jnp.log2(scale)
   elif learn_exponent:
-    log2s = jnp.log2(scale)
-    e0 = pot.clip_exponent(jnp.floor(log2s))
+    e0 = pot.log2_exponents(scale)[1]  # exact floor (XLA's log2 is inexact at 2**k)
     state["log2s"] = e0.astype(jnp.float32)
-    state["v"] = rounding.init_logits(log2s - e0)
+    state["v"] = rounding.init_logits(jnp.log2(scale / pot.exp2(e0)))
   elif exponent_choice == "nearest":
     state["log2s"] = pot.log2_exponents(scale)[0].astype(jnp.float32)
   elif exponent_choice == "lp":
@@ -130,7 +129,10 @@ def weight_fake_quant(w: chex.Array, state: dict, spec: WeightSpec, *,
     q = jnp.floor(x) + r
   else:
     q = pot.round_ste(x)
-  return (jnp.clip(q + zp, qmin, qmax) - zp) * scale
+  q = q + zp
+  # Clamp with gradient 1 on all of [qmin, qmax] (jnp.clip passes 1/2 at the ends).
+  q = jnp.where(q < qmin, qmin, jnp.where(q > qmax, qmax, q))
+  return (q - zp) * scale
 
 
 def harden_exponent(w: chex.Array, state: dict, spec: WeightSpec, *,
