@@ -174,7 +174,8 @@ def main(argv):
   results = []
   for method, wbits, abits, method_config in runs:
     start = time.perf_counter()
-    result = METHODS[method](method_config, data)
+    kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models"}
+    result = METHODS[method](method_config, data, **kwargs)
     result.setdefault("wall_seconds", time.perf_counter() - start)
     results.append(dict(method=method, wbits=wbits, abits=abits, **result))
     print(format_result(results[-1]), flush=True)

@@ -1,15 +1,32 @@
-"""The result of power-of-two PTQ: integer weights and integer exponents as a pytree.
+"""The result of power-of-two PTQ: integer weights and integer exponents as a pytree,
+and its inference simulated in float32 with exactly the integer hardware's arithmetic.
 
 ``QuantizedModel`` leaves:
 
 * ``weights[unit][role]``: ``q`` (kernel-shaped 8-bit container: int8 when signed,
   uint8 when unsigned with zero point), ``e`` (int32 [O], scale ``2**e``), ``zp``
-  (int32 [O]), ``bias`` (float32 [O]).
+  (int32 [O]), ``bias`` (float32 [O]; inference rounds it onto the accumulator grid,
+  see ``accumulator_exponents``).
 * ``acts[unit][point]``: int32 scalar exponent (scale ``2**e``, zero point 0).
 
 Static fields: the network structure (``units``), each quantizer's bit width and
 signedness (``bits``: ``((key, bits, signed), ...)`` with key ``'unit/role'`` or
 ``'unit/@point'``), and ``metadata`` (a JSON string: config, seed, versions).
+
+Arithmetic of ``apply`` (the same as ``rapq_jax.integer``, written with floats):
+
+* The network input is quantized at the first unit's ``'input'`` point, rounding half
+  to even (``pot.fake_quant``): the input quantizer.
+* A layer's accumulator has exponent ``e_w[c] + e_in`` (``accumulator_exponents``); its
+  bias is rounded (half to even) onto that grid, so every pre-activation value is an
+  exact integer multiple of a power of two (float32 holds it exactly below 2**23 units).
+* Every other activation point rounds half up, ``floor(x / 2**e + 1/2)``, then clamps
+  to its integer range (ReLU is the clamp at 0; ReLU6 commutes with the rounding).
+* A residual sum is formed per channel at ``max(min(e_a, e_b), e_out - 8)``
+  (``residual_exponents``): the coarser operand is shifted left, one finer than the
+  floor is first rounded half up onto it.
+* The head's global average pool rounds the mean of the integers half up onto the
+  input's own grid: ``floor((sum + n // 2) / n)`` (``n = H * W``).
 """
 import dataclasses
 import json
@@ -18,7 +35,10 @@ import jax
 import jax.numpy as jnp
 
 from rapq_jax import pot, quantizers
-from rapq_jax.network import Network, Unit, network_apply
+# The same wiring helpers as network.unit_apply (ReLU/ReLU6, max-pool, option-A shortcut).
+from rapq_jax.network import Network, Unit, _act, _maxpool, _option_a, layer_apply  # pylint: disable=protected-access
+
+ADD_GUARD_BITS = 8
 
 
 @jax.tree_util.register_dataclass
@@ -65,20 +85,159 @@ def dequantized_params(qm: QuantizedModel) -> dict:
           for u, layers in qm.weights.items()}
 
 
+def layer_inputs(unit: Unit) -> dict:
+  """``{role: point}``: the activation point feeding each layer, ``None`` for the unit
+  input (the previous unit's ``'out'``, or the first unit's ``'input'`` point)."""
+  inputs = {"conv": "input" if any(a.name == "input" for a in unit.acts) else None,
+            "conv1": None, "conv2": "relu1", "conv3": "relu2", "shortcut": None, "fc": None,
+            "expand": None, "dw": "relu1" if unit.has("expand") else None, "project": "relu2"}
+  return {l.role: inputs[l.role] for l in unit.layers}
+
+
+def input_exponents(qm: QuantizedModel) -> dict:
+  """``{unit: {role: int32 scalar}}``: the exponent of each layer's (per-tensor) input."""
+  out, prev = {}, None
+  for unit in qm.units:
+    acts = qm.acts[unit.name]
+    out[unit.name] = {}
+    for role, point in layer_inputs(unit).items():
+      e = prev if point is None else acts[point]
+      if e is None:
+        raise ValueError(f"unit {unit.name!r}: layer {role!r} has no quantized input (the "
+                         "first unit must have an 'input' activation point)")
+      out[unit.name][role] = jnp.asarray(e, jnp.int32)
+    prev = acts.get("out", prev)
+  return out
+
+
+def live_channels(w: dict):
+  """bool [O]: output channels with a nonzero integer weight ``q - zp``."""
+  d = jnp.asarray(w["q"], jnp.int32) - w["zp"]
+  return jnp.any(d != 0, axis=tuple(range(d.ndim - 1)))
+
+
+def accumulator_exponents(qm: QuantizedModel) -> dict:
+  """``{unit: {role: int32 [O]}}``: exponent of each layer's int32 accumulator,
+  ``e_w[c] + e_in``. A channel whose integers are all zero has no product terms, only
+  its bias; it takes the least exponent of the layer's live channels (``e_in`` if none)
+  instead of its own (``EXP_MIN`` for an all-zero kernel channel), keeping the bias
+  integer small."""
+  ein = input_exponents(qm)
+  out = {}
+  for u, layers in qm.weights.items():
+    out[u] = {}
+    for r, w in layers.items():
+      e = w["e"] + ein[u][r]
+      live = live_channels(w)
+      dead = jnp.where(jnp.any(live), jnp.min(jnp.where(live, e, jnp.iinfo(jnp.int32).max)),
+                       ein[u][r])
+      out[u][r] = jnp.where(live, e, dead).astype(jnp.int32)
+  return out
+
+
+def grid_bias(bias, acc_e):
+  """The bias rounded half to even onto the accumulator grid ``2**acc_e`` (float32)."""
+  scale = pot.exp2(acc_e)
+  return jnp.round(bias / scale) * scale
+
+
+def residual_exponents(e_a, e_b, e_out):
+  """int32 [C]: the exponent a residual sum is formed at, per channel:
+  ``max(min(e_a, e_b), e_out - ADD_GUARD_BITS)``. The coarser operand is shifted left
+  onto it (exact); an operand finer than ``e_out - ADD_GUARD_BITS`` is first rounded
+  half up onto it, which keeps sums of very differently scaled operands small."""
+  return jnp.maximum(jnp.minimum(e_a, e_b), e_out - ADD_GUARD_BITS).astype(jnp.int32)
+
+
+def align_sim(x, e):
+  """Float view of the shift rule onto the grid ``2**e`` (per channel): values on a
+  coarser grid are unchanged, finer ones round half up, ``floor(x / 2**e + 1/2)``."""
+  scale = pot.exp2(e)
+  return jnp.floor(x / scale + 0.5) * scale
+
+
+def requant_sim(x, e, bits: int, signed: bool):
+  """Float view of hardware requantization: ``clip(floor(x / 2**e + 1/2)) * 2**e``
+  (round half up), exact for values on a finer power-of-two grid below 2**23 units."""
+  qmin, qmax = pot.int_range(bits, signed)
+  return jnp.clip(align_sim(x, e) / pot.exp2(e), qmin, qmax) * pot.exp2(e)
+
+
+def pool_sim(x, e):
+  """Float view of the integer global average pool: ``[N, H, W, C]`` values on the grid
+  ``2**e`` -> ``[N, C]`` means rounded half up onto the same grid."""
+  n = x.shape[1] * x.shape[2]
+  scale = pot.exp2(e)
+  total = jnp.sum(x / scale, axis=(1, 2))                 # exact integers
+  return jnp.floor_divide(total + n // 2, n) * scale
+
+
+def _unit_sim(unit: Unit, params: dict, acc_e: dict, acts: dict, aq, x, e_x):
+  """One unit's simulated forward (``network.unit_apply``'s wiring, with the integer
+  path's residual alignment); ``x`` is the unit input on the grid ``2**e_x``."""
+  def lin(role, h):
+    return layer_apply(unit.layer(role), params[role]["kernel"], params[role]["bias"], h)
+
+  act = lambda h: _act(unit.activation, h)
+
+  def residual(main_role, y, short, e_short):
+    e = residual_exponents(acc_e[main_role], e_short, acts["out"])
+    return align_sim(y, e) + align_sim(short, e)
+
+  if unit.kind == "head":
+    return lin("fc", pool_sim(x, e_x))
+  if unit.kind == "conv":
+    if "input" in acts:
+      x = aq("input", x)
+    y = act(lin("conv", x))
+    return aq("out", _maxpool(y) if unit.maxpool else y)
+  if unit.kind in ("basic", "bottleneck"):
+    h = aq("relu1", act(lin("conv1", x)))
+    main = "conv2" if unit.kind == "basic" else "conv3"
+    if unit.kind == "bottleneck":
+      h = aq("relu2", act(lin("conv2", h)))
+    y = lin(main, h)
+    if unit.shortcut == "conv":
+      short, e_short = lin("shortcut", x), acc_e["shortcut"]
+    else:
+      short, e_short = (_option_a(x, y.shape[-1]) if unit.shortcut == "option_a" else x), e_x
+    return aq("out", act(residual(main, y, short, e_short)))
+  if unit.kind == "inverted":
+    h = aq("relu1", act(lin("expand", x))) if unit.has("expand") else x
+    y = lin("project", aq("relu2", act(lin("dw", h))))
+    if unit.shortcut == "identity":
+      y = residual("project", y, x, e_x)
+    return aq("out", y)
+  raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
 def apply(qm: QuantizedModel, x):
-  """Fake-quant inference: float32 NHWC input -> float32 logits. Every weight is an
-  integer times ``2**e`` and every quantized activation an integer times ``2**e``."""
+  """Inference simulated in float32: float32 NHWC input -> float32 logits ``[N, K]``.
+  Every weight, bias and activation is an integer times a power of two and every
+  rounding is the integer path's (``rapq_jax.integer``), so the logits equal its
+  dequantized ones exactly while intermediate integers stay below 2**23 (the
+  ``checks.exact_float32`` of ``integer.lower``)."""
   table = qm.bit_table()
-  params = dequantized_params(qm)
-  net = Network(qm.units, params, {})
+  acc_e = accumulator_exponents(qm)
+  params = {u: {r: {"kernel": pot.dequantize(w["q"].astype(jnp.int32), w["e"], w["zp"]),
+                    "bias": grid_bias(w["bias"], acc_e[u][r])} for r, w in layers.items()}
+            for u, layers in qm.weights.items()}
 
   def aq_for(u):
     def aq(point, h):
       b, signed = table[f"{u}/@{point}"]
-      return pot.fake_quant(h, qm.acts[u][point], b, signed=signed)
+      if point == "input":
+        return pot.fake_quant(h, qm.acts[u][point], b, signed=signed)
+      return requant_sim(h, qm.acts[u][point], b, signed)
     return aq
 
-  return network_apply(net, x, None, aq_for)
+  e_x = None
+  with jax.default_matmul_precision("float32"):   # no TF32/bf16 passes on accelerators
+    for unit in qm.units:
+      acts = qm.acts[unit.name]
+      x = _unit_sim(unit, params[unit.name], acc_e[unit.name], acts, aq_for(unit.name), x, e_x)
+      e_x = acts.get("out", e_x)
+  return x
 
 
 def check_power_of_two(qm: QuantizedModel) -> None:
