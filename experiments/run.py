@@ -130,7 +130,7 @@ def format_result(result: dict) -> str:
           f"(n={result['n']}, {result['wall_seconds']:.0f} s)")
 
 
-def _write_outputs(workdir: pathlib.Path, config, results: list[dict]) -> None:
+def _write_outputs(workdir: pathlib.Path, config, results: list[dict], env: dict) -> None:
   """results.json (every figure, config, environment), results.md and the plots.
   results.json is written last and atomically: its presence means the run finished."""
   table = report.results_table(results)
@@ -138,8 +138,7 @@ def _write_outputs(workdir: pathlib.Path, config, results: list[dict]) -> None:
   report.plot_top1(results, workdir / "top1.png")
   report.plot_exponents(results, workdir / "weight_exponents.png")
   report.plot_losses(results, workdir / "reconstruction_loss.png")
-  record = dict(config=json.loads(config.to_json_best_effort()), results=results,
-                **report.environment())
+  record = dict(config=json.loads(config.to_json_best_effort()), results=results, **env)
   report.atomic_write(workdir / "results.json", json.dumps(record, indent=1, default=float))
   print("\n" + table + f"\nwrote {workdir}/results.json, results.md and plots", flush=True)
 
@@ -170,6 +169,7 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   report.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
 
+  env = report.environment()  # the code as it was when the run started
   data = pipeline.load_data(config)
   results = []
   for method, wbits, abits, method_config in runs:
@@ -179,7 +179,7 @@ def main(argv):
     result.setdefault("wall_seconds", time.perf_counter() - start)
     results.append(dict(method=method, wbits=wbits, abits=abits, **result))
     print(format_result(results[-1]), flush=True)
-  _write_outputs(workdir, config, results)
+  _write_outputs(workdir, config, results, env)
 
 
 if __name__ == "__main__":
