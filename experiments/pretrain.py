@@ -177,26 +177,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, output_dir: str | os.P
   return record
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
-    f"Pretraining config name ({', '.join(configs.available_pretrain())}) or config file path.")
-_OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", str(CHECKPOINT_DIR), "Directory for <model>.npz and <model>.json.")
+def _define_flags():
+  """The command's flags; defined only when run as a program, so that importing this
+  module next to experiments.run (which also has --config) does not clash."""
+  config = config_flags.DEFINE_config_file(
+      "config", None,
+      f"Pretraining config name ({', '.join(configs.available_pretrain())}) or config file path.")
+  output_dir = flags.DEFINE_string(
+      "output_dir", str(CHECKPOINT_DIR), "Directory for <model>.npz and <model>.json.")
+  return config, output_dir
 
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
   """argv with a bare `--config NAME` (or `--config=NAME`) replaced by its pretraining config path."""
-  argv = list(argv)
-  resolve = lambda v: v if os.path.isfile(v) else configs.pretrain_config_path(v)
-  for i, arg in enumerate(argv):
-    flag, eq, value = arg.partition("=")
-    if flag not in ("--config", "-config"):
-      continue
-    if eq:
-      argv[i] = f"{flag}={resolve(value)}"
-    elif i + 1 < len(argv):
-      argv[i + 1] = resolve(argv[i + 1])
-  return argv
+  return configs.resolve_config_argv(
+      argv, lambda v: v if os.path.isfile(v) else configs.pretrain_config_path(v))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -216,5 +211,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG, _OUTPUT_DIR = _define_flags()
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=_parse_flags)

@@ -98,16 +98,7 @@ def _config_file(value: str) -> str:
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
   """argv with a bare `--config NAME` (or `--config=NAME`) replaced by its config file path."""
-  argv = list(argv)
-  for i, arg in enumerate(argv):
-    flag, eq, value = arg.partition("=")
-    if flag not in ("--config", "-config"):
-      continue
-    if eq:
-      argv[i] = f"{flag}={_config_file(value)}"
-    elif i + 1 < len(argv):
-      argv[i + 1] = _config_file(argv[i + 1])
-  return argv
+  return configs.resolve_config_argv(argv, _config_file)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

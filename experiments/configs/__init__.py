@@ -34,3 +34,18 @@ def pretrain_config_path(name: str) -> str:
     raise ValueError(
         f"unknown pretraining config {name!r}; available: {', '.join(available_pretrain())}")
   return str(CONFIG_DIR / f"{PRETRAIN_PREFIX}{name}.py")
+
+
+def resolve_config_argv(argv: list[str], resolve) -> list[str]:
+  """argv with the value of `--config NAME` / `--config=NAME` replaced by `resolve(NAME)`
+  (a config file path), so ml_collections' config_flags can load bare names."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    flag, eq, value = arg.partition("=")
+    if flag not in ("--config", "-config"):
+      continue
+    if eq:
+      argv[i] = f"{flag}={resolve(value)}"
+    elif i + 1 < len(argv):
+      argv[i + 1] = resolve(argv[i + 1])
+  return argv
