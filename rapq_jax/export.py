@@ -293,15 +293,17 @@ class _Onnx:
 
   def op_avgpool(self, op):
     """GlobalAveragePool, then an offset below half a step of the mean's grid so that
-    QuantizeLinear rounds half up: ``2**(e - log2 n - 1)`` for a power-of-two ``n``,
-    ``2**(e - ceil(log2 n) - 2)`` (< half of ``1 / n`` units, no ties exist) otherwise."""
+    QuantizeLinear rounds half up: ``2**(e - log2 n - 1)`` for a power-of-two ``n > 1``,
+    ``2**(e - ceil(log2 n) - 2)`` (< half of ``1 / n`` units, no ties exist) otherwise,
+    none for ``n = 1``."""
     h, w = self.hw[op["in"]]
     n = h * w
     k = math.ceil(math.log2(n))
     e = int(self.exp(op["in"]))
-    off = self.pow2(e - k - 1) if n == 2 ** k else self.pow2(e - k - 2)
     x = self.node("GlobalAveragePool", [self.env[op["in"]]], f"{op['out']}_mean")
-    x = self.node("Add", [x, self.const(f"{op['out']}_half", off)], f"{op['out']}_halfup")
+    if n > 1:                                        # n = 1: the mean is already on the grid
+      off = self.pow2(e - k - 1) if n == 2 ** k else self.pow2(e - k - 2)
+      x = self.node("Add", [x, self.const(f"{op['out']}_half", off)], f"{op['out']}_halfup")
     x = self.qdq(x, op["out"], op["out"])
     self.env[op["out"]] = self.node("Flatten", [x], f"{op['out']}_flat", axis=1)
 

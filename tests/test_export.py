@@ -20,9 +20,10 @@ import pytest
 
 from experiments import methods, pipeline
 from experiments import export as export_cli
-from rapq_jax import export, integer, quantized
+from rapq_jax import config, export, fold, integer, ptq, quantized
 from rapq_jax import reference_reader as reader
-from test_integer import load_config, quantize_tiny
+from rapq_jax.models import get_model
+from test_integer import load_config, quantize_tiny, random_variables
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NETS = ("resnet-naive", "mobilenet-naive")
@@ -134,11 +135,24 @@ def test_reader_rejects_a_manifest_that_does_not_match(nets, tmp_path):
 
 # ------------------------------------------------------------------ ONNX
 
-@pytest.mark.parametrize("name", NETS)
-def test_onnx_qdq_matches_integer_path(nets, name):
-  onnx = pytest.importorskip("onnx")
+def onnx_logits(program, x):
+  """Logits of the ONNX export run by onnxruntime without graph rewrites."""
   ort = pytest.importorskip("onnxruntime")
+  options = ort.SessionOptions()
+  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+  session = ort.InferenceSession(export.to_onnx(program, x.shape[1:]).SerializeToString(),
+                                 options, providers=["CPUExecutionProvider"])
+  return session.run(["logits"], {"image": np.asarray(x)})[0]
+
+
+@pytest.mark.parametrize("name, hw", [("resnet-naive", None), ("resnet-naive", 4),
+                                      ("resnet-naive", 8), ("mobilenet-naive", None)])
+def test_onnx_qdq_matches_integer_path(nets, name, hw):
+  """Pools over 16 (and 1, 4: other input sizes) and 9 positions."""
+  onnx = pytest.importorskip("onnx")
   _, x, program = nets(name)
+  if hw is not None:
+    x = jax.random.normal(jax.random.PRNGKey(2), (8, hw, hw, 3), jnp.float32)
   model = export.to_onnx(program, x.shape[1:])
   ops = [n.op_type for n in model.graph.node]
   assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= set(ops)
@@ -149,12 +163,26 @@ def test_onnx_qdq_matches_integer_path(nets, name):
       mantissa, _ = np.frexp(scale)
       assert scale.dtype == np.float32 and np.all(mantissa == 0.5), node.name   # 2**e
       assert np.issubdtype(zp.dtype, np.integer), node.name
-  options = ort.SessionOptions()
-  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-  session = ort.InferenceSession(model.SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"])
-  logits = session.run(["logits"], {"image": np.asarray(x)})[0]
-  np.testing.assert_array_equal(logits, integer.apply(program, x))
+  np.testing.assert_array_equal(onnx_logits(program, x), integer.apply(program, x))
+
+
+@pytest.mark.slow
+def test_torchvision_resnet18_integer_onnx_and_reader(tmp_path):
+  """The ImageNet ResNet-18 layout (max-pooled stem, 1x1 conv shortcuts), random and
+  naive PoT at 32x32: simulation, integer path, reader and ONNX agree exactly."""
+  model = get_model("resnet18")
+  net = fold.build_network(random_variables(model, 32), model=model)
+  calib = jax.random.normal(jax.random.PRNGKey(0), (16, 32, 32, 3), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3), jnp.float32)
+  qm = ptq.quantize_network(net, calib, config.for_method("naive"), progress=False).model
+  program = integer.lower(qm)
+  kinds = {op["op"] for op in program.spec["ops"]}
+  assert {"maxpool", "add", "avgpool"} <= kinds
+  logits = integer.apply(program, x)
+  np.testing.assert_array_equal(logits, quantized.apply(qm, x))
+  export.save_npz(program, tmp_path / "m")
+  np.testing.assert_array_equal(reader.apply(*reader.load(tmp_path / "m"), np.asarray(x)), logits)
+  np.testing.assert_array_equal(onnx_logits(program, x), logits)
 
 
 # ------------------------------------------------------------------ experiments.export
