@@ -189,7 +189,7 @@ def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir, wbit
   simulation's and its dequantized logits differ by at most the documented bound, 0."""
   cfg = load_config("cifar10_resnet20", shared_dir)
   cfg.wbits, cfg.abits = wbits, 4
-  cfg.weight_iters, cfg.act_iters, cfg.ptq.exp_warm_iters = 200, 50, 50
+  cfg.weight_iters, cfg.act_iters = 100, 20  # short: the check is equality, not accuracy
   cfg.calibration_size, cfg.test_size = 256, 2000
   data = pipeline.load_data(cfg)
   model, variables = pipeline.load_model(cfg)
