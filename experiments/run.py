@@ -144,6 +144,10 @@ def main(argv):
   if any(m not in UNQUANTIZED for m in names) and "fp" not in names:
     names = ("fp",) + names  # every table reports the drop from FP
   bits = _BITS.value
+  try:  # the config's own fields must be valid even where --bits replaces them
+    methods.ptq_config(config, "naive")
+  except ValueError as err:
+    raise app.UsageError(str(err)) from None
   runs = []
   for method in names:
     for wbits, abits in ([(None, None)] if method in UNQUANTIZED else bits):
