@@ -70,6 +70,20 @@ def run(tiny):
 
 # ------------------------------------------------------------------ end to end
 
+def test_learned_exponents_end_as_exact_integers(tiny):
+  """The paper's relaxation (learn_exponent=True): after the warm phase every weight
+  exponent is hardened, so the result is still an exact power-of-two model."""
+  net, calib, x = tiny
+  result = ptq.quantize_network(net, calib, config.for_method("rapq", learn_exponent=True, **SMALL),
+                                progress=False)
+  quantized.check_power_of_two(result.model)
+  for unit in result.states.values():
+    for state in unit["w"].values():
+      assert "v" not in state
+      np.testing.assert_array_equal(state["log2s"], np.round(state["log2s"]))
+  chex.assert_tree_all_finite(result.apply(x))
+
+
 @pytest.mark.parametrize("method", config.METHODS)
 def test_every_method_runs(tiny, run, method):
   net, _, x = tiny
@@ -271,8 +285,8 @@ def test_too_few_calibration_images(tiny):
     ("naive", dict(pot_scales=True, reconstruct=False, learns_exponent=False, search="none")),
     ("brecq", dict(pot_scales=False, reconstruct=True, learns_exponent=False, search="none")),
     ("brecq_pot", dict(pot_scales=True, reconstruct=True, learns_exponent=False, search="none")),
-    ("rapq", dict(pot_scales=True, reconstruct=True, learns_exponent=True, search="after",
-                  lp_source="bn")),
+    ("rapq", dict(pot_scales=True, reconstruct=True, learns_exponent=False, exp_init="lp",
+                  search="after", lp_source="bn")),
 ])
 def test_method_presets(method, expected):
   cfg = config.for_method(method)
@@ -294,7 +308,8 @@ def test_method_presets(method, expected):
     (lambda: config.for_method("rapq", search="x"), "search", "'x'"),
     (lambda: config.for_method("rapq", search_objective="l1"), "search_objective", "'l1'"),
     (lambda: config.for_method("rapq", lp_source="gamma"), "lp_source", "'gamma'"),
-    (lambda: config.for_method("rapq", iters_w=100, exp_warm_iters=101), "exp_warm_iters", "101"),
+    (lambda: config.for_method("rapq", learn_exponent=True, iters_w=100, exp_warm_iters=101),
+     "exp_warm_iters", "101"),
     (lambda: config.for_method("brecq", search="after"), "search", "none"),
 ])
 def test_config_validation(make, field, value):
