@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from nets import random_variables
 from hypothesis import given, settings, strategies as st
 
 from experiments import configs, methods, pipeline
@@ -28,27 +30,6 @@ from rapq_jax.models.mobilenetv2 import MobileNetV2
 HYPOTHESIS = settings(max_examples=60, deadline=None)
 TINY_RAPQ = dict(iters_w=10, iters_a=5, exp_warm_iters=5, batch_size=8, search_samples=16)
 MOBILENET_SETTING = ((1, 8, 1, 1), (2, 8, 2, 1), (2, 16, 1, 2))
-
-
-def random_variables(model, hw: int, seed: int = 0) -> dict:
-  """He-scaled random kernels and random BN statistics, without ``model.init``."""
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                          jax.ShapeDtypeStruct((1, hw, hw, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name, shape = jax.tree_util.keystr(path), leaf.shape
-    if name.endswith("['kernel']"):
-      a = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-    elif name.endswith("['scale']"):
-      a = rng.uniform(0.5, 1.5, size=shape)
-    elif name.endswith("['var']"):
-      a = rng.uniform(0.3, 3.0, size=shape)
-    else:
-      a = rng.normal(size=shape) * 0.2
-    return jnp.asarray(a, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def load_config(name: str, shared_dir="") -> "ml_collections.ConfigDict":

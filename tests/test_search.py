@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nets import random_variables
+
 from rapq_jax import config, fold, objective, ptq, search
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import network_apply
@@ -14,32 +16,11 @@ from rapq_jax.network import network_apply
 HW = 16
 
 
-def random_variables(model, seed=0):
-  """Random kernels, BN scales/biases and running statistics (no model.init run)."""
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                          jax.ShapeDtypeStruct((1, HW, HW, 3), jnp.float32))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name, shape = jax.tree_util.keystr(path), leaf.shape
-    if name.endswith("['kernel']"):
-      a = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-    elif name.endswith("['scale']"):
-      a = rng.uniform(0.5, 1.5, size=shape)
-    elif name.endswith("['var']"):
-      a = rng.uniform(0.3, 3.0, size=shape)
-    else:
-      a = rng.normal(size=shape) * 0.2
-    return jnp.asarray(a, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 @pytest.fixture(scope="module")
 def problem():
   """A tiny folded CIFAR ResNet with naive (nearest-PoT, round-to-nearest) states."""
   model = CifarResNet(num_blocks=1)
-  net = fold.build_network(random_variables(model), model=model)
+  net = fold.build_network(random_variables(model, HW), model=model)
   calib = jax.random.normal(jax.random.PRNGKey(0), (64, HW, HW, 3), jnp.float32)
   # The naive settings and shapes of tests/test_ptq.py: a session running both files
   # compiles the initialisation once.

@@ -1,0 +1,25 @@
+"""Random Flax variables for tiny test networks, shared by the test modules."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_variables(model, hw: int, seed: int = 0) -> dict:
+  """He-scaled random kernels and random BN statistics, without ``model.init``."""
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, hw, hw, 3), jnp.float32))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = jax.tree_util.keystr(path), leaf.shape
+    if name.endswith("['kernel']"):
+      a = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+    elif name.endswith("['scale']"):
+      a = rng.uniform(0.5, 1.5, size=shape)
+    elif name.endswith("['var']"):
+      a = rng.uniform(0.3, 3.0, size=shape)
+    else:
+      a = rng.normal(size=shape) * 0.2
+    return jnp.asarray(a, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
