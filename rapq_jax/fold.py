@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rapq_jax.models.mobilenetv2 import INVERTED_RESIDUAL_SETTING
-from rapq_jax.network import ActPoint, Layer, Network, Unit
+from rapq_jax.network import Layer, Network, Unit, unit_acts
 
 BN_EPS = 1e-5
 
@@ -50,7 +50,7 @@ def _resnet_units(params) -> list[Unit]:
   cifar = "linear" in params
   blocks = sorted((k for k in params if k.startswith("layer")), key=_block_index)
   units = [Unit("conv1", "conv", (Layer("conv", "conv1", stride=1 if cifar else 2),),
-                (ActPoint("input", True), ActPoint("out")), maxpool=not cifar)]
+                unit_acts("conv", ("conv",), network_input=True), maxpool=not cifar)]
   for name in blocks:
     stage, idx = _block_index(name)
     stride = 2 if stage > 1 and idx == 0 else 1
@@ -65,11 +65,10 @@ def _resnet_units(params) -> list[Unit]:
     else:
       cin, cout = p["conv1"]["kernel"].shape[2], p[roles[-1]]["kernel"].shape[3]
       shortcut = "option_a" if (stride != 1 or cin != cout) else "identity"
-    acts = [ActPoint("relu1")] + ([ActPoint("relu2")] if bottleneck else []) + [ActPoint("out")]
-    units.append(Unit(name, "bottleneck" if bottleneck else "basic", tuple(layers),
-                      tuple(acts), shortcut=shortcut))
+    kind = "bottleneck" if bottleneck else "basic"
+    units.append(Unit(name, kind, tuple(layers), unit_acts(kind, roles), shortcut=shortcut))
   head = "linear" if cifar else "fc"
-  units.append(Unit(head, "head", (Layer("fc", head, dense=True),), ()))
+  units.append(Unit(head, "head", (Layer("fc", head, dense=True),), unit_acts("head", ("fc",))))
   return units
 
 
@@ -86,7 +85,7 @@ def _mobilenet_units(params, block_strides) -> list[Unit]:
     raise ValueError(f"MobileNetV2 has {len(inner)} inverted residual blocks but "
                      f"{len(block_strides)} strides were given")
   units = [Unit(stem, "conv", (Layer("conv", f"{stem}/0", stride=2),),
-                (ActPoint("input", True), ActPoint("out")), activation="relu6")]
+                unit_acts("conv", ("conv",), network_input=True), activation="relu6")]
   for name, stride in zip(inner, block_strides):
     p = params[name]
     expand = "conv_3" in p
@@ -102,12 +101,13 @@ def _mobilenet_units(params, block_strides) -> list[Unit]:
     cin = p["conv_0_0"]["kernel"].shape[2] if expand else dw_channels
     cout = _get(params, layers[-1].path)["kernel"].shape[3]
     residual = stride == 1 and cin == cout
-    acts = ([ActPoint("relu1")] if expand else []) + [ActPoint("relu2"), ActPoint("out", True)]
-    units.append(Unit(name, "inverted", tuple(layers), tuple(acts),
+    units.append(Unit(name, "inverted", tuple(layers),
+                      unit_acts("inverted", [l.role for l in layers]),
                       shortcut="identity" if residual else "none", activation="relu6"))
-  units.append(Unit(last, "conv", (Layer("conv", f"{last}/0"),), (ActPoint("out"),),
+  units.append(Unit(last, "conv", (Layer("conv", f"{last}/0"),), unit_acts("conv", ("conv",)),
                     activation="relu6"))
-  units.append(Unit("classifier_1", "head", (Layer("fc", "classifier_1", dense=True),), ()))
+  units.append(Unit("classifier_1", "head", (Layer("fc", "classifier_1", dense=True),),
+                    unit_acts("head", ("fc",))))
   return units
 
 

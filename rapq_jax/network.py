@@ -71,6 +71,23 @@ class Unit:
             "inverted": "project", "head": None}[self.kind]
 
 
+def unit_acts(kind: str, roles, *, network_input: bool = False) -> tuple[ActPoint, ...]:
+  """The activation quantizers of a unit kind: after each inner ReLU (unsigned) and at
+  the output (signed only for MobileNetV2's linear bottleneck); the network input
+  (signed) where ``network_input``; none in the head, whose input the unit before owns."""
+  if kind == "conv":
+    return ((ActPoint("input", True),) if network_input else ()) + (ActPoint("out"),)
+  if kind in ("basic", "bottleneck"):
+    inner = ("relu1",) if kind == "basic" else ("relu1", "relu2")
+    return tuple(ActPoint(n) for n in inner) + (ActPoint("out"),)
+  if kind == "inverted":
+    inner = ("relu1", "relu2") if "expand" in roles else ("relu2",)
+    return tuple(ActPoint(n) for n in inner) + (ActPoint("out", True),)
+  if kind == "head":
+    return ()
+  raise ValueError(f"unknown unit kind {kind!r}; expected one of {UNIT_KINDS}")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Network:
