@@ -46,7 +46,9 @@ def environment() -> dict:
       versions=dict(python=platform.python_version(), jax=jax.__version__,
                     flax=flax.__version__, optax=optax.__version__, numpy=np.__version__),
       machine=dict(platform=platform.platform(), processor=platform.machine(),
-                   cpu_count=os.cpu_count(), devices=[str(d) for d in jax.devices()]),
+                   cpu_count=os.cpu_count(), devices=[str(d) for d in jax.devices()],
+                   device_kind=jax.devices()[0].device_kind,
+                   matmul_precision=jax.config.jax_default_matmul_precision or "default"),
       git=dict(commit=commit, dirty=dirty),
   )
 

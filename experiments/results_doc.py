@@ -40,11 +40,16 @@ def _run_section(name: str, record: dict) -> str:
     facts.append(f"{test_n} test images")
   machine = f"{env.get('processor', '?')}, {env.get('cpu_count', '?')} CPUs, " \
             f"devices {', '.join(env.get('devices', []))}"
+  if env.get("device_kind"):
+    machine += f" ({env['device_kind']}"
+    machine += f", matmul precision {env['matmul_precision']})" if "matmul_precision" in env else ")"
   commit = (record.get("git") or {}).get("commit") or "unknown"
   lines = [f"## {name}", "", "; ".join(facts) + ".", "",
            f"Machine: {machine}. Versions: " +
            ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items()) +
            f". Commit `{commit[:10]}`.", "", report.results_table(record["results"])]
+  if record.get("note"):
+    lines += [record["note"], ""]
   searches = [(r["method"], f"W{r['wbits']}A{r['abits']}", r["search"])
               for r in record["results"] if r.get("search")]
   if searches:
@@ -59,12 +64,18 @@ def _run_section(name: str, record: dict) -> str:
 
 
 def _bench_section(name: str, record: dict) -> str:
-  lines = [f"## {name} (benchmark)", "",
-           f"Device: {', '.join(record.get('machine', {}).get('devices', []))}.", "",
-           "| unit | shape | weight s/iter | activation s/iter | compile s |", "|---|---|---|---|---|"]
+  env = record.get("machine", {})
+  device = ", ".join(env.get("devices", [])) + (f" ({env['device_kind']})"
+                                                 if env.get("device_kind") else "")
+  lines = [f"## {name} (benchmark)", "", f"Device: {device}.", "",
+           "| model | unit | shape | weight s/iter | activation s/iter | compile s |",
+           "|---|---|---|---|---|---|"]
   for u in record["units"]:
-    lines.append(f"| {u['name']} | {u['input_shape']} | {u['weight_s_per_iter']:.4f} | "
+    lines.append(f"| {u.get('model', '')} | {u['name']} | {u['input_shape']} | "
+                 f"{u['weight_s_per_iter']:.4f} | "
                  f"{u['act_s_per_iter']:.4f} | {u['compile_s']:.1f} |")
+  if record.get("note"):
+    lines += ["", record["note"]]
   if "pipeline" in record:
     p = record["pipeline"]
     lines += ["", f"Whole pipeline: {p['wall_seconds']:.0f} s wall, peak RSS "

@@ -17,6 +17,7 @@ import time
 
 from absl import app
 from absl import flags
+import jax
 import ml_collections
 from ml_collections import config_flags
 
@@ -148,6 +149,10 @@ def main(argv):
     methods.ptq_config(config, "naive")
   except ValueError as err:
     raise app.UsageError(str(err)) from None
+  try:
+    jax.config.update("jax_default_matmul_precision", config.matmul_precision)
+  except ValueError as err:
+    raise app.UsageError(f"config.matmul_precision={config.matmul_precision!r}: {err}") from None
   runs = []
   for method in names:
     for wbits, abits in ([(None, None)] if method in UNQUANTIZED else bits):

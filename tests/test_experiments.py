@@ -122,6 +122,7 @@ def test_tiny_job_end_to_end_writes_every_output(fashion_mnist_dir, tmp_path):
     (["--config.ptq.no_such_field=1"], "no_such_field"),
     (["--config.wbits=9"], "wbits"),
     (["--methods", "rapq", "--bits", "4/9"], "4/9"),
+    (["--config.matmul_precision=fast"], "config.matmul_precision='fast'"),
 ])
 def test_bad_flags_fail_before_any_output(tmp_path, args, message):
   out = _run(["--config", "fmnist_resnet", *args], tmp_path / "run", timeout=300)

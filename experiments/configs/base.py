@@ -34,6 +34,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.dataset.mean = config_dict.placeholder(tuple)  # per channel, applied after x / 255
   config.dataset.std = config_dict.placeholder(tuple)
 
+  # float32 conv/matmul precision (jax_default_matmul_precision). On GPUs JAX's default
+  # runs float32 convs as TF32, which cost RAPQ ResNet-20 1.9 (W4A4) and 0.6 (W2A4) top-1
+  # points on an H100 (docs/RESULTS.md); CPUs compute float32 either way.
+  config.matmul_precision = "highest"
   config.eval_batch_size = 256
   config.test_size = config_dict.placeholder(int)  # evaluate on the first N test images only
   config.calibration_size = 1024
