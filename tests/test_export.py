@@ -234,4 +234,11 @@ def test_run_method_saves_a_model_that_exports(fashion_mnist_dir, tmp_path):
   assert 100.0 * hits / len(data.test_labels) == record["top1"]
   written = export_cli.export_run(tmp_path, "onnx") + export_cli.export_run(tmp_path, "npz")
   assert [p.name for p in written] == ["naive_w4a4.onnx", "naive_w4a4.npz", "naive_w4a4.json"]
+  # The benchmark's onnxruntime check, here on the run's 200 test images.
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  figures = export_cli.check_onnx(tmp_path, written[:1])["naive_w4a4"]
+  assert figures["n"] == 200 and figures["top1_simulation"] == record["top1"]
+  assert figures["no_optimization"] == {"top1": record["top1"], "agreement": 100.0,
+                                        "max_abs_logit_diff": 0.0}
+  assert figures["default_optimization"]["agreement"] >= 99.0
 

@@ -17,13 +17,14 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnxruntime
 import pytest
 
 from nets import random_variables
 from hypothesis import given, settings, strategies as st
 
 from experiments import configs, methods, pipeline
-from rapq_jax import config, fold, integer, pot, ptq, quantized
+from rapq_jax import config, export, fold, integer, pot, ptq, quantized
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.models.mobilenetv2 import MobileNetV2
 
@@ -188,6 +189,15 @@ def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir, wbit
   sim, ints = np.concatenate(sim), np.concatenate(ints)
   np.testing.assert_array_equal(ints.argmax(-1), sim.argmax(-1))
   assert np.max(np.abs(ints - sim)) == 0.0
+  # The ONNX QDQ export in onnxruntime (graph as written, no fusions) gives the same logits.
+  options = onnxruntime.SessionOptions()
+  options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+  session = onnxruntime.InferenceSession(export.to_onnx(program, (32, 32, 3)).SerializeToString(),
+                                         options, providers=["CPUExecutionProvider"])
+  onnx_logits = np.concatenate([
+      session.run(["logits"], {"image": np.asarray(data.preprocess(data.test_images[i:i + 500]))})[0]
+      for i in range(0, len(data.test_images), 500)])
+  np.testing.assert_array_equal(onnx_logits, sim)
   assert np.mean(ints.argmax(-1) == data.test_labels) > 0.3
 
 
