@@ -15,7 +15,7 @@ import numpy as np
 from experiments import pipeline
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
-from rapq_jax import export, fold, ptq
+from rapq_jax import export, fold, ptq, resume
 
 # name -> (base method, PTQConfig overrides, one-line description)
 QUANT_METHODS = {
@@ -73,16 +73,21 @@ def model_dir_name(method: str, cfg: ptq_config_lib.PTQConfig) -> str:
 
 
 def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: str, *,
-               progress: bool = True, save_dir: str | pathlib.Path | None = None) -> dict:
+               progress: bool = True, save_dir: str | pathlib.Path | None = None,
+               store_dir: str | pathlib.Path | None = None) -> dict:
   """Quantizes and evaluates; returns a JSON-serialisable record of the run. With
   ``save_dir``, a power-of-two model is saved (orbax, atomically) to
-  ``save_dir/<model_dir_name>`` with its input shape and preprocessing."""
+  ``save_dir/<model_dir_name>`` with its input shape and preprocessing. With
+  ``store_dir``, finished units are kept in ``store_dir/<model_dir_name>`` and loaded
+  from there by a later call (``rapq_jax.resume.Store``)."""
   cfg = ptq_config(config, method)
   start = time.perf_counter()
   model, variables = pipeline.load_model(config)
   net = fold.build_network(variables, model=model)
   calib = data.preprocess(data.calib_images)
-  result = ptq.quantize_network(net, calib, cfg, progress=progress,
+  store = None if store_dir is None else resume.Store(
+      pathlib.Path(store_dir) / model_dir_name(method, cfg))
+  result = ptq.quantize_network(net, calib, cfg, progress=progress, store=store,
                                 metadata=dict(method=method, ptq=cfg.__dict__))
   quant_seconds = time.perf_counter() - start
   if save_dir is not None and result.model is not None:

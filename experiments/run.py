@@ -6,6 +6,10 @@ r"""Runs quantization methods on one experiment config and reports test accuracy
 
 `--config` takes a name from experiments/configs or a config file path; any
 config field can be overridden as `--config.<field>=<value>`.
+
+Starting the same command again with the same --workdir resumes a killed run: finished
+methods and finished reconstruction units are loaded from the run directory, and the
+results equal those of an uninterrupted run. Another config in that directory is refused.
 """
 import copy
 import functools
@@ -25,6 +29,7 @@ from experiments import configs
 from experiments import methods
 from experiments import pipeline
 from experiments import report
+from rapq_jax import resume
 
 DEFAULT_SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared"
 MIN_BITS, MAX_BITS = 2, 8
@@ -135,6 +140,44 @@ def _write_outputs(workdir: pathlib.Path, config, results: list[dict], env: dict
   print("\n" + table + f"\nwrote {workdir}/results.json, results.md and plots", flush=True)
 
 
+def run_name(method: str, wbits: int | None, abits: int | None) -> str:
+  """``'fp'`` or ``'<method>_w<W>a<A>'``: the name of one run in the run directory."""
+  return method if wbits is None else f"{method}_w{wbits}a{abits}"
+
+
+def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Binds ``workdir`` to ``config``: the first start writes config.json; a later start
+  (a resume) must bring the same config, else ``resume.ConfigMismatchError`` names the
+  differing fields."""
+  path = workdir / "config.json"
+  if path.exists():
+    resume.check_same_config(json.loads(path.read_text()),
+                             json.loads(config.to_json_best_effort()), f"run directory {workdir}",
+                             f"the config in {path} (to resume that run) or a new --workdir")
+  else:
+    report.atomic_write(path, config.to_json_best_effort(indent=2))
+
+
+def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int | None,
+             config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
+  """The record of one method at one bit width: loaded from ``workdir/results/`` if it
+  finished before, else computed (quantized units kept in ``workdir/units/`` as they
+  finish, so a killed run resumes after the last one) and saved there atomically."""
+  path = workdir / "results" / f"{run_name(method, wbits, abits)}.json"
+  if path.exists():
+    print(f"loaded {path}", flush=True)
+    return json.loads(path.read_text())
+  start = time.perf_counter()
+  kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models",
+                                             "store_dir": workdir / "units"}
+  result = METHODS[method](config, data, **kwargs)
+  result.setdefault("wall_seconds", time.perf_counter() - start)
+  text = json.dumps(dict(method=method, wbits=wbits, abits=abits, **result), indent=1,
+                    default=float)
+  report.atomic_write(path, text)
+  return json.loads(text)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -167,17 +210,16 @@ def main(argv):
       runs.append((method, wbits, abits, method_config))
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   workdir.mkdir(parents=True, exist_ok=True)
-  report.atomic_write(workdir / "config.json", config.to_json_best_effort(indent=2))
+  try:
+    open_workdir(workdir, config)
+  except resume.ConfigMismatchError as err:
+    raise app.UsageError(str(err)) from None
 
   env = report.environment()  # the code as it was when the run started
   data = pipeline.load_data(config)
   results = []
   for method, wbits, abits, method_config in runs:
-    start = time.perf_counter()
-    kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models"}
-    result = METHODS[method](method_config, data, **kwargs)
-    result.setdefault("wall_seconds", time.perf_counter() - start)
-    results.append(dict(method=method, wbits=wbits, abits=abits, **result))
+    results.append(run_once(workdir, method, wbits, abits, method_config, data))
     print(format_result(results[-1]), flush=True)
   _write_outputs(workdir, config, results, env)
 

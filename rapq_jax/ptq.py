@@ -4,6 +4,7 @@ integer exponents network-wide, reconstruct unit by unit, and return the result.
 Unit inputs during reconstruction come from the already-quantized network and targets
 from the FP network (BRECQ's setting); both are cached once per unit.
 """
+import dataclasses
 import functools
 import time
 from typing import Callable, NamedTuple
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rapq_jax import objective, quantized, quantizers, rounding, search
+from rapq_jax import objective, quantized, quantizers, resume, rounding, search
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
 from rapq_jax.reconstruct import hooks, reconstruct_unit, structural
@@ -160,6 +161,35 @@ def _shift_weights(net, states, specs, offsets: dict) -> dict:
   return out
 
 
+def _search_before(net, states, specs, x, fp_logits, cfg, store):
+  """The search before reconstruction, or its stored outcome: offsets
+  ``{(unit, 'w'|'a', name): int}`` and the JSON-able summary."""
+  loaded = store.load("search_before") if store is not None else None
+  if loaded is not None:
+    info, _ = loaded
+    return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
+  res, summary = _run_search(net, _rounded(states), specs, x, fp_logits, cfg, weights=True)
+  offsets = dict(zip(res.names, np.asarray(res.offsets).tolist()))
+  if store is not None:
+    store.save("search_before", {"offsets": [[list(n), o] for n, o in offsets.items()],
+                                 "summary": summary})
+  return offsets, summary
+
+
+def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, progress):
+  """Reconstructs one unit from its weight states and fresh activation states on the
+  quantized inputs ``q_x``; returns its states and report entry (seconds, p, history)."""
+  params, (wspecs, aspecs) = net.params[unit.name], specs[unit.name]
+  init, _, _ = _fns(unit, specs, cfg)
+  _, astates = init(params, q_x[:INIT_SAMPLES])
+  astates = {n: {"t": a["t"] + act_offsets.get((unit.name, n), 0)} for n, a in astates.items()}
+  p = unit_lp(net, unit.name, cfg)
+  res = reconstruct_unit(unit, params, net.bn[unit.name], wstates, astates, wspecs, aspecs,
+                         q_x, fp_y, cfg, p, key, progress=progress)
+  return {"w": res.wstates, "a": res.astates}, {"seconds": res.seconds, "p": p,
+                                                "history": res.history}
+
+
 def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
   """Validates calibration images (float NHWC, the first layer's channel count, at least
   one batch, all finite) and returns them as float32; ValueError names what is wrong."""
@@ -186,7 +216,8 @@ def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
 
 
 def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
-                     progress: bool = True, metadata: dict | None = None) -> PTQResult:
+                     progress: bool = True, metadata: dict | None = None,
+                     store: resume.Store | None = None) -> PTQResult:
   """Quantizes a folded network.
 
   Args:
@@ -194,10 +225,16 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     calib: float32 [N, H, W, C] preprocessed calibration images (N >= batch size).
     cfg: method settings (``rapq_jax.config.for_method``).
     metadata: extra JSON-serialisable facts stored in the result (config, versions...).
+    store: where each finished unit (and the search before reconstruction) is saved and,
+      on a later call, loaded instead of recomputed, so a killed run resumes with the
+      same result. It belongs to one network and calibration set; its config is checked
+      (``resume.ConfigMismatchError``).
   Returns:
     PTQResult; for power-of-two settings ``model`` holds integers and int32 exponents.
   """
   calib = check_calibration(net, calib, cfg)
+  if store is not None:
+    store.bind(dataclasses.asdict(cfg))
   specs = unit_specs(net, cfg)
   key = jax.random.PRNGKey(cfg.seed)
   report = {"units": {}, "search": {}}
@@ -212,32 +249,38 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     # Weight exponents are searched on round-to-nearest weights; reconstruction then
     # starts from the moved grids, and activation offsets apply on top of each unit's
     # own initialisation.
-    res, report["search"]["before"] = _run_search(net, _rounded(states), specs, sub, fp_logits,
-                                                  cfg, weights=True)
-    offsets = dict(zip(res.names, np.asarray(res.offsets).tolist()))
-    states = res.states if not cfg.reconstruct else _shift_weights(net, states, specs, offsets)
+    offsets, report["search"]["before"] = _search_before(net, states, specs, sub, fp_logits,
+                                                         cfg, store)
+    if cfg.reconstruct:
+      states = _shift_weights(net, states, specs, offsets)
+    else:
+      states = search.shift_states(_rounded(states), tuple(offsets),
+                                   jnp.asarray(list(offsets.values()), jnp.int32))
     act_offsets = {(u, n): o for (u, k, n), o in offsets.items() if k == "a"}
 
   if cfg.reconstruct:
     fp_x, q_x = calib, calib
     for i, unit in enumerate(net.units):
-      params, (wspecs, aspecs) = net.params[unit.name], specs[unit.name]
-      init, hard, fp = _fns(unit, specs, cfg)
+      params = net.params[unit.name]
+      _, hard, fp = _fns(unit, specs, cfg)
       fp_y = _batched(functools.partial(fp, params), fp_x)
-      wstates = states[unit.name]["w"]
-      _, astates = init(params, q_x[:INIT_SAMPLES])
-      astates = {n: {"t": a["t"] + act_offsets.get((unit.name, n), 0)} for n, a in astates.items()}
-      p = unit_lp(net, unit.name, cfg)
-      res = reconstruct_unit(unit, params, net.bn[unit.name], wstates, astates, wspecs,
-                             aspecs, q_x, fp_y, cfg, p, jax.random.fold_in(key, i),
-                             progress=progress)
-      states[unit.name] = {"w": res.wstates, "a": res.astates}
+      loaded = store.load(f"unit_{unit.name}") if store is not None else None
+      if loaded is None:
+        states[unit.name], entry = _reconstruct(net, unit, specs, states[unit.name]["w"],
+                                                act_offsets, q_x, fp_y, cfg,
+                                                jax.random.fold_in(key, i), progress)
+        if store is not None:
+          store.save(f"unit_{unit.name}", entry, states[unit.name])
+      else:
+        entry, states[unit.name] = loaded
+        entry["history"] = {k: [tuple(s) for s in v] for k, v in entry["history"].items()}
       q_x = _batched(functools.partial(hard, params, states[unit.name]), q_x)
       fp_x = fp_y
-      report["units"][unit.name] = {"seconds": res.seconds, "p": p, "history": res.history}
+      report["units"][unit.name] = entry
       if progress:
-        tqdm.write(f"  {unit.name:>14}: {res.seconds:6.1f} s  p={p:g}  "
-                   f"final loss {res.history['weights'][-1][1]:.4g}")
+        tqdm.write(f"  {unit.name:>14}: {entry['seconds']:6.1f} s  p={entry['p']:g}  "
+                   f"final loss {entry['history']['weights'][-1][1]:.4g}"
+                   + ("  (loaded)" if loaded else ""))
 
   if cfg.search in ("after", "both"):
     # After AdaRound has learned a rounding for each grid only activations move.

@@ -1,0 +1,207 @@
+"""Specification of resuming (rapq_jax.resume, ``quantize_network(store=...)`` and
+``python -m experiments.run --workdir``): finished units are loaded, not re-learned; a
+run resumed after a crash ends bit-identical to an uninterrupted one; nothing unfinished
+is read; a directory of another config is refused, naming the differing fields.
+"""
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nets import random_variables
+
+from rapq_jax import config, export, fold, ptq, resume
+from rapq_jax.models.cifar_resnet import CifarResNet
+
+HW, N_CALIB = 16, 64
+# search='both' so the search before reconstruction is stored and loaded too.
+CFG = config.for_method("rapq", iters_w=20, iters_a=5, batch_size=8, search_samples=32,
+                        search_sweeps=1, search="both")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = CifarResNet(num_blocks=1)
+  net = fold.build_network(random_variables(model, HW), model=model)
+  calib = jax.random.normal(jax.random.PRNGKey(0), (N_CALIB, HW, HW, 3), jnp.float32)
+  return net, calib
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+  """The uninterrupted run, without a store."""
+  net, calib = tiny
+  return ptq.quantize_network(net, calib, CFG, progress=False)
+
+
+def _counting(monkeypatch, fail_after=None):
+  """Counts reconstructions (and searches before them); the call after ``fail_after``
+  reconstructions raises, as a crash would."""
+  calls = {"units": [], "search_before": 0}
+  reconstruct, run_search = ptq.reconstruct_unit, ptq._run_search
+
+  def counted(unit, *args, **kw):
+    if fail_after is not None and len(calls["units"]) == fail_after:
+      raise KeyboardInterrupt("simulated crash")
+    calls["units"].append(unit.name)
+    return reconstruct(unit, *args, **kw)
+
+  def counted_search(*args, weights, **kw):
+    calls["search_before"] += weights
+    return run_search(*args, weights=weights, **kw)
+
+  monkeypatch.setattr(ptq, "reconstruct_unit", counted)
+  monkeypatch.setattr(ptq, "_run_search", counted_search)
+  return calls
+
+
+def _timeless(entries: dict) -> dict:
+  return {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in entries.items()}
+
+
+def _assert_same_result(a, b):
+  """Bit-identical states and integers; equal reports apart from timings."""
+  chex.assert_trees_all_equal(a.states, b.states)
+  chex.assert_trees_all_equal(a.model.weights, b.model.weights)
+  chex.assert_trees_all_equal(a.model.acts, b.model.acts)
+  assert _timeless(a.report["units"]) == _timeless(b.report["units"])
+  assert _timeless(a.report["search"]) == _timeless(b.report["search"])
+
+
+def test_second_run_loads_every_unit(tiny, tmp_path, monkeypatch):
+  net, calib = tiny
+  store = resume.Store(tmp_path)
+  first = ptq.quantize_network(net, calib, CFG, progress=False, store=store)
+  calls = _counting(monkeypatch)
+  second = ptq.quantize_network(net, calib, CFG, progress=False, store=store)
+  assert calls == {"units": [], "search_before": 0}
+  _assert_same_result(first, second)
+  assert second.report["units"] == first.report["units"]  # timings of the first run kept
+
+
+def test_resumed_after_crash_equals_uninterrupted_run(tiny, reference, tmp_path, monkeypatch):
+  net, calib = tiny
+  store = resume.Store(tmp_path)
+  with monkeypatch.context() as m:
+    _counting(m, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+      ptq.quantize_network(net, calib, CFG, progress=False, store=store)
+  names = net.unit_names()
+  # A write of the third unit killed half-way leaves orbax's temporary directory.
+  junk = tmp_path / f"unit_{names[2]}.orbax-checkpoint-tmp"
+  junk.mkdir()
+  (junk / "_CHECKPOINT_METADATA").write_text("{half")
+  calls = _counting(monkeypatch)
+  resumed = ptq.quantize_network(net, calib, CFG, progress=False, store=store)
+  assert calls == {"units": names[2:], "search_before": 0}
+  _assert_same_result(reference, resumed)
+  np.testing.assert_array_equal(resumed.apply(calib[:8]), reference.apply(calib[:8]))
+
+
+def test_store_ignores_unfinished_entries(tmp_path):
+  store = resume.Store(tmp_path)
+  (tmp_path / "u.orbax-checkpoint-tmp").mkdir()
+  assert store.load("u") is None and store.load("absent") is None
+  arrays = {"w": {"conv": {"log2s": jnp.arange(3.0)}}, "a": {}}
+  store.save("u", {"p": 1.1, "history": [[1, 0.5]]}, arrays)
+  info, loaded = store.load("u")
+  assert info == {"p": 1.1, "history": [[1, 0.5]]}
+  chex.assert_trees_all_equal(loaded, arrays)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
+
+
+def test_store_of_another_config_is_refused(tiny, tmp_path):
+  net, calib = tiny
+  resume.Store(tmp_path).bind(dataclasses.asdict(CFG))
+  other = dataclasses.replace(CFG, iters_w=21)
+  with pytest.raises(resume.ConfigMismatchError, match=r"iters_w = 20 there, 21 now"):
+    ptq.quantize_network(net, calib, other, progress=False, store=resume.Store(tmp_path))
+
+
+def test_config_mismatch_names_every_field_and_what_is_accepted():
+  with pytest.raises(ValueError) as err:
+    resume.check_same_config({"a": 1, "ptq": {"p": 2.0, "gone": 0}}, {"a": 1, "ptq": {"p": 2.5}},
+                             "run directory X", "the same config or a new --workdir")
+  assert isinstance(err.value, resume.ConfigMismatchError)
+  assert err.value.differences == {"ptq.gone": (0, "<missing>"), "ptq.p": (2.0, 2.5)}
+  assert str(err.value) == ("run directory X belongs to a different config (ptq.gone = 0 there, "
+                            "'<missing>' now; ptq.p = 2.0 there, 2.5 now). Accepted: the same "
+                            "config or a new --workdir.")
+  resume.check_same_config({"t": (1, 2)}, {"t": [1, 2]}, "X", "")  # JSON forms compare
+
+
+# ------------------------------------------------------------------ python -m experiments.run
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--config", "fmnist_resnet", "--bits", "4/4", "--config.weight_iters=12",
+        "--config.act_iters=4", "--config.calibration_size=64", "--config.test_size=300",
+        "--config.ptq.search_samples=32", "--config.ptq.search_sweeps=1"]
+
+
+def _cli(args, workdir, jax_cache, log):
+  """Starts the job; its output goes to the file ``log`` (a pipe left unread would stall it)."""
+  # Compiling dominates these tiny runs: the runs of a test share compiled programs and
+  # compile with less optimisation (the same for all, so their results still agree).
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_backend_optimization_level=0",
+         "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  with open(log, "w") as f:
+    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args,
+                             f"--workdir={workdir}"], cwd=REPO, env=env, stdout=f,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, log, *, ok=True, timeout=600):
+  proc.wait(timeout=timeout)
+  out = pathlib.Path(log).read_text()
+  assert (proc.returncode == 0) == ok, out[-3000:]
+  return out
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_results(fashion_mnist_dir, tmp_path):
+  args = [*TINY, "--methods", "rapq", f"--config.dataset.data_dir={fashion_mnist_dir}"]
+  cache, plain, run_dir = tmp_path / "jax_cache", tmp_path / "plain", tmp_path / "resumed"
+  _finish(_cli(args, plain, cache, tmp_path / "plain.log"), tmp_path / "plain.log")
+  proc = _cli(args, run_dir, cache, tmp_path / "killed.log")
+  units = run_dir / "units" / "rapq_w4a4"
+  deadline = time.monotonic() + 300
+  while not (units / "unit_conv1").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert (units / "unit_conv1").is_dir() and not (units / "unit_linear").exists()
+  out = _finish(_cli(args, run_dir, cache, tmp_path / "resumed.log"), tmp_path / "resumed.log")
+  assert f"loaded {run_dir / 'results' / 'fp.json'}" in out
+  assert sum("(loaded)" in line for line in out.splitlines()) >= 1
+  a, b = (json.loads((d / "results.json").read_text())["results"] for d in (plain, run_dir))
+  assert [(r["method"], r["top1"], r["top5"]) for r in a] == [
+      (r["method"], r["top1"], r["top5"]) for r in b]
+  for key in ("weight_exponents", "loss_curves", "lp", "search"):
+    if key == "search":
+      a[1][key]["after"].pop("seconds"), b[1][key]["after"].pop("seconds")
+    assert a[1][key] == b[1][key], key
+  chex.assert_trees_all_equal(export.load_model(plain / "models" / "rapq_w4a4").weights,
+                              export.load_model(run_dir / "models" / "rapq_w4a4").weights)
+
+
+def test_run_refuses_a_workdir_of_another_config(fashion_mnist_dir, tmp_path):
+  args = [*TINY, "--methods", "fp", f"--config.dataset.data_dir={fashion_mnist_dir}"]
+  cache, run_dir, log = tmp_path / "jax_cache", tmp_path / "run", tmp_path / "run.log"
+  _finish(_cli(args, run_dir, cache, log), log)
+  before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+  out = _finish(_cli([*args, "--config.weight_iters=13"], run_dir, cache, log), log, ok=False)
+  assert ("belongs to a different config (weight_iters = 12 there, 13 now). Accepted: the "
+          f"config in {run_dir / 'config.json'} (to resume that run) or a new --workdir") in out
+  assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
