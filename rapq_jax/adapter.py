@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax import fold, ptq
+from rapq_jax import fold, ptq, resume
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Layer, Network, Unit, unit_acts, unit_apply
 
@@ -379,13 +379,15 @@ def read_model(model: nn.Module, variables, images, *, unit_patterns: Sequence[s
 
 def quantize(model: nn.Module, variables, calibration, cfg: PTQConfig | None = None, *,
              unit_patterns: Sequence[str] = ("*",), apply_kwargs: dict | None = None,
-             progress: bool = True) -> ptq.PTQResult:
+             progress: bool = True, store: resume.Store | None = None) -> ptq.PTQResult:
   """Quantizes a user's linen model with power-of-two scales (RAPQ by default).
 
   Args:
     model, variables: the trained model (see ``read_model`` for what is supported).
     calibration: float32 [N, H, W, C] images preprocessed as the model expects.
     cfg: method settings (default ``rapq_jax.config.for_method('rapq')``).
+    store: ``rapq_jax.resume.Store``: finished units are saved there and a later call
+      with the same store resumes after the last one (see ``ptq.quantize_network``).
   Returns:
     ``PTQResult``: ``apply(images) -> logits`` of the quantized model and its integer
     ``QuantizedModel``.
@@ -393,6 +395,6 @@ def quantize(model: nn.Module, variables, calibration, cfg: PTQConfig | None = N
   cfg = cfg or PTQConfig()
   net = read_model(model, variables, calibration, unit_patterns=unit_patterns,
                    apply_kwargs=apply_kwargs)
-  return ptq.quantize_network(net, calibration, cfg, progress=progress,
+  return ptq.quantize_network(net, calibration, cfg, progress=progress, store=store,
                               metadata={"model": type(model).__name__,
                                         "units": [u.name for u in net.units]})

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from experiments import methods, report, results_doc
+from experiments import merge_results, methods, report, results_doc
 from experiments.configs import base
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -88,6 +88,27 @@ def test_results_doc_is_regenerated_identically(tmp_path):
   assert "| rapq | W4A4 | 78.50 | 2.50 | yes | 12 | 10.0 ms |" in first
   (tmp_path / "a_run.json").write_text(json.dumps(_record(77.0)))
   assert results_doc.render(tmp_path) != first
+
+
+def test_merge_results_joins_runs_split_across_processes(tmp_path):
+  w4, w2 = _record(78.5), _record(70.0)
+  w2["results"][1].update(wbits=2)
+  merged = merge_results.merge([(w4, "TF32"), (w2, None)], note="two processes",
+                               device_kind="Some GPU")
+  assert [(r["method"], r["wbits"]) for r in merged["results"]] == [
+      ("fp", None), ("rapq [TF32]", 4), ("rapq", 2)]
+  assert merged["machine"]["device_kind"] == "Some GPU" and merged["note"] == "two processes"
+  (tmp_path / "merged.json").write_text(json.dumps(merged))
+  text = results_doc.render(tmp_path)
+  assert "| rapq [TF32] | W4A4 | 78.50 |" in text and "two processes" in text
+  assert "(Some GPU" in text
+
+
+def test_merge_results_refuses_runs_of_another_config():
+  other = _record(70.0)
+  other["config"]["seed"] = 2
+  with pytest.raises(ValueError, match=r"input 2 differs from input 1 in config: \['seed'\]"):
+    merge_results.merge([(_record(78.5), None), (other, None)])
 
 
 def test_committed_results_doc_is_up_to_date():
