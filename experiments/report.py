@@ -53,7 +53,8 @@ def environment() -> dict:
   )
 
 
-def _bits(r: dict) -> str:
+def bits_label(r: dict) -> str:
+  """'FP32' or 'W4A4' for a result row."""
   return "FP32" if r["wbits"] is None else f"W{r['wbits']}A{r['abits']}"
 
 
@@ -69,7 +70,7 @@ def results_table(results: list[dict]) -> str:
     mean_spi = f"{np.mean(list(spi.values())) * 1e3:.1f} ms" if spi else ""
     pot = "" if r["method"] == "fp" else ("yes" if r.get("power_of_two") else "no")
     wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else ""
-    lines.append(f"| {r['method']} | {_bits(r)} | {r['top1']:.2f} | {drop} | {pot} | {wall} | "
+    lines.append(f"| {r['method']} | {bits_label(r)} | {r['top1']:.2f} | {drop} | {pot} | {wall} | "
                  f"{mean_spi} |")
   return "\n".join(lines) + "\n"
 
@@ -77,12 +78,12 @@ def results_table(results: list[dict]) -> str:
 def plot_top1(results: list[dict], path: pathlib.Path) -> None:
   """Grouped bars: top-1 per method, one group per bit width; FP as a line."""
   quant = [r for r in results if r["method"] != "fp"]
-  bits = sorted({_bits(r) for r in quant})
+  bits = sorted({bits_label(r) for r in quant})
   methods = list(dict.fromkeys(r["method"] for r in quant))
   fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(bits) * max(len(methods), 1) / 2, 4))
   width = 0.8 / max(len(methods), 1)
   for i, m in enumerate(methods):
-    vals = [next((r["top1"] for r in quant if r["method"] == m and _bits(r) == b), np.nan)
+    vals = [next((r["top1"] for r in quant if r["method"] == m and bits_label(r) == b), np.nan)
             for b in bits]
     ax.bar(np.arange(len(bits)) + i * width, vals, width, label=m)
   fp = next((r["top1"] for r in results if r["method"] == "fp"), None)
@@ -103,7 +104,7 @@ def plot_exponents(results: list[dict], path: pathlib.Path, *, methods=("naive",
   by_bits = {}
   for r in results:
     if r["method"] in methods and r.get("weight_exponents"):
-      by_bits.setdefault(_bits(r), {})[r["method"]] = r["weight_exponents"]
+      by_bits.setdefault(bits_label(r), {})[r["method"]] = r["weight_exponents"]
   chosen = next(((b, d) for b, d in by_bits.items() if len(d) == len(methods)), None)
   if chosen is None:
     chosen = next(iter(by_bits.items()), None)
@@ -148,7 +149,7 @@ def plot_losses(results: list[dict], path: pathlib.Path) -> None:
         ax.plot([s for s, _ in pts], [v for _, v in pts], lw=0.8, label=unit)
     ax.set_yscale("log")
     ax.set_xlabel("iteration (weights, then activations)")
-    ax.set_title(f"{r['method']} {_bits(r)}", fontsize=9)
+    ax.set_title(f"{r['method']} {bits_label(r)}", fontsize=9)
   axes.flat[0].set_ylabel("Lp reconstruction loss")
   axes.flat[-1].legend(fontsize=5, ncol=2)
   fig.tight_layout()

@@ -90,6 +90,28 @@ def _reference_section(record: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
+  """One table per model across result files: top-1 per method (a row per method and
+  file) and bit width, so baselines and ablations from separate runs read side by side."""
+  bits = sorted({report.bits_label(r) for _, rec in runs for r in rec["results"]
+                 if r["wbits"] is not None}, key=lambda b: (-int(b[1]), b))
+  lines = [f"## Summary: {model}", "",
+           "Top-1 % by method and bit width; details of each file in its own section below.", "",
+           "| method | " + " | ".join(bits) + " | iterations | device | file |",
+           "|---|" + "---|" * (len(bits) + 3)]
+  for name, rec in runs:
+    env = rec.get("machine", {})
+    device = env.get("device_kind") or ", ".join(env.get("devices", []))
+    ptq = next((r.get("ptq") for r in rec["results"] if r.get("ptq")), {}) or {}
+    iters = f"{ptq.get('iters_w', '?')}/{ptq.get('iters_a', '?')}"
+    methods = list(dict.fromkeys(r["method"] for r in rec["results"] if r["method"] != "fp"))
+    for m in methods:
+      cells = [next((f"{r['top1']:.2f}" for r in rec["results"]
+                     if r["method"] == m and report.bits_label(r) == b), "") for b in bits]
+      lines.append(f"| {m} | " + " | ".join(cells) + f" | {iters} | {device} | {name} |")
+  return "\n".join(lines) + "\n"
+
+
 def render(results_dir: pathlib.Path) -> str:
   """The whole RESULTS.md text from the files in ``results_dir``."""
   parts = ["# Results", "",
@@ -97,10 +119,15 @@ def render(results_dir: pathlib.Path) -> str:
            "do not edit by hand. Top-1 is on the full test split unless stated. "
            "`PoT` says whether every scale of the quantized model is an exact power of two.",
            ""]
-  for path in sorted(results_dir.glob("*.json")):
-    record = json.loads(path.read_text())
-    parts.append(_bench_section(path.stem, record) if "units" in record and "results" not in record
-                 else _run_section(path.stem, record))
+  records = [(path.stem, json.loads(path.read_text()))
+             for path in sorted(results_dir.glob("*.json"))]
+  runs = [(name, rec) for name, rec in records if "results" in rec]
+  for model in dict.fromkeys(rec.get("config", {}).get("model", "?") for _, rec in runs):
+    parts.append(_summary_section(model, [(n, r) for n, r in runs
+                                          if r.get("config", {}).get("model", "?") == model]))
+  for name, record in records:
+    parts.append(_run_section(name, record) if "results" in record
+                 else _bench_section(name, record))
   for path in sorted((results_dir / "reference").glob("*.json")):
     parts.append(_reference_section(json.loads(path.read_text())))
   return "\n".join(parts)
