@@ -83,9 +83,17 @@ class _Parser(flags.ArgumentParser):
     return "string"
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", configs.config_path("fmnist_resnet"),
-    f"Config name ({', '.join(configs.available())}) or config file path.")
+try:  # ml_collections reads the --config.<field> overrides of sys.argv right here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", configs.config_path("fmnist_resnet"),
+      f"Config name ({', '.join(configs.available())}) or config file path.")
+except (AttributeError, KeyError) as _err:
+  _field = str(_err).strip("\"'")
+  _bad = [a.split("=")[0] for a in sys.argv[1:]
+          if a.startswith("--config.") and _field in a.split("=")[0].split(".")]
+  sys.exit(f"FATAL Flags parsing error: {', '.join(_bad) or _field}: no such config field "
+           f"{_field!r}; the fields are those of experiments/configs/base.py (config.ptq: "
+           "rapq_jax.config.PTQConfig)")
 _METHODS = flags.DEFINE(_Parser(parse_methods), "methods", "naive,brecq,rapq",
                         f"Comma-separated methods to run; accepted: {', '.join(METHODS)}.")
 _BITS = flags.DEFINE(_Parser(parse_bits), "bits", "4/4,2/4",

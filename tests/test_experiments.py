@@ -140,7 +140,8 @@ def test_tiny_job_end_to_end_writes_every_output(fashion_mnist_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config.ptq.no_such_field=1"], "no_such_field"),
+    (["--config.ptq.no_such_field=1"], "--config.ptq.no_such_field: no such config field 'no_such_field'"),
+    (["--config.no_such=1"], "--config.no_such: no such config field 'no_such'"),
     (["--config.wbits=9"], "wbits"),
     (["--methods", "rapq", "--bits", "4/9"], "4/9"),
     (["--config.matmul_precision=fast"], "config.matmul_precision='fast'"),
