@@ -83,17 +83,22 @@ class _Parser(flags.ArgumentParser):
     return "string"
 
 
-try:  # ml_collections reads the --config.<field> overrides of sys.argv right here
+def _unknown_field(err: Exception, argv: list[str]) -> str:
+  """The error line for a ``--config.<field>`` override of a field the config lacks."""
+  field = str(err).strip("\"'")
+  flags_named = [a.split("=")[0] for a in argv[1:]
+                 if a.startswith("--config.") and field in a.split("=")[0].split(".")]
+  return (f"FATAL Flags parsing error: {', '.join(flags_named) or field}: no such config field "
+          f"{field!r}; the fields are those of experiments/configs/base.py (config.ptq: "
+          "rapq_jax.config.PTQConfig)")
+
+
+try:  # with a config file path, ml_collections applies the overrides of sys.argv right here
   _CONFIG = config_flags.DEFINE_config_file(
       "config", configs.config_path("fmnist_resnet"),
       f"Config name ({', '.join(configs.available())}) or config file path.")
 except (AttributeError, KeyError) as _err:
-  _field = str(_err).strip("\"'")
-  _bad = [a.split("=")[0] for a in sys.argv[1:]
-          if a.startswith("--config.") and _field in a.split("=")[0].split(".")]
-  sys.exit(f"FATAL Flags parsing error: {', '.join(_bad) or _field}: no such config field "
-           f"{_field!r}; the fields are those of experiments/configs/base.py (config.ptq: "
-           "rapq_jax.config.PTQConfig)")
+  sys.exit(_unknown_field(_err, sys.argv))
 _METHODS = flags.DEFINE(_Parser(parse_methods), "methods", "naive,brecq,rapq",
                         f"Comma-separated methods to run; accepted: {', '.join(METHODS)}.")
 _BITS = flags.DEFINE(_Parser(parse_bits), "bits", "4/4,2/4",
@@ -123,8 +128,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: override of an unknown field
-    sys.exit(f"FATAL Flags parsing error: no such config field {e}; see the config file or "
-             "rapq_jax.config.PTQConfig for the fields of config.ptq")
+    sys.exit(_unknown_field(e, argv))
 
 
 def format_result(result: dict) -> str:
