@@ -17,7 +17,7 @@ import pytest
 
 from nets import random_variables
 
-from rapq_jax import adapter, config, fold, ptq, quantized
+from rapq_jax import adapter, config, fold, integer, ptq, quantized
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.models.mobilenetv2 import MobileNetV2
 from rapq_jax.network import network_apply
@@ -209,6 +209,9 @@ def test_user_model_quantizes_to_the_builtin_integers():
     chex.assert_trees_all_equal(ours.model.acts[a.name], theirs.model.acts[b.name])
   chex.assert_trees_all_equal(ours.apply(images[:8]), theirs.apply(images[:8]))
   quantized.check_power_of_two(ours.model)
+  # The user's model deploys like any other: integer-only inference equals the simulation.
+  program = integer.lower(ours.model)
+  chex.assert_trees_all_equal(integer.apply(program, images[:8]), ours.apply(images[:8]))
 
 
 class Stage(nn.Module):
