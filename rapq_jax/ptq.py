@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rapq_jax import objective, quantized, quantizers, rounding, search
+from rapq_jax import objective, parallel, quantized, quantizers, rounding, search
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
 from rapq_jax.reconstruct import hooks, reconstruct_unit, structural
@@ -65,7 +65,8 @@ def unit_lp(net: Network, unit_name: str, cfg: PTQConfig) -> float:
 
 
 def _batched(fn, x, batch: int = FORWARD_BATCH):
-  return jnp.concatenate([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+  """Row-wise ``fn`` over x [N, ...] in batches, each split over all devices."""
+  return parallel.map_rows(fn, x, batch)
 
 
 @functools.lru_cache(maxsize=None)
