@@ -13,9 +13,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXIS = "batch"
 
 
+def _sharding(spec: PartitionSpec) -> NamedSharding:
+  return NamedSharding(Mesh(np.asarray(jax.devices()), (AXIS,)), spec)
+
+
 def rows() -> NamedSharding:
   """Sharding that splits axis 0 evenly over a 1-D mesh (``AXIS``) of all devices."""
-  return NamedSharding(Mesh(np.asarray(jax.devices()), (AXIS,)), PartitionSpec(AXIS))
+  return _sharding(PartitionSpec(AXIS))
+
+
+def replicate(tree):
+  """A pytree of arrays with a full copy on every device of the mesh. Jitted functions
+  key their compilations on input placement, so states and parameters placed here
+  before a loop match the placement of the loop's own outputs (one compilation)."""
+  return jax.device_put(tree, _sharding(PartitionSpec()))
 
 
 def check_batch(batch_size: int) -> None:

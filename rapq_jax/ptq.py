@@ -163,7 +163,8 @@ def _shift_weights(net, states, specs, offsets: dict) -> dict:
 
 def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
   """Validates calibration images (float NHWC, the first layer's channel count, at least
-  one batch, all finite) and returns them as float32; ValueError names what is wrong."""
+  one batch, all finite) and returns them as float32 on every device (so the states
+  computed from them share one placement); ValueError names what is wrong."""
   shape, dtype = getattr(calib, "shape", None), getattr(calib, "dtype", None)
   if shape is None or len(shape) != 4:
     raise ValueError(f"calibration images must be a rank-4 NHWC array; got shape {shape}")
@@ -179,7 +180,7 @@ def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
   if cfg.reconstruct and shape[0] < cfg.batch_size:
     raise ValueError(f"calibration set has {shape[0]} images, fewer than the batch size "
                      f"{cfg.batch_size}")
-  calib = jnp.asarray(calib, jnp.float32)
+  calib = parallel.replicate(jnp.asarray(calib, jnp.float32))
   bad = int(jnp.sum(~jnp.isfinite(calib)))
   if bad:
     raise ValueError(f"calibration set contains {bad} NaN or infinite values")

@@ -181,6 +181,8 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
   parallel.check_batch(cfg.batch_size)
   n = xs.shape[0]
   xs, ys = parallel.shard_rows(xs), parallel.shard_rows(ys)
+  params, bn_targets, wstates, astates = parallel.replicate(
+      (params, bn_targets, wstates, astates))
   shape = structural(unit)
   ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
   history = {"weights": [], "acts": []}
@@ -198,7 +200,7 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
     keys = ("alpha", "v") if with_v else ("alpha",)
     train, frozen = _split(wstates, keys)
     opt, step = _weight_step(shape, ws_t, as_t, cfg, p, with_v, n)
-    opt_state = opt.init(train)
+    opt_state = parallel.replicate(opt.init(train))
     for it in range(first, last):
       train, opt_state, rec = step(train, opt_state, frozen, astates, params, bn_targets,
                                    xs, ys, kw, it)
@@ -218,7 +220,7 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
                  for r, s in wstates.items()}
   if aspecs and cfg.iters_a:
     opt, step = _act_step(shape, ws_t, as_t, cfg, p, n)
-    opt_state = opt.init(astates)
+    opt_state = parallel.replicate(opt.init(astates))
     for it in range(cfg.iters_a):
       astates, opt_state, loss = step(astates, opt_state, wstates, params, xs, ys, ka, it)
       if (it + 1) % REPORT_EVERY == 0 or it + 1 == cfg.iters_a:
