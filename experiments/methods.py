@@ -15,7 +15,7 @@ import numpy as np
 from experiments import pipeline
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
-from rapq_jax import export, fold, ptq, resume
+from rapq_jax import export, fold, parallel, ptq, resume
 
 # name -> (base method, PTQConfig overrides, one-line description)
 QUANT_METHODS = {
@@ -34,7 +34,8 @@ QUANT_METHODS = {
 
 
 def ptq_config(config: ml_collections.ConfigDict, method: str) -> ptq_config_lib.PTQConfig:
-  """The PTQConfig of ``method`` for an experiment config (ValueError names bad fields)."""
+  """The PTQConfig of ``method`` for an experiment config (ValueError names bad fields,
+  or a reconstruction batch size that the devices cannot split evenly)."""
   if method not in QUANT_METHODS:
     raise ValueError(f"unknown method {method!r}; accepted: {', '.join(QUANT_METHODS)}")
   base, preset, _ = QUANT_METHODS[method]
@@ -50,7 +51,10 @@ def ptq_config(config: ml_collections.ConfigDict, method: str) -> ptq_config_lib
   # config's top-level fields < the ablation's own switch.
   changed = {k: v for k, v in ptq_fields.items() if v != defaults[k]}
   try:
-    return ptq_config_lib.for_method(base, **{**changed, **fields, **preset})
+    cfg = ptq_config_lib.for_method(base, **{**changed, **fields, **preset})
+    if cfg.reconstruct:
+      parallel.check_batch(cfg.batch_size)
+    return cfg
   except (TypeError, ValueError) as err:
     raise ValueError(f"method {method!r}: {err}") from None
 

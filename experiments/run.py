@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -55,6 +56,20 @@ def parse_methods(text: str) -> tuple[str, ...]:
     if name not in METHODS:
       raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
   return names
+
+
+def parse_distributed(text: str) -> dict:
+  """'auto' -> {} (``jax.distributed.initialize`` detects Slurm, Open MPI or TPU);
+  'HOST:PORT,NUM_PROCESSES,PROCESS_ID' -> its keyword arguments."""
+  if text == "auto":
+    return {}
+  parts = [p.strip() for p in text.split(",")]
+  if (len(parts) != 3 or not re.fullmatch(r"[^:\s]+:\d+", parts[0])
+      or not all(p.isdigit() for p in parts[1:]) or int(parts[2]) >= int(parts[1])):
+    raise ValueError(f"bad --distributed {text!r}: expected 'auto' or "
+                     "HOST:PORT,NUM_PROCESSES,PROCESS_ID with 0 <= PROCESS_ID < NUM_PROCESSES")
+  return dict(coordinator_address=parts[0], num_processes=int(parts[1]),
+              process_id=int(parts[2]))
 
 
 def parse_bits(text: str) -> tuple[tuple[int, int], ...]:
@@ -103,6 +118,10 @@ _METHODS = flags.DEFINE(_Parser(parse_methods), "methods", "naive,brecq,rapq",
                         f"Comma-separated methods to run; accepted: {', '.join(METHODS)}.")
 _BITS = flags.DEFINE(_Parser(parse_bits), "bits", "4/4,2/4",
                      "Comma-separated W/A bit widths of the quantized methods.")
+_DISTRIBUTED = flags.DEFINE(
+    _Parser(parse_distributed), "distributed", None,
+    "Run as one process of a multi-host job: 'auto' or HOST:PORT,NUM_PROCESSES,PROCESS_ID "
+    "(calls jax.distributed.initialize first; see README).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default runs/<config>-<timestamp>).")
 _SHARED_DIR = flags.DEFINE_string(
@@ -193,6 +212,8 @@ def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int |
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value is not None:
+    jax.distributed.initialize(**_DISTRIBUTED.value)
   name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
   shared_dir = _SHARED_DIR.value or os.environ.get("RAPQ_SHARED_DIR", str(DEFAULT_SHARED_DIR))
   config = pipeline.resolve_paths(_CONFIG.value, shared_dir)

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rapq_jax import parallel
 
 
 def _check_inputs(images, labels, batch_size: int) -> None:
@@ -76,8 +77,6 @@ def evaluate(apply_fn: Callable[[jax.Array], jax.Array],
   _check_inputs(images, labels, batch_size)
   labels = np.asarray(labels)
   n = images.shape[0]
-  devices = jax.devices()
-  sharding = NamedSharding(Mesh(np.asarray(devices), ("batch",)), PartitionSpec("batch"))
   counts, num_classes = None, None
   top1, top5 = 0, 0
   with tqdm.tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
@@ -91,11 +90,9 @@ def evaluate(apply_fn: Callable[[jax.Array], jax.Array],
             + ("" if preprocess is not None else " (pass preprocess= to convert images)"))
       if counts is None:
         counts, num_classes = _counts_fn(apply_fn, x, labels)
-      pad = -rows % len(devices)
       y = np.asarray(labels[start:start + batch_size], np.int32)
-      mask = np.arange(rows + pad) < rows
-      x, y = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)), np.pad(y, (0, pad))
-      c1, c5 = counts(*jax.device_put((x, y, mask), sharding))
+      mask = np.ones(rows, bool)   # zero-padded rows are masked out
+      c1, c5 = counts(*(parallel.shard_rows(a) for a in (x, y, mask)))
       top1, top5 = top1 + c1, top5 + c5
       bar.update(rows)
   return dict(top1=100.0 * int(top1) / n,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rapq_jax import objective, quantized, quantizers, resume, rounding, search
+from rapq_jax import objective, parallel, quantized, quantizers, resume, rounding, search
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
 from rapq_jax.reconstruct import hooks, reconstruct_unit, structural
@@ -66,7 +66,8 @@ def unit_lp(net: Network, unit_name: str, cfg: PTQConfig) -> float:
 
 
 def _batched(fn, x, batch: int = FORWARD_BATCH):
-  return jnp.concatenate([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+  """Row-wise ``fn`` over x [N, ...] in batches, each split over all devices."""
+  return parallel.map_rows(fn, x, batch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,7 +193,8 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
 
 def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
   """Validates calibration images (float NHWC, the first layer's channel count, at least
-  one batch, all finite) and returns them as float32; ValueError names what is wrong."""
+  one batch, all finite) and returns them as float32 on every device (so the states
+  computed from them share one placement); ValueError names what is wrong."""
   shape, dtype = getattr(calib, "shape", None), getattr(calib, "dtype", None)
   if shape is None or len(shape) != 4:
     raise ValueError(f"calibration images must be a rank-4 NHWC array; got shape {shape}")
@@ -208,7 +210,7 @@ def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
   if cfg.reconstruct and shape[0] < cfg.batch_size:
     raise ValueError(f"calibration set has {shape[0]} images, fewer than the batch size "
                      f"{cfg.batch_size}")
-  calib = jnp.asarray(calib, jnp.float32)
+  calib = parallel.replicate(jnp.asarray(calib, jnp.float32))
   bad = int(jnp.sum(~jnp.isfinite(calib)))
   if bad:
     raise ValueError(f"calibration set contains {bad} NaN or infinite values")

@@ -3,9 +3,11 @@ then activation exponents, against an Lp reconstruction of the FP unit's output.
 
 Gradient steps are one jitted function each, driven from Python (on CPU a conv weight
 gradient inside ``lax.fori_loop`` measured ~15x slower than the same jitted step called
-from a loop). Calibration inputs and targets are cached once per unit on the device and
-each step draws its batch there, so the loop has no host transfer except the periodic
-progress read-out.
+from a loop). Calibration inputs and targets are cached once per unit on the devices,
+split along rows over all of them (``parallel``), and each step draws its batch there,
+so the loop has no host transfer except the periodic progress read-out. Each device
+computes its share of the batch; the loss is a batch mean, so XLA averages the shares of
+the gradient across devices.
 
 Phases of a unit's weight stage (``iters_w`` steps in all):
 1. (RAPQ) ``exp_warm_iters`` steps learning ``alpha`` and the exponent logits ``v``
@@ -26,7 +28,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from rapq_jax import objective, quantizers, rounding
+from rapq_jax import objective, parallel, quantizers, rounding
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Unit, unit_apply
 
@@ -68,14 +70,16 @@ def _merge(a, b):
   return {r: {**a[r], **b[r]} for r in a}
 
 
-def _batch(xs, ys, key, batch_size):
-  idx = jax.random.randint(key, (batch_size,), 0, xs.shape[0])
-  return xs[idx], ys[idx]
+def _batch(xs, ys, key, batch_size, n):
+  """A batch of rows drawn from the first ``n`` (the rest is padding), split over the
+  devices: the same global indices on any device count."""
+  idx = jax.random.randint(key, (batch_size,), 0, n)
+  return parallel.constrain_rows(xs[idx]), parallel.constrain_rows(ys[idx])
 
 
 @functools.lru_cache(maxsize=None)
 def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
-                 learn_v: bool):
+                 learn_v: bool, n: int):
   wspecs, aspecs = dict(wspecs), dict(aspecs)
   # alpha and the exponent logits v learn at their own rates.
   opt = optax.multi_transform({"alpha": optax.adam(cfg.lr_w), "v": optax.adam(cfg.lr_exp)},
@@ -113,7 +117,7 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
   @jax.jit
   def step(train, opt_state, frozen, astates, params, targets, xs, ys, key, it):
     kb, kd = jax.random.split(jax.random.fold_in(key, it))
-    x, y_t = _batch(xs, ys, kb, cfg.batch_size)
+    x, y_t = _batch(xs, ys, kb, cfg.batch_size, n)
     (loss, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         train, frozen, astates, params, targets, x, y_t, it, kd)
     updates, opt_state = opt.update(grads, opt_state, train)
@@ -123,7 +127,7 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
 
 
 @functools.lru_cache(maxsize=None)
-def _act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float):
+def _act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float, n: int):
   wspecs, aspecs = dict(wspecs), dict(aspecs)
   opt = optax.adam(optax.cosine_decay_schedule(cfg.lr_a, max(cfg.iters_a, 1)))
 
@@ -133,7 +137,7 @@ def _act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float
 
   @jax.jit
   def step(astates, opt_state, wstates, params, xs, ys, key, it):
-    x, y_t = _batch(xs, ys, jax.random.fold_in(key, it), cfg.batch_size)
+    x, y_t = _batch(xs, ys, jax.random.fold_in(key, it), cfg.batch_size, n)
     loss, grads = jax.value_and_grad(loss_fn)(astates, wstates, params, x, y_t)
     updates, opt_state = opt.update(grads, opt_state, astates)
     return optax.apply_updates(astates, updates), opt_state, loss
@@ -163,13 +167,22 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
     unit, params, bn_targets: the folded unit (``Network`` entries).
     wstates / astates: initial quantizer states per layer role / activation point.
     wspecs / aspecs: their static ``WeightSpec`` / ``ActSpec``.
-    xs: float32 [N, ...] unit inputs from the quantized network; ys: FP targets.
+    xs: float32 [N, ...] unit inputs from the quantized network; ys: FP targets. Both
+      are placed split along rows over ``jax.devices()`` (zero-padded to a multiple of
+      the device count; batches are drawn from the N real rows only).
     p: Lp exponent of the reconstruction loss.
     key: PRNG key for batch sampling.
   Returns:
     UnitResult with exponents exactly integral (PoT modes) and weight rounding learned.
+  Raises:
+    ValueError: ``cfg.batch_size`` is not divisible by the device count.
   """
   start = time.perf_counter()
+  parallel.check_batch(cfg.batch_size)
+  n = xs.shape[0]
+  xs, ys = parallel.shard_rows(xs), parallel.shard_rows(ys)
+  params, bn_targets, wstates, astates = parallel.replicate(
+      (params, bn_targets, wstates, astates))
   shape = structural(unit)
   ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
   history = {"weights": [], "acts": []}
@@ -186,8 +199,8 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
       continue
     keys = ("alpha", "v") if with_v else ("alpha",)
     train, frozen = _split(wstates, keys)
-    opt, step = _weight_step(shape, ws_t, as_t, cfg, p, with_v)
-    opt_state = opt.init(train)
+    opt, step = _weight_step(shape, ws_t, as_t, cfg, p, with_v, n)
+    opt_state = parallel.replicate(opt.init(train))
     for it in range(first, last):
       train, opt_state, rec = step(train, opt_state, frozen, astates, params, bn_targets,
                                    xs, ys, kw, it)
@@ -206,8 +219,8 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
                                                reinit_alpha=cfg.reinit_alpha_on_harden)
                  for r, s in wstates.items()}
   if aspecs and cfg.iters_a:
-    opt, step = _act_step(shape, ws_t, as_t, cfg, p)
-    opt_state = opt.init(astates)
+    opt, step = _act_step(shape, ws_t, as_t, cfg, p, n)
+    opt_state = parallel.replicate(opt.init(astates))
     for it in range(cfg.iters_a):
       astates, opt_state, loss = step(astates, opt_state, wstates, params, xs, ys, ka, it)
       if (it + 1) % REPORT_EVERY == 0 or it + 1 == cfg.iters_a:

@@ -54,6 +54,22 @@ def test_parse_methods_rejects_unknown(text, bad):
     run.parse_methods(text)
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("auto", {}),
+    ("10.0.0.1:1234,2,0", dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0)),
+    ("host-a:99, 4, 3", dict(coordinator_address="host-a:99", num_processes=4, process_id=3)),
+])
+def test_parse_distributed(text, expected):
+  assert run.parse_distributed(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "yes", "host:1234", "host,2,0", "host:1234,2,2",
+                                  "host:1234,2,-1", "host:1234,2,0,1"])
+def test_parse_distributed_rejects(text):
+  with pytest.raises(ValueError, match=rf"bad --distributed '{re.escape(text)}'.*PROCESS_ID"):
+    run.parse_distributed(text)
+
+
 # Configs
 
 @pytest.mark.parametrize("name", configs.available())

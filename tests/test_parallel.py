@@ -1,0 +1,118 @@
+"""Specification of data parallelism (rapq_jax.parallel): calibration caching,
+reconstruction and evaluation split over 4 host devices give the 1-device result.
+
+The comparison runs the same tiny quantization in two subprocesses, one with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` and one with a single CPU device.
+Kept at 20 steps per unit: runs of 200 steps per unit on 4 emulated devices and 2 cores
+sometimes aborted in an XLA CPU all-gather rendezvous that one device never reached
+(with asynchronous dispatch or without); this test's size passed in every run here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from rapq_jax import parallel
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HW, N_CALIB, N_TEST = 8, 34, 30   # 34 and 30 rows: padded to 36 and 32 on 4 devices
+SMALL = dict(iters_w=20, iters_a=10, batch_size=8, search="none")
+
+
+def _child(out_path: str) -> None:
+  """Quantizes a tiny CIFAR ResNet with RAPQ on all devices and writes a JSON of its
+  exponents, integer weights, logits, top-1 on random labels, the placement of every
+  array split over the devices (rows before, rows after padding, devices, rows per
+  device) and the seconds it took."""
+  import time
+  import jax.numpy as jnp
+  from nets import random_variables
+  from rapq_jax import config, evaluate, fold, ptq
+  from rapq_jax.models.cifar_resnet import CifarResNet
+
+  placed = []
+  shard_rows = parallel.shard_rows
+
+  def recording(x):
+    out = shard_rows(x)
+    placed.append([x.shape[0], out.shape[0], len(out.sharding.device_set),
+                   out.addressable_shards[0].data.shape[0]])
+    return out
+
+  parallel.shard_rows = recording
+  model = CifarResNet(num_blocks=1)
+  net = fold.build_network(random_variables(model, HW), model=model)
+  calib = jax.random.normal(jax.random.PRNGKey(0), (N_CALIB, HW, HW, 3), jnp.float32)
+  test = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (N_TEST, HW, HW, 3)))
+  labels = np.random.default_rng(0).integers(0, 10, N_TEST)
+  start = time.perf_counter()
+  result = ptq.quantize_network(net, calib, config.for_method("rapq", **SMALL), progress=False)
+  acc = evaluate.evaluate(result.apply, test, labels, batch_size=16, progress=False)
+  seconds = time.perf_counter() - start
+  model = result.model
+  with open(out_path, "w") as f:
+    json.dump(dict(
+        devices=jax.device_count(), seconds=seconds, top1=acc["top1"], placed=placed,
+        logits=np.asarray(result.apply(test)).tolist(),
+        w_exp={f"{u}/{r}": np.asarray(w["e"]).tolist() for u, ws in model.weights.items()
+               for r, w in ws.items()},
+        w_int={f"{u}/{r}": np.asarray(w["q"]).tolist() for u, ws in model.weights.items()
+               for r, w in ws.items()},
+        a_exp={f"{u}/{a}": int(e) for u, acts in model.acts.items() for a, e in acts.items()},
+    ), f)
+
+
+def _run(devices: int, out_path: str) -> subprocess.Popen:
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  code = ("import sys; sys.path.insert(0, 'tests'); import test_parallel; "
+          f"test_parallel._child({out_path!r})")
+  return subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_four_devices_match_one_device(tmp_path):
+  """RAPQ (search after reconstruction) on a tiny ResNet, 34 calibration images,
+  batch 8: on 4 devices the cached unit inputs/targets are padded to 36 rows, 9 per
+  device. Tolerances: weight and activation exponents equal; integer weights differ in
+  at most 0.5 % of entries (float reduction order could flip an AdaRound decision near
+  0); logits within 1e-3; top-1 on 30 test images within one image. Measured: 0 of
+  74800 integer weights differ, logits and top-1 identical."""
+  procs = {d: (_run(d, str(tmp_path / f"{d}.json")), tmp_path / f"{d}.json") for d in (1, 4)}
+  runs = {}
+  for d, (proc, path) in procs.items():
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    runs[d] = json.loads(path.read_text())
+  one, four = runs[1], runs[4]
+  assert (one["devices"], four["devices"]) == (1, 4)
+  # Cached [34, ...] unit inputs/targets became 36 rows, 9 on each of 4 devices.
+  assert [34, 36, 4, 9] in four["placed"] and [34, 34, 1, 34] in one["placed"]
+  assert all(d == 4 and rows == 4 * per for _, rows, d, per in four["placed"])
+  assert four["w_exp"] == one["w_exp"] and four["a_exp"] == one["a_exp"]
+  flips = sum(int(np.sum(np.asarray(four["w_int"][k]) != np.asarray(v)))
+              for k, v in one["w_int"].items())
+  total = sum(np.asarray(v).size for v in one["w_int"].values())
+  assert flips <= 0.005 * total, (flips, total)
+  np.testing.assert_allclose(four["logits"], one["logits"], atol=1e-3, rtol=1e-3)
+  assert abs(four["top1"] - one["top1"]) <= 100 / N_TEST + 1e-9
+  print(f"\n1 device {one['seconds']:.1f} s, 4 devices {four['seconds']:.1f} s; "
+        f"{flips}/{total} integer weights differ; top-1 {one['top1']:.1f} / {four['top1']:.1f}; "
+        f"max |logit diff| {np.max(np.abs(np.subtract(four['logits'], one['logits']))):.2g}")
+
+
+def test_batch_must_split_over_devices(monkeypatch):
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  parallel.check_batch(8)
+  with pytest.raises(ValueError, match=r"batch size 6 is not divisible by the device count 4"):
+    parallel.check_batch(6)
+
+
+def test_pad_rows_on_one_device():
+  x = np.arange(6.0).reshape(3, 2)
+  assert parallel.pad_rows(x) is x
+  assert parallel.shard_rows(x).shape == (3, 2)
