@@ -84,10 +84,20 @@ def test_every_method_runs(tiny, run, method):
     assert result.report["units"] == {}
   assert (result.model is None) == (method == "brecq")
   if method == "rapq":
-    info = result.report["search"]["after"]
-    assert info["after"] <= info["before"]
     for name, unit_info in result.report["units"].items():
       assert unit_info["p"] in ((2.0,) if name == "linear" else (1.0, 1.1))
+
+
+def test_search_before_and_after_reconstruction(tiny):
+  """search='both': the weight/activation search on round-to-nearest states, then the
+  activation search after reconstruction; neither raises its objective."""
+  net, calib, _ = tiny
+  result = ptq.quantize_network(net, calib, config.for_method("rapq", search="both", **SMALL),
+                                progress=False)
+  assert set(result.report["search"]) == {"before", "after"}
+  for info in result.report["search"].values():
+    assert info["after"] <= info["before"]
+  quantized.check_power_of_two(result.model)
 
 
 @pytest.mark.parametrize("method", POT_METHODS)
@@ -267,7 +277,7 @@ def test_too_few_calibration_images(tiny):
     ("brecq", dict(pot_scales=False, reconstruct=True, learns_exponent=False, search="none")),
     ("brecq_pot", dict(pot_scales=True, reconstruct=True, learns_exponent=False, search="none")),
     ("rapq", dict(pot_scales=True, reconstruct=True, learns_exponent=False, exp_init="lp",
-                  search="after", lp_source="bn")),
+                  search="none", lp_source="bn")),
 ])
 def test_method_presets(method, expected):
   cfg = config.for_method(method)
