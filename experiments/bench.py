@@ -51,7 +51,8 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
   learn_v = any("v" in s for s in wstates.values())
   train, frozen = reconstruct._split(wstates, ("alpha", "v") if learn_v else ("alpha",))
-  opt, step = reconstruct._weight_step(shape_unit, ws_t, as_t, cfg, 2.0, learn_v)
+  n = xs.shape[0]
+  opt, step = reconstruct._weight_step(shape_unit, ws_t, as_t, cfg, 2.0, learn_v, n)
   state = opt.init(train)
   t0 = time.perf_counter()
   train, state, loss = step(train, state, frozen, astates, params, bn, xs, ys, key, 0)
@@ -65,7 +66,7 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   act_s = 0.0
   if aspecs:
     hard = {r: {k: v for k, v in s.items() if k != "v"} for r, s in wstates.items()}
-    opt, astep = reconstruct._act_step(shape_unit, ws_t, as_t, cfg, 2.0)
+    opt, astep = reconstruct._act_step(shape_unit, ws_t, as_t, cfg, 2.0, n)
     state = opt.init(astates)
     t0 = time.perf_counter()
     astates, state, loss = astep(astates, state, hard, params, xs, ys, key, 0)

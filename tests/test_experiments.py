@@ -152,3 +152,18 @@ def test_bad_flags_fail_before_any_output(tmp_path, args, message):
   assert out.returncode != 0
   assert message in out.stderr
   assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_bench_writes_per_unit_timings(tmp_path):
+  """experiments.bench end to end on the small Fashion-MNIST ResNet, 2 timed steps."""
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--model", "fmnist_resnet",
+                         "--image_size", "28", "--iters", "2", "--cache", "16",
+                         "--batch_size", "8", f"--out={out}"], cwd=REPO, capture_output=True,
+                        text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  record = json.loads(out.read_text())
+  assert record["units"] and {u["model"] for u in record["units"]} == {"fmnist_resnet"}
+  for u in record["units"]:
+    assert u["weight_s_per_iter"] > 0 and u["compile_s"] > 0
+  assert record["machine"]["device_kind"]
