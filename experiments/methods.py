@@ -29,8 +29,7 @@ QUANT_METHODS = {
                          "RAPQ with nearest (log-domain) exponents instead of the Lp choice"),
     "rapq_no_bnp": ("rapq", {"lp_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),
     "rapq_bnstats": ("rapq", {"bn_stats_weight": 1.0}, "RAPQ plus the BN-statistics term"),
-    "rapq_search": ("rapq", {"search": "after"},
-                    "RAPQ plus the network-wide exponent search after reconstruction"),
+    "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),
 }
 
 

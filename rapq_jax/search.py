@@ -31,14 +31,19 @@ class SearchResult(NamedTuple):
   sweeps: int
 
 
-def quantizer_names(net: Network, states: dict, *, weights: bool, acts: bool) -> tuple:
-  """(unit, kind, name) of every searchable quantizer, in network order."""
+def quantizer_names(net: Network, states: dict, *, weights: bool, acts: bool,
+                    specs: dict | None = None, below_bits: int | None = None) -> tuple:
+  """(unit, kind, name) of every searchable quantizer, in network order; with
+  ``below_bits`` only those whose spec (``specs[unit]``) has fewer bits."""
   names = []
   for unit in net.units:
     if weights:
       names += [(unit.name, "w", l.role) for l in unit.layers]
     if acts:
       names += [(unit.name, "a", a.name) for a in unit.acts if a.name in states[unit.name]["a"]]
+  if below_bits is not None:
+    names = [n for n in names
+             if specs[n[0]][0 if n[1] == "w" else 1][n[2]].bits < below_bits]
   return tuple(names)
 
 
@@ -61,7 +66,7 @@ def quantized_logits(net: Network, states: dict, specs: dict, x):
 
 def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
                      weights: bool, acts: bool, kind: str = "kl",
-                     max_sweeps: int = 3) -> SearchResult:
+                     max_sweeps: int = 3, below_bits: int | None = None) -> SearchResult:
   """Runs the coordinate descent.
 
   Args:
@@ -69,8 +74,10 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
       states and ``(wspecs, aspecs)``; exponents must be integral (hard).
     x: float32 [N, H, W, C] calibration inputs; fp_logits: [N, classes] FP outputs.
     weights / acts: which quantizers to search. kind: 'kl' or 'mse'.
+    below_bits: search only quantizers with fewer bits (None: all).
   """
-  names = quantizer_names(net, states, weights=weights, acts=acts)
+  names = quantizer_names(net, states, weights=weights, acts=acts, specs=specs,
+                          below_bits=below_bits)
   n = len(names)
 
   def value(offsets):

@@ -28,8 +28,8 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_nearest_exp", "exp_init", "nearest"),
     ("rapq_no_bnp", "lp_source", "fixed"),
     ("rapq_bnstats", "bn_stats_weight", 1.0),
-    ("rapq", "search", "none"),
-    ("rapq_search", "search", "after"),
+    ("rapq", "search", "after"),
+    ("rapq_no_search", "search", "none"),
 ])
 def test_method_presets(method, field, value):
   assert getattr(methods.ptq_config(base.get_base_config(), method), field) == value

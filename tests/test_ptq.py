@@ -84,6 +84,8 @@ def test_every_method_runs(tiny, run, method):
     assert result.report["units"] == {}
   assert (result.model is None) == (method == "brecq")
   if method == "rapq":
+    info = result.report["search"]["after"]
+    assert info["after"] <= info["before"]
     for name, unit_info in result.report["units"].items():
       assert unit_info["p"] in ((2.0,) if name == "linear" else (1.0, 1.1))
 
@@ -277,7 +279,7 @@ def test_too_few_calibration_images(tiny):
     ("brecq", dict(pot_scales=False, reconstruct=True, learns_exponent=False, search="none")),
     ("brecq_pot", dict(pot_scales=True, reconstruct=True, learns_exponent=False, search="none")),
     ("rapq", dict(pot_scales=True, reconstruct=True, learns_exponent=False, exp_init="lp",
-                  search="none", lp_source="bn")),
+                  search="after", lp_source="bn")),
 ])
 def test_method_presets(method, expected):
   cfg = config.for_method(method)

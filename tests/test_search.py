@@ -113,3 +113,12 @@ def test_shift_states_adds_offsets_exactly(problem):
   chex.assert_trees_all_equal(back, states)
   unchanged = search.shift_states(states, (), jnp.zeros((0,), jnp.int32))
   chex.assert_trees_all_equal(unchanged, states)
+
+
+def test_below_bits_keeps_first_and_last_quantizers_out(problem):
+  net, states, specs = problem[0], problem[1], problem[2]
+  every = search.quantizer_names(net, states, weights=True, acts=True)
+  low = search.quantizer_names(net, states, weights=True, acts=True, specs=specs, below_bits=8)
+  bits = {n: specs[n[0]][0 if n[1] == "w" else 1][n[2]].bits for n in every}
+  assert low == tuple(n for n in every if bits[n] < 8)
+  assert 0 < len(low) < len(every)
