@@ -2,9 +2,22 @@
 
 ``rapq_jax.quantize(model, variables, calibration_images)`` quantizes a user's own
 ``flax.linen`` model (see ``rapq_jax.adapter``); ``rapq_jax.ptq`` is the pipeline on
-folded networks and ``rapq_jax.config`` its settings.
+folded networks and ``rapq_jax.config`` its settings. Names load on first use, so that
+``rapq_jax.reference_reader`` runs with numpy alone.
 """
-from rapq_jax.adapter import UnsupportedModelError, quantize, read_model
-from rapq_jax.config import PTQConfig, for_method
+import importlib
 
-__all__ = ["PTQConfig", "UnsupportedModelError", "for_method", "quantize", "read_model"]
+_EXPORTS = {"quantize": "adapter", "read_model": "adapter", "UnsupportedModelError": "adapter",
+            "PTQConfig": "config", "for_method": "config"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"rapq_jax.{_EXPORTS[name]}"), name)
+  try:
+    return importlib.import_module(f"rapq_jax.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"rapq_jax.{name}":
+      raise
+    raise AttributeError(f"module 'rapq_jax' has no attribute {name!r}") from None
