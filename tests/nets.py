@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def random_variables(model, hw: int, seed: int = 0) -> dict:
-  """He-scaled random kernels and random BN statistics, without ``model.init``."""
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+def random_variables(model, hw: int, seed: int = 0, init_kwargs=None) -> dict:
+  """He-scaled random kernels and random BN statistics, without ``model.init``.
+  ``init_kwargs``: extra arguments of the model's ``__call__`` (default ``train=False``)."""
+  kwargs = {"train": False} if init_kwargs is None else init_kwargs
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs),
                           jax.ShapeDtypeStruct((1, hw, hw, 3), jnp.float32))
   rng = np.random.default_rng(seed)
 

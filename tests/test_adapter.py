@@ -235,25 +235,10 @@ class StagedNet(nn.Module):
     return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
 
 
-def random_variables_any(model, images):
-  """Random variables for a model whose ``__call__`` takes only the images."""
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images[:1])
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['var']"):
-      return jnp.asarray(rng.uniform(0.3, 3.0, leaf.shape), jnp.float32)
-    scale = np.sqrt(2.0 / np.prod(leaf.shape[:-1])) if name.endswith("['kernel']") else 0.2
-    return jnp.asarray(rng.normal(size=leaf.shape) * scale, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def test_unit_patterns_select_nested_blocks():
   images = jax.random.normal(jax.random.PRNGKey(0), (8, HW, HW, 3), jnp.float32)
   model = StagedNet()
-  variables = random_variables_any(model, images)
+  variables = random_variables(model, HW, init_kwargs={})
   with pytest.raises(adapter.UnsupportedModelError, match="Stage_0"):
     adapter.read_model(model, variables, images)
   net = adapter.read_model(model, variables, images, unit_patterns=("Stage_*/ResBlock_*",))
@@ -302,7 +287,7 @@ class DenseInside(nn.Module):
 ])
 def test_unsupported_models_are_named(model, match):
   images = jax.random.normal(jax.random.PRNGKey(0), (8, HW, HW, 3), jnp.float32)
-  variables = random_variables_any(model, images)
+  variables = random_variables(model, HW, init_kwargs={})
   with pytest.raises(adapter.UnsupportedModelError, match=match):
     adapter.read_model(model, variables, images)
 
@@ -310,7 +295,7 @@ def test_unsupported_models_are_named(model, match):
 def test_train_mode_model_reads_with_apply_kwargs():
   images = jax.random.normal(jax.random.PRNGKey(0), (8, HW, HW, 3), jnp.float32)
   model = TrainModeBN()
-  variables = random_variables_any(model, images)
+  variables = random_variables(model, HW, init_kwargs={})
   net = adapter.read_model(model, variables, images, apply_kwargs={"train": False})
   np.testing.assert_allclose(network_apply(net, images), model.apply(variables, images, False),
                              rtol=1e-5, atol=1e-4)
