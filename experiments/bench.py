@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from experiments import report
 from rapq_jax import config as ptq_config_lib
-from rapq_jax import fold, ptq, reconstruct
+from rapq_jax import fold, parallel, ptq, reconstruct
 from rapq_jax.network import unit_apply
 from rapq_jax.models import get_model
 
@@ -46,14 +46,18 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   xs = jax.random.normal(key, (_CACHE.value,) + tuple(shape[1:]), jnp.float32)
   init, _, fp = ptq._fns(unit, {unit.name: specs}, cfg)
   ys = fp(params, xs)
-  wstates, astates = init(params, xs[:_CACHE.value])
+  wstates, astates = init(params, xs)
+  # Placed as reconstruct.reconstruct_unit places them: the steps' outputs carry the
+  # mesh, so unplaced inputs would compile each step a second time inside the timing.
+  xs, ys = parallel.shard_rows(xs), parallel.shard_rows(ys)
+  params, bn, wstates, astates = parallel.replicate((params, bn, wstates, astates))
   shape_unit = reconstruct.structural(unit)
   ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
   learn_v = any("v" in s for s in wstates.values())
   train, frozen = reconstruct._split(wstates, ("alpha", "v") if learn_v else ("alpha",))
   n = xs.shape[0]
   opt, step = reconstruct._weight_step(shape_unit, ws_t, as_t, cfg, 2.0, learn_v, n)
-  state = opt.init(train)
+  state = parallel.replicate(opt.init(train))
   t0 = time.perf_counter()
   train, state, loss = step(train, state, frozen, astates, params, bn, xs, ys, key, 0)
   loss.block_until_ready()
@@ -67,7 +71,7 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   if aspecs:
     hard = {r: {k: v for k, v in s.items() if k != "v"} for r, s in wstates.items()}
     opt, astep = reconstruct._act_step(shape_unit, ws_t, as_t, cfg, 2.0, n)
-    state = opt.init(astates)
+    state = parallel.replicate(opt.init(astates))
     t0 = time.perf_counter()
     astates, state, loss = astep(astates, state, hard, params, xs, ys, key, 0)
     loss.block_until_ready()
