@@ -4,13 +4,28 @@ Tests that need the shared CIFAR-10 data or pretrained models find it through th
 environment variable ``RAPQ_SHARED_DIR`` (``.ci/run`` sets it to ``../shared``).
 Outside CI a missing directory skips those tests; with ``CI=true`` it fails them,
 so CI never passes without having run them.
+
+The session shares one XLA compilation cache (a temporary directory, unless
+``JAX_COMPILATION_CACHE_DIR`` is set) with the subprocesses its tests start, so a
+computation that several tests or processes build (the same step of a tiny model,
+``experiments.run`` started again to resume) compiles once.
 """
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="rapq-jax-xla-cache-")
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def _missing(what: str):
