@@ -96,19 +96,22 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
   bits = sorted({report.bits_label(r) for _, rec in runs for r in rec["results"]
                  if r["wbits"] is not None}, key=lambda b: (-int(b[1]), b))
   lines = [f"## Summary: {model}", "",
-           "Top-1 % by method and bit width; details of each file in its own section below.", "",
-           "| method | " + " | ".join(bits) + " | iterations | device | file |",
-           "|---|" + "---|" * (len(bits) + 3)]
+           "Top-1 % by method and bit width; details of each file in its own section below. "
+           "A method name means that method as the file's commit implemented it: rows of one "
+           "method from different commits can differ in defaults (the file's section says how).",
+           "", "| method | " + " | ".join(bits) + " | iterations | device | commit | file |",
+           "|---|" + "---|" * (len(bits) + 4)]
   for name, rec in runs:
     env = rec.get("machine", {})
     device = env.get("device_kind") or ", ".join(env.get("devices", []))
     ptq = next((r.get("ptq") for r in rec["results"] if r.get("ptq")), {}) or {}
     iters = f"{ptq.get('iters_w', '?')}/{ptq.get('iters_a', '?')}"
+    commit = ((rec.get("git") or {}).get("commit") or "unknown")[:7]
     methods = list(dict.fromkeys(r["method"] for r in rec["results"] if r["method"] != "fp"))
     for m in methods:
       cells = [next((f"{r['top1']:.2f}" for r in rec["results"]
                      if r["method"] == m and report.bits_label(r) == b), "") for b in bits]
-      lines.append(f"| {m} | " + " | ".join(cells) + f" | {iters} | {device} | {name} |")
+      lines.append(f"| {m} | " + " | ".join(cells) + f" | {iters} | {device} | `{commit}` | {name} |")
   return "\n".join(lines) + "\n"
 
 
