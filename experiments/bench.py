@@ -47,15 +47,13 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   init, _, fp = ptq._fns(unit, {unit.name: specs}, cfg)
   ys = fp(params, xs)
   wstates, astates = init(params, xs)
-  # Placed as reconstruct.reconstruct_unit places them: the steps' outputs carry the
-  # mesh, so unplaced inputs would compile each step a second time inside the timing.
-  xs, ys = parallel.shard_rows(xs), parallel.shard_rows(ys)
-  params, bn, wstates, astates = parallel.replicate((params, bn, wstates, astates))
+  n = xs.shape[0]  # real rows; placing pads them to a multiple of the device count
+  xs, ys, (params, bn, wstates, astates) = reconstruct.place(
+      xs, ys, (params, bn, wstates, astates))
   shape_unit = reconstruct.structural(unit)
   ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
   learn_v = any("v" in s for s in wstates.values())
   train, frozen = reconstruct._split(wstates, ("alpha", "v") if learn_v else ("alpha",))
-  n = xs.shape[0]
   opt, step = reconstruct._weight_step(shape_unit, ws_t, as_t, cfg, 2.0, learn_v, n)
   state = parallel.replicate(opt.init(train))
   t0 = time.perf_counter()

@@ -77,6 +77,13 @@ def _batch(xs, ys, key, batch_size, n):
   return parallel.constrain_rows(xs[idx]), parallel.constrain_rows(ys[idx])
 
 
+def place(xs, ys, tree):
+  """The unit's cached inputs/targets xs, ys [N, ...] split along rows over the devices
+  and ``tree`` (parameters, states) replicated: the placement of the steps' own outputs,
+  so inputs placed here compile each step once (unplaced ones compile it twice)."""
+  return parallel.shard_rows(xs), parallel.shard_rows(ys), parallel.replicate(tree)
+
+
 @functools.lru_cache(maxsize=None)
 def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
                  learn_v: bool, n: int):
@@ -180,9 +187,8 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
   start = time.perf_counter()
   parallel.check_batch(cfg.batch_size)
   n = xs.shape[0]
-  xs, ys = parallel.shard_rows(xs), parallel.shard_rows(ys)
-  params, bn_targets, wstates, astates = parallel.replicate(
-      (params, bn_targets, wstates, astates))
+  xs, ys, (params, bn_targets, wstates, astates) = place(
+      xs, ys, (params, bn_targets, wstates, astates))
   shape = structural(unit)
   ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
   history = {"weights": [], "acts": []}
