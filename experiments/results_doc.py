@@ -23,6 +23,11 @@ _RESULTS = flags.DEFINE_string("results_dir", str(REPO / "results"), "Result fil
 _OUT = flags.DEFINE_string("out", str(REPO / "docs" / "RESULTS.md"), "Markdown file to write.")
 
 
+def _commit(record: dict) -> str:
+  """The git commit a record was produced at ('unknown' where it has none)."""
+  return (record.get("git") or {}).get("commit") or "unknown"
+
+
 def _run_section(name: str, record: dict) -> str:
   cfg = record.get("config", {})
   env = record.get("machine", {})
@@ -43,7 +48,7 @@ def _run_section(name: str, record: dict) -> str:
   if env.get("device_kind"):
     machine += f" ({env['device_kind']}"
     machine += f", matmul precision {env['matmul_precision']})" if "matmul_precision" in env else ")"
-  commit = (record.get("git") or {}).get("commit") or "unknown"
+  commit = _commit(record)
   lines = [f"## {name}", "", "; ".join(facts) + ".", "",
            f"Machine: {machine}. Versions: " +
            ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items()) +
@@ -106,7 +111,7 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
     device = env.get("device_kind") or ", ".join(env.get("devices", []))
     ptq = next((r.get("ptq") for r in rec["results"] if r.get("ptq")), {}) or {}
     iters = f"{ptq.get('iters_w', '?')}/{ptq.get('iters_a', '?')}"
-    commit = ((rec.get("git") or {}).get("commit") or "unknown")[:7]
+    commit = _commit(rec)[:7]
     methods = list(dict.fromkeys(r["method"] for r in rec["results"] if r["method"] != "fp"))
     for m in methods:
       cells = [next((f"{r['top1']:.2f}" for r in rec["results"]
