@@ -93,7 +93,7 @@ def bench_model(name: str, size: int, channels: int) -> list[dict]:
   specs = ptq.unit_specs(net, cfg)
   x = jnp.zeros((1, size, size, channels))
   rows, seen = [], set()
-  for unit in tqdm(net.units, desc=name):
+  for unit in tqdm(net.units, desc=name, disable=None):
     shape = x.shape
     x, _ = unit_apply(unit, net.params[unit.name], x)
     ident = (reconstruct.structural(unit), shape)

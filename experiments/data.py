@@ -15,7 +15,8 @@ CIFAR_MEAN = IMAGENET_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Debian's dataset-fashion-mnist IDX files; RAPQ_FASHION_MNIST_DIR points elsewhere.
+FASHION_MNIST_DIR = os.environ.get("RAPQ_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 TFDS_NAMES = ("cifar10", "fashion_mnist", "imagenet2012")
 
 _IDX_IMAGES_MAGIC = 0x00000803  # ubyte, 3 dims

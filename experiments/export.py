@@ -99,7 +99,8 @@ def check_onnx(run_dir, onnx_paths: list[pathlib.Path], *, test_size: int | None
     qm = export.load_model(run_dir / "models" / path.stem)
     sessions = _sessions(path)
     sim, ort_out = [], {k: [] for k in sessions}
-    for i in tqdm(range(0, len(labels), batch), desc=f"onnx check {path.stem}"):
+    for i in tqdm(range(0, len(labels), batch), desc=f"onnx check {path.stem}",
+                  disable=None):
       x = np.asarray(data.preprocess(data.test_images[i:i + batch]), np.float32)
       sim.append(np.asarray(simulate(qm, x)))
       for k, session in sessions.items():

@@ -47,7 +47,13 @@ def resolve_paths(config: ml_collections.ConfigDict, shared_dir: str) -> ml_coll
 def _load_split(dataset: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N, H, W, C], labels int32 [N]) of dataset[split] ('train' or 'test')."""
   if dataset.source == "npz":
-    return data_lib.load_npz(dataset[split])
+    path = location(dataset[split])
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"config.dataset.{split}: npz dataset {path} not found; give an .npz with 'images' "
+          "uint8 [N, H, W, C] and 'labels' (--config.dataset.train/test=PATH), or another "
+          "source: --config.dataset.source=fashion_mnist (Debian's IDX files) or tfds")
+    return data_lib.load_npz(path)
   if dataset.source == "fashion_mnist":
     root = dataset.data_dir or data_lib.FASHION_MNIST_DIR
     return data_lib.load_fashion_mnist(dataset[split], root)
@@ -73,21 +79,22 @@ def load_data(config: ml_collections.ConfigDict) -> Data:
   return Data(calib_images, calib_labels, test_images, test_labels, preprocess)
 
 
-def checkpoint_location(checkpoint: str) -> str:
-  """`checkpoint`, or the repository root joined with it for a relative path that is no file here.
+def location(path: str) -> str:
+  """`path`, or the repository root joined with it for a relative path that is no file here.
 
-  Committed checkpoints are named relative to the repository root
-  (experiments/checkpoints/...), so jobs find them from any working directory.
+  Committed checkpoints and data are named relative to the repository root
+  (experiments/checkpoints/...), so jobs find them from any working directory and
+  from an installed package (which holds experiments/checkpoints as package data).
   """
-  if (urllib.parse.urlparse(checkpoint).scheme in convert.URL_SCHEMES
-      or os.path.isabs(checkpoint) or os.path.isfile(checkpoint)):
-    return checkpoint
-  return str(REPO_ROOT / checkpoint)
+  if (urllib.parse.urlparse(path).scheme in convert.URL_SCHEMES
+      or os.path.isabs(path) or os.path.isfile(path)):
+    return path
+  return str(REPO_ROOT / path)
 
 
 def load_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, dict]:
-  """(model, {'params', 'batch_stats'}) from config.checkpoint (see `checkpoint_location`)."""
-  return convert.load_pretrained(checkpoint_location(config.checkpoint), config.model,
+  """(model, {'params', 'batch_stats'}) from config.checkpoint (see `location`)."""
+  return convert.load_pretrained(location(config.checkpoint), config.model,
                                  scheme=config.checkpoint_scheme)
 
 

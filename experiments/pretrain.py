@@ -140,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, output_dir: str | os.P
     batches = data_lib.train_batches(train_images, train_labels, config.batch_size, order_rng,
                                      mean=config.mean, std=config.std)
     with tqdm.tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
-                   unit="step") as bar:
+                   unit="step", disable=None) as bar:
       for images, labels in bar:
         state, step_metrics = train_step(state, images, labels, dropout_key)
         metrics.append(step_metrics)

@@ -22,6 +22,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -212,6 +213,10 @@ def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int |
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Quiet by default: progress, per-unit lines and the table, but no library INFO logs
+    # (orbax checkpoint saves, JAX backend probes); --verbosity=0 (-v 0) shows them.
+    logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value is not None:
     jax.distributed.initialize(**_DISTRIBUTED.value)
   name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
@@ -241,6 +246,10 @@ def main(argv):
         except ValueError as err:
           raise app.UsageError(str(err)) from None
       runs.append((method, wbits, abits, method_config))
+  try:  # data first: a missing or bad file stops the run before anything is written
+    data = pipeline.load_data(config)
+  except (OSError, ValueError, ImportError) as err:
+    sys.exit(f"experiments.run: error: {err}")
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   workdir.mkdir(parents=True, exist_ok=True)
   try:
@@ -249,7 +258,6 @@ def main(argv):
     raise app.UsageError(str(err)) from None
 
   env = report.environment()  # the code as it was when the run started
-  data = pipeline.load_data(config)
   results = []
   for method, wbits, abits, method_config in runs:
     results.append(run_once(workdir, method, wbits, abits, method_config, data))

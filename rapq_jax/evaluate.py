@@ -68,7 +68,7 @@ def evaluate(apply_fn: Callable[[jax.Array], jax.Array],
     batch_size: images per step, split evenly over `jax.devices()` (each batch is
       padded to a multiple of the device count; padded rows are not counted).
     preprocess: host-side numpy function applied per batch, e.g. uint8 -> float32.
-    progress: show a tqdm progress bar.
+    progress: show a tqdm progress bar (on a terminal only: none in a file or pipe).
     desc: progress bar label.
 
   Returns:
@@ -79,7 +79,7 @@ def evaluate(apply_fn: Callable[[jax.Array], jax.Array],
   n = images.shape[0]
   counts, num_classes = None, None
   top1, top5 = 0, 0
-  with tqdm.tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+  with tqdm.tqdm(total=n, desc=desc, unit="img", disable=None if progress else True) as bar:
     for start in range(0, n, batch_size):
       x = images[start:start + batch_size]
       rows = x.shape[0]

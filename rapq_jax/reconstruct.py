@@ -198,8 +198,9 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
   if learn_v:
     phases.append(("exponent", 0, min(cfg.exp_warm_iters, cfg.iters_w), True))
   phases.append(("rounding", phases[0][2] if phases else 0, cfg.iters_w, False))
-  bar = tqdm(total=cfg.iters_w + (cfg.iters_a if aspecs else 0), disable=not progress,
-             desc=f"{unit.name:>14}", leave=False, dynamic_ncols=True)
+  bar = tqdm(total=cfg.iters_w + (cfg.iters_a if aspecs else 0), desc=f"{unit.name:>14}",
+             disable=None if progress else True,  # None: a bar on a terminal only
+             leave=False, dynamic_ncols=True)
   for phase, first, last, with_v in phases:
     if first >= last:
       continue

@@ -18,6 +18,8 @@ import tempfile
 
 import pytest
 
+from experiments import data
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -47,7 +49,7 @@ def shared_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> pathlib.Path:
   """Debian's Fashion-MNIST IDX files (apt-get install -y dataset-fashion-mnist)."""
-  root = pathlib.Path(os.environ.get("RAPQ_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+  root = pathlib.Path(data.FASHION_MNIST_DIR)  # RAPQ_FASHION_MNIST_DIR, else Debian's path
   if not (root / "t10k-images-idx3-ubyte.gz").is_file():
     _missing(f"Fashion-MNIST IDX files at {root}")
   return root

@@ -1,4 +1,4 @@
-"""Small MobileNetV2 (6 inverted residual blocks) on Fashion-MNIST (Debian IDX files, committed checkpoint).
+"""Small MobileNetV2 (6 inverted residual blocks) on Fashion-MNIST (committed data and checkpoint, as fmnist_resnet).
 
 The checkpoint comes from `python -m experiments.pretrain --config fmnist_mobilenet`;
 its FP32 test top-1 is recorded in experiments/checkpoints/fmnist_mobilenet.json.
