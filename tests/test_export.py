@@ -213,11 +213,10 @@ def test_export_cli_without_models_fails(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_run_method_saves_a_model_that_exports(fashion_mnist_dir, tmp_path):
+def test_run_method_saves_a_model_that_exports(tmp_path):
   """A real run (Fashion-MNIST ResNet, naive PoT) saves its model; the integer path of
   the saved model predicts exactly what the run evaluated, and both exports work."""
   config = load_config("fmnist_resnet")
-  config.dataset.data_dir = str(fashion_mnist_dir)
   config.calibration_size, config.test_size = 64, 200
   data = pipeline.load_data(config)
   record = methods.run_method(config, data, "naive", progress=False, save_dir=tmp_path / "models")

@@ -21,9 +21,11 @@ from experiments import data, embed_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "experiments" / "checkpoints"
-TINY = ["--bits", "4/4", "--config.weight_iters=12", "--config.act_iters=4",
-        "--config.calibration_size=64", "--config.test_size=300",
-        "--config.ptq.search_samples=32", "--config.ptq.search_sweeps=1"]
+# A small budget that still separates the methods (measured at this commit on these
+# 1000 test images: FP 91.1, naive 36.2, rapq 87.6 % at W4A4; runs are deterministic).
+SMALL = ["--methods", "naive,rapq", "--bits", "4/4", "--config.weight_iters=40",
+         "--config.act_iters=10", "--config.calibration_size=128", "--config.test_size=1000",
+         "--config.ptq.search_samples=32", "--config.ptq.search_sweeps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,7 @@ def installed(tmp_path_factory) -> pathlib.Path:
 
 
 def test_default_job_runs_from_the_installed_package_with_shipped_data_only(installed, tmp_path):
+  """Also the quality guard: a change that breaks RAPQ's reconstruction fails here."""
   hidden = tmp_path / "no-fashion-mnist"
   hidden.mkdir()
   work = tmp_path / "cwd"
@@ -51,7 +54,7 @@ def test_default_job_runs_from_the_installed_package_with_shipped_data_only(inst
   where = subprocess.run([sys.executable, "-c", "import experiments; print(experiments.__file__)"],
                          cwd=work, env=env, capture_output=True, text=True, check=True)
   assert where.stdout.startswith(str(installed)), where.stdout
-  out = subprocess.run([sys.executable, "-m", "experiments.run", *TINY, "--workdir=run"],
+  out = subprocess.run([sys.executable, "-m", "experiments.run", *SMALL, "--workdir=run"],
                        cwd=work, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   run = work / "run"
@@ -59,7 +62,10 @@ def test_default_job_runs_from_the_installed_package_with_shipped_data_only(inst
                "reconstruction_loss.png", "config.json"):
     assert (run / name).stat().st_size > 0, name
   record = json.loads((run / "results.json").read_text())
-  assert [r["method"] for r in record["results"]] == ["fp", "naive", "brecq", "rapq"]
+  top1 = {r["method"]: r["top1"] for r in record["results"]}
+  assert list(top1) == ["fp", "naive", "rapq"]
+  assert top1["rapq"] >= top1["fp"] - 8 and top1["rapq"] >= top1["naive"] + 30, top1
+  assert all(r["power_of_two"] for r in record["results"][1:])
   assert record["config"]["model"] == "fmnist_resnet"
   assert record["git"] == {"commit": None, "dirty": None}  # no checkout beside the package
   table = (run / "results.md").read_text()

@@ -170,8 +170,8 @@ def _finish(proc, log, *, ok=True, timeout=600):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_results(fashion_mnist_dir, tmp_path):
-  args = [*TINY, "--methods", "rapq", f"--config.dataset.data_dir={fashion_mnist_dir}"]
+def test_killed_run_resumes_to_identical_results(tmp_path):
+  args = [*TINY, "--methods", "rapq"]
   cache, plain, run_dir = tmp_path / "jax_cache", tmp_path / "plain", tmp_path / "resumed"
   _finish(_cli(args, plain, cache, tmp_path / "plain.log"), tmp_path / "plain.log")
   proc = _cli(args, run_dir, cache, tmp_path / "killed.log")
@@ -197,8 +197,8 @@ def test_killed_run_resumes_to_identical_results(fashion_mnist_dir, tmp_path):
                               export.load_model(run_dir / "models" / "rapq_w4a4").weights)
 
 
-def test_run_refuses_a_workdir_of_another_config(fashion_mnist_dir, tmp_path):
-  args = [*TINY, "--methods", "fp", f"--config.dataset.data_dir={fashion_mnist_dir}"]
+def test_run_refuses_a_workdir_of_another_config(tmp_path):
+  args = [*TINY, "--methods", "fp"]
   cache, run_dir, log = tmp_path / "jax_cache", tmp_path / "run", tmp_path / "run.log"
   _finish(_cli(args, run_dir, cache, log), log)
   before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
