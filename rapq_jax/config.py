@@ -50,6 +50,9 @@ class PTQConfig:
   bn_stats_weight: float = 0.0
   init_p: float = 2.4
   weight_phase_act_quant: float = 0.0
+  # After the activation phase, re-choose each PoT activation exponent among round(t) + k,
+  # |k| <= act_exp_window, by the unit's loss over its calibration cache (0: off).
+  act_exp_window: int = 0
   # After reconstruction, over the low-bit quantizers only (first/last-layer ones keep
   # their exponents): ResNet-20 W2A4 77.41 vs 77.16 without a search and 76.40 when it
   # also moved the 8-bit classifier input; Fashion-MNIST ResNet W2A4 78.74 vs 72.87.
@@ -65,7 +68,7 @@ class PTQConfig:
         pot.check_bits(getattr(self, name))
       except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
-    for name in ("iters_w", "iters_a", "search_sweeps", "exp_warm_iters"):
+    for name in ("iters_w", "iters_a", "search_sweeps", "exp_warm_iters", "act_exp_window"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 0")
     for name in ("batch_size", "search_samples"):

@@ -192,7 +192,8 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
   res = reconstruct_unit(unit, params, net.bn[unit.name], wstates, astates, wspecs, aspecs,
                          q_x, fp_y, cfg, p, key, progress=progress)
   return {"w": res.wstates, "a": res.astates}, {"seconds": res.seconds, "p": p,
-                                                "history": res.history}
+                                                "history": res.history,
+                                                "act_moves": res.act_moves}
 
 
 def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
@@ -286,6 +287,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
       if progress:
         tqdm.write(f"  {unit.name:>14}: {entry['seconds']:6.1f} s  p={entry['p']:g}  "
                    f"final loss {entry['history']['weights'][-1][1]:.4g}"
+                   + "".join(f"  {a} {k:+d}" for a, k in entry.get("act_moves", {}).items() if k)
                    + ("  (loaded)" if loaded else ""))
 
   if cfg.search in ("after", "both"):

@@ -15,7 +15,11 @@ Phases of a unit's weight stage (``iters_w`` steps in all):
    ``b`` annealed from ``b_start`` to ``b_end`` over the phase);
 2. the exponent is hardened to an exact integer and frozen, ``alpha`` restarts on the
    new grid (``reinit_alpha_on_harden``) and anneals as AdaRound for the rest.
-Then ``iters_a`` steps learn the unit's activation exponents with hard weights.
+Then ``iters_a`` steps learn the unit's activation exponents with hard weights. A
+power-of-two exponent uses ``round(t)``, and Adam at ``lr_a`` rarely carries ``t`` across
+a rounding boundary, so with ``act_exp_window`` > 0 each PoT activation exponent is then
+chosen among ``round(t) + k`` (``|k| <= act_exp_window``) by the unit's loss over its
+whole calibration cache (``choose_act_exponents``).
 """
 import dataclasses
 import functools
@@ -36,11 +40,13 @@ REPORT_EVERY = 100
 
 
 class UnitResult(NamedTuple):
-  """Learned states of one unit and its loss curves (``{phase: [(step, loss)]}``)."""
+  """Learned states of one unit, its loss curves (``{phase: [(step, loss)]}``) and the
+  moves of its activation exponents chosen by loss (``{point: k}``, empty when off)."""
   wstates: dict
   astates: dict
   history: dict
   seconds: float
+  act_moves: dict
 
 
 def hooks(wstates, astates, wspecs, aspecs, *, soft: bool, acts_on: bool):
@@ -152,6 +158,65 @@ def _act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float
   return opt, step
 
 
+CHOICE_ROWS = 256  # rows per forward pass when a whole cache is scored
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_loss(unit: Unit, wspecs: tuple, aspecs: tuple, p: float, n: int):
+  """Jitted: the unit's Lp reconstruction loss (hard weights, quantized activations) over
+  the first ``n`` rows of its whole cache, ``CHOICE_ROWS`` rows per forward pass."""
+  wspecs, aspecs = dict(wspecs), dict(aspecs)
+
+  @jax.jit
+  def loss(astates, wstates, params, xs, ys):
+    wq, aq = hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
+    chunks = -(-xs.shape[0] // CHOICE_ROWS)
+    pad = chunks * CHOICE_ROWS - xs.shape[0]
+
+    def rows(a):
+      a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+      return a.reshape((chunks, CHOICE_ROWS) + a.shape[1:])
+
+    mask = rows(jnp.arange(xs.shape[0]) < n)
+
+    def chunk_loss(args):
+      x, y_t, m = args
+      err = jnp.sum(jnp.abs(unit_apply(unit, params, x, wq, aq)[0] - y_t) ** p, axis=-1)
+      return jnp.sum(jnp.mean(err.reshape(err.shape[0], -1), axis=1) * m)
+
+    return jnp.sum(jax.lax.map(chunk_loss, (rows(xs), rows(ys), mask))) / n
+
+  return loss
+
+
+def choose_act_exponents(loss_fn, astates: dict, aspecs: dict, window: int,
+                         max_sweeps: int = 3) -> tuple[dict, dict]:
+  """Coordinate descent over the unit's power-of-two activation exponents: each in turn
+  takes whichever of ``round(t) + k``, ``|k| <= window``, gives the lowest
+  ``loss_fn(astates)`` (a strict improvement is needed to move), until a sweep moves
+  none or after ``max_sweeps`` sweeps.
+
+  Returns:
+    (astates with integral ``t``, {point: net move}).
+  """
+  names = sorted(n for n, spec in aspecs.items() if spec.pot)
+  current = {n: {"t": jnp.round(a["t"])} if n in names else a for n, a in astates.items()}
+  best = float(loss_fn(current))
+  for _ in range(max_sweeps):
+    moved = False
+    for name in names:
+      base = current[name]["t"]
+      for k in [k for k in range(-window, window + 1) if k]:
+        trial = {**current, name: {"t": base + k}}
+        value = float(loss_fn(trial))
+        if value < best:
+          best, current, moved = value, trial, True
+    if not moved:
+      break
+  moves = {n: int(current[n]["t"] - jnp.round(astates[n]["t"])) for n in names}
+  return current, moves
+
+
 def _exponent_state(train) -> str:
   """Progress text: share of exponent logits already saturated to 0 or 1."""
   h = np.concatenate([np.asarray(rounding.rectified_sigmoid(s["v"])) for s in train.values()])
@@ -236,5 +301,10 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
         history["acts"].append((it + 1, value))
         bar.set_postfix({"loss": f"{value:.4g}", "phase": "activations"}, refresh=False)
         bar.update(cfg.iters_w + it + 1 - bar.n)
+  moves = {}
+  if aspecs and cfg.act_exp_window:
+    loss = _cache_loss(shape, ws_t, as_t, p, n)
+    astates, moves = choose_act_exponents(
+        lambda a: loss(a, wstates, params, xs, ys), astates, aspecs, cfg.act_exp_window)
   bar.close()
-  return UnitResult(wstates, astates, history, time.perf_counter() - start)
+  return UnitResult(wstates, astates, history, time.perf_counter() - start, moves)

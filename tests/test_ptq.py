@@ -16,7 +16,7 @@ import pytest
 
 from nets import random_variables
 
-from rapq_jax import config, fold, objective, pot, ptq, quantized, reconstruct, search
+from rapq_jax import config, fold, objective, pot, ptq, quantized, quantizers, reconstruct, search
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import Network, network_apply
 
@@ -254,6 +254,43 @@ def test_reconstruction_raises_on_non_finite_inputs(block):
     reconstruct.reconstruct_unit(unit, params, net.bn[unit.name], start["w"], start["a"],
                                  wspecs, aspecs, bad, y_fp, cfg, 2.0, jax.random.PRNGKey(3),
                                  progress=False)
+
+
+def test_activation_exponent_choice_moves_to_the_best_integer():
+  """Coordinate descent over integer exponents: each point walks by up to the window per
+  sweep towards the loss minimum; a float-scale point and a flat loss do not move."""
+  specs = {"a": quantizers.ActSpec(4), "b": quantizers.ActSpec(4),
+           "f": quantizers.ActSpec(4, pot=False)}
+  start = {"a": {"t": jnp.float32(0.4)}, "b": {"t": jnp.float32(0.0)},
+           "f": {"t": jnp.float32(0.3)}}
+  loss = lambda s: (s["a"]["t"] - 3.0) ** 2 + (s["b"]["t"] + 1.0) ** 2 + s["f"]["t"]
+  chosen, moves = reconstruct.choose_act_exponents(loss, start, specs, window=2)
+  assert moves == {"a": 3, "b": -1}
+  assert (float(chosen["a"]["t"]), float(chosen["b"]["t"])) == (3.0, -1.0)
+  assert chosen["f"] is start["f"]
+  _, moves = reconstruct.choose_act_exponents(lambda s: jnp.float32(1.0), start, specs, 2)
+  assert moves == {"a": 0, "b": 0}
+
+
+def test_reconstruction_chooses_a_better_activation_exponent(block):
+  """A block whose inner activation starts two exponents too coarse: with the choice on,
+  reconstruction moves that exponent down and ends with a lower unit loss than the same
+  reconstruction keeping it (the gradient phase alone does not cross the integers)."""
+  net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, start = block
+  coarse = {**start["a"], "relu1": {"t": start["a"]["relu1"]["t"] + 2}}
+  results = {}
+  for window in (0, 2):
+    c = dataclasses.replace(cfg, iters_w=20, iters_a=20, act_exp_window=window)
+    results[window] = reconstruct.reconstruct_unit(
+        unit, params, net.bn[unit.name], start["w"], coarse, wspecs, aspecs, x_in, y_fp, c,
+        2.0, jax.random.PRNGKey(3), progress=False)
+  assert results[0].act_moves == {}
+  assert results[2].act_moves["relu1"] < 0
+  loss = {w: float(objective.lp_loss(hard(params, {"w": r.wstates, "a": r.astates}, x_in),
+                                     y_fp, 2.0)) for w, r in results.items()}
+  assert loss[2] < 0.9 * loss[0], loss
+  for state in results[2].astates.values():
+    assert float(state["t"]) == round(float(state["t"]))
 
 
 def test_nan_calibration_is_rejected(tiny):
