@@ -80,12 +80,16 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
                           below_bits=below_bits)
   n = len(names)
 
-  def value(offsets):
-    return objective.logits_disagreement(
-        quantized_logits(net, shift_states(states, names, offsets), specs, x), fp_logits, kind)
-
+  # The network, states and images are arguments, not closed-over constants: XLA would
+  # otherwise fold convolutions over them at compile time (seconds per conv), and equal
+  # architectures would not share compiled programs.
   @jax.jit
-  def run(offsets0):
+  def run(offsets0, net, states, x, fp_logits):
+    def value(offsets):
+      return objective.logits_disagreement(
+          quantized_logits(net, shift_states(states, names, offsets), specs, x), fp_logits,
+          kind)
+
     best0 = value(offsets0)
 
     def visit(q, carry):
@@ -110,6 +114,6 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
         more, sweep, (offsets0, best0, jnp.bool_(n > 0), jnp.int32(0)))
     return offsets, best0, best, sweeps
 
-  offsets, before, after, sweeps = run(jnp.zeros((n,), jnp.int32))
+  offsets, before, after, sweeps = run(jnp.zeros((n,), jnp.int32), net, states, x, fp_logits)
   return SearchResult(shift_states(states, names, offsets), offsets, names,
                       float(before), float(after), int(sweeps))
