@@ -166,13 +166,17 @@ def test_jit_matches_eager_and_batches_independently(nets):
 @pytest.mark.slow
 @pytest.mark.parametrize("wbits", [4, 2])
 def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir, wbits):
-  """A short RAPQ run of the pretrained ResNet-20 (W4A4 / W2A4): on the first 2000
+  """A short RAPQ run of the pretrained ResNet-20 (W4A4 / W2A4): on the first 1000
   CIFAR-10 test images the integer path's top-1 predictions are identical to the
-  simulation's and its dequantized logits differ by at most the documented bound, 0."""
+  simulation's and its dequantized logits differ by at most the documented bound, 0.
+  The claim is equality, so the budget is small (every mechanism still runs: learned
+  rounding, the exponent choice, the search), large enough that the model is far from
+  constant (W2 needs more steps); docs/INTEGER.md has the full test set."""
   cfg = load_config("cifar10_resnet20", shared_dir)
   cfg.wbits, cfg.abits = wbits, 4
-  cfg.weight_iters, cfg.act_iters = 100, 20  # short: the check is equality, not accuracy
-  cfg.calibration_size, cfg.test_size = 256, 2000
+  cfg.weight_iters, cfg.act_iters = (10, 4) if wbits == 4 else (100, 20)
+  cfg.calibration_size, cfg.test_size = 128, 1000
+  cfg.ptq.search_samples = 128
   data = pipeline.load_data(cfg)
   model, variables = pipeline.load_model(cfg)
   net = fold.build_network(variables, model=model)
