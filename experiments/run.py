@@ -30,6 +30,7 @@ from experiments import configs
 from experiments import methods
 from experiments import pipeline
 from experiments import report
+from experiments import validate
 from rapq_jax import resume
 
 DEFAULT_SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -221,10 +222,6 @@ def main(argv):
   if any(m not in UNQUANTIZED for m in names) and "fp" not in names:
     names = ("fp",) + names  # every table reports the drop from FP
   bits = _BITS.value
-  try:  # the config's own fields must be valid even where --bits replaces them
-    methods.ptq_config(config, "naive")
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
   try:
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
   except ValueError as err:
@@ -236,11 +233,11 @@ def main(argv):
       if wbits is not None:
         method_config = copy.deepcopy(config)
         method_config.wbits, method_config.abits = wbits, abits
-        try:  # validate every run before any starts
-          methods.ptq_config(method_config, method)
-        except ValueError as err:
-          raise app.UsageError(str(err)) from None
       runs.append((method, wbits, abits, method_config))
+  try:  # every run, the data and the checkpoint are checked before anything is written
+    data = validate.prepare(config, [(m, c) for m, _, _, c in runs])
+  except validate.UserError as err:
+    raise app.UsageError(str(err)) from None
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   workdir.mkdir(parents=True, exist_ok=True)
   try:
@@ -249,7 +246,6 @@ def main(argv):
     raise app.UsageError(str(err)) from None
 
   env = report.environment()  # the code as it was when the run started
-  data = pipeline.load_data(config)
   results = []
   for method, wbits, abits, method_config in runs:
     results.append(run_once(workdir, method, wbits, abits, method_config, data))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rapq_jax import integrity
 from rapq_jax.models import get_model, input_shape
 
 CACHE_DIR = pathlib.Path.home() / '.cache' / 'rapq_jax'
@@ -235,5 +236,10 @@ def load_state_dict(path: str | os.PathLike,
 def load_pretrained(path_or_url: str | os.PathLike, model_name: str, scheme: str = 'torchvision',
                     num_classes: int | None = None) -> tuple[nn.Module, dict]:
   """``(get_model(model_name), variables)`` for a checkpoint file or URL; see ``convert_state_dict``."""
-  variables = convert_state_dict(load_state_dict(path_or_url), model_name, scheme, num_classes)
+  state_dict = load_state_dict(path_or_url)
+  try:   # a NaN weight would otherwise quantize to a silently wrong model
+    integrity.check_finite(_unwrap(state_dict), f'checkpoint {path_or_url}')
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
+  variables = convert_state_dict(state_dict, model_name, scheme, num_classes)
   return get_model(model_name, num_classes), variables

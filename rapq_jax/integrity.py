@@ -1,0 +1,77 @@
+"""What keeps a wrong number from ever being reported: checks of inputs.
+
+Imports only the standard library and numpy (``rapq_jax.reference_reader`` may use it and
+must run without JAX).
+
+* ``check_images``: float NHWC images, finite, with the expected channel count; an error
+  names the image (and pixel) that is not, or says the layout is NCHW / the pixels are
+  integers where preprocessed floats are expected.
+* ``check_finite``: every leaf of a tree of arrays finite, else the leaf and index.
+"""
+from collections.abc import Mapping
+
+import numpy as np
+
+
+# ------------------------------------------------------------------ inputs
+
+def _index(mask) -> tuple[int, ...]:
+  return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def check_images(x, what: str = "images", *, channels: int | None = None) -> None:
+  """Raises ValueError unless ``x`` is a rank-4 float NHWC array of finite values with
+  ``channels`` channels (when given). The message names ``what`` and, for a non-finite
+  value, the image and pixel; integer pixels and channels-first (NCHW) arrays are named
+  as such."""
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(f"{what} must be a rank-4 float32 NHWC array; got shape {shape}")
+  kind = np.dtype(dtype)
+  if np.issubdtype(kind, np.integer) or kind == np.bool_:
+    raise ValueError(f"{what} have integer pixels (dtype {dtype}); expected preprocessed float32 "
+                     "NHWC images (e.g. (x / 255 - mean) / std), not raw pixels")
+  if np.issubdtype(kind, np.complexfloating) or kind.kind in "OUSV":
+    raise ValueError(f"{what} have dtype {dtype}; expected float32 NHWC images")
+  if channels is not None and shape[-1] != channels:
+    layout = (f"; shape[1] = {channels} looks like channels-first (NCHW): transpose to NHWC "
+              "with x.transpose(0, 2, 3, 1)" if shape[1] == channels else "")
+    raise ValueError(f"{what} have {shape[-1]} channels (last axis of shape {tuple(shape)}); "
+                     f"the model expects {channels} channels, NHWC{layout}")
+  if shape[0] == 0:
+    raise ValueError(f"{what}: the array holds no image (shape {tuple(shape)})")
+  values = np.asarray(x)
+  finite = np.isfinite(values)
+  if not finite.all():
+    n, h, w, c = _index(~finite)
+    raise ValueError(f"{what}: image {n} has a non-finite value {values[n, h, w, c]} at pixel "
+                     f"(h={h}, w={w}, c={c}); {int((~finite.reshape(len(values), -1)).any(1).sum())} "
+                     "image(s) affected")
+
+
+def leaves(tree, prefix: str = "") -> dict:
+  """``{'a/b/c': leaf}`` of nested mappings (lists and tuples indexed), sorted by name."""
+  if isinstance(tree, Mapping):
+    items = tree.items()
+  elif isinstance(tree, (list, tuple)):
+    items = enumerate(tree)
+  else:
+    return {prefix: tree}
+  out = {}
+  for k, v in items:
+    out.update(leaves(v, f"{prefix}/{k}" if prefix else str(k)))
+  return dict(sorted(out.items()))
+
+
+def check_finite(tree, what: str) -> None:
+  """Raises ValueError naming the first leaf of ``tree`` (nested dicts of arrays) with a
+  NaN or infinite value, its index and how many values are bad."""
+  for name, leaf in leaves(tree).items():
+    a = np.asarray(leaf)
+    if not np.issubdtype(a.dtype, np.floating):
+      continue
+    bad = ~np.isfinite(a)
+    if bad.any():
+      raise ValueError(f"{what}: tensor {name!r} (shape {a.shape}) has {int(bad.sum())} "
+                       f"non-finite value(s), the first {a[_index(bad)] if a.ndim else a} at "
+                       f"index {_index(bad) if a.ndim else ()}")

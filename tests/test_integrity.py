@@ -1,0 +1,190 @@
+"""Specification of what keeps a wrong number from being reported (rapq_jax.integrity,
+experiments.validate): a run's config, data and checkpoint are checked before its
+directory is created or bound, each problem named in one line; non-finite values,
+integer pixels and NCHW layouts are errors.
+"""
+import importlib
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import validate
+from rapq_jax import config as config_lib
+from rapq_jax import convert, integrity
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "experiments" / "checkpoints" / "fmnist_resnet.npz"
+
+
+def fmnist_config():
+  return importlib.import_module("experiments.configs.fmnist_resnet").get_config()
+
+
+def _set(config, field: str, value):
+  node, *path = field.split(".")
+  if path:
+    config[node][path[0]] = value
+  else:
+    config[node] = value
+  return config
+
+
+# ------------------------------------------------------------------ config fields
+
+@pytest.mark.parametrize("method, field, value, message", [
+    ("naive", "ptq.init_p", -1, r"init_p = -1.0: expected a finite number > 0"),
+    ("naive", "ptq.init_p", math.nan, "init_p = nan: expected a finite number > 0"),
+    ("rapq", "ptq.lp_coef", math.nan, "lp_coef = nan: expected a finite number >= 0"),
+    ("rapq", "ptq.lr_w", 0.0, "lr_w = 0.0: expected a finite number > 0"),
+    ("rapq", "ptq.b_end", math.inf, "b_end = inf: expected a finite number > 0"),
+    ("rapq", "ptq.warmup", 1.5, r"warmup = 1.5: expected a finite number >= 0 and <= 1"),
+    ("rapq", "ptq.lp_fixed", "two", "lp_fixed = 'two': expected a number"),
+    ("naive", "eval_batch_size", 0, "config.eval_batch_size = 0: expected an integer >= 1"),
+    ("naive", "calibration_size", 0, "config.calibration_size = 0: expected an integer >= 1"),
+    ("naive", "test_size", 0, r"config.test_size = 0: expected an integer >= 1 \(or None"),
+    ("rapq", "calibration_size", 16, r"config.calibration_size = 16: fewer images than one "
+                                     r"reconstruction batch \(config.batch_size = 32\)"),
+    ("naive", "model", "resnet9000", "config.model = 'resnet9000': expected one of"),
+    ("naive", "dataset.mean", (0.1, 0.2),
+     r"config.dataset.mean = \(0.1, 0.2\): expected 1 finite number\(s\)"),
+    ("naive", "dataset.std", (0.0,), r"config.dataset.std = \(0.0,\): a zero"),
+    ("naive", "checkpoint", "", "config.checkpoint = '': expected a checkpoint path"),
+])
+def test_bad_config_fields_are_named_before_any_data_is_read(method, field, value, message,
+                                                              monkeypatch):
+  config = _set(fmnist_config(), field, value)
+  monkeypatch.setattr(validate.pipeline, "load_data", lambda c: pytest.fail("data read"))
+  with pytest.raises(validate.UserError, match=message):
+    validate.prepare(config, [("fp", config), (method, config)])
+
+
+def test_library_config_checks_every_float_field():
+  for name in config_lib.FLOAT_RANGES:
+    with pytest.raises(ValueError, match=rf"^{name} = nan: expected a finite number"):
+      config_lib.PTQConfig(**{name: math.nan})
+  with pytest.raises(ValueError, match="reconstruct = 1: expected True or False"):
+    config_lib.for_method("rapq", reconstruct=1)
+
+
+# ------------------------------------------------------------------ data and checkpoint
+
+@pytest.fixture
+def npz_config(tmp_path):
+  """The Fashion-MNIST ResNet config on a 40/10-image npz dataset (28x28x1)."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 40), ("test", 10)):
+    np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 256, (n, 28, 28, 1), np.uint8),
+             labels=rng.integers(0, 10, n))
+  config = fmnist_config()
+  config.dataset.source = "npz"
+  config.dataset.train, config.dataset.test = str(tmp_path / "train.npz"), str(tmp_path / "test.npz")
+  config.calibration_size, config.checkpoint = 8, str(CHECKPOINT)
+  return config
+
+
+def _checkpoint_with(tmp_path, key: str, index, value) -> str:
+  with np.load(CHECKPOINT) as f:
+    arrays = {k: f[k] for k in f.files}
+  arrays[key] = arrays[key].copy()
+  arrays[key][index] = value
+  np.savez(tmp_path / "bad.npz", **arrays)
+  return str(tmp_path / "bad.npz")
+
+
+def test_good_config_prepares_its_data(npz_config):
+  data = validate.prepare(npz_config, [("fp", npz_config), ("naive", npz_config)])
+  assert data.calib_images.shape == (8, 28, 28, 1) and data.test_images.shape == (10, 28, 28, 1)
+
+
+def test_bad_data_and_checkpoints_are_named(npz_config, tmp_path):
+  """Sizes against the data, a missing checkpoint, NaN and Inf weights (tensor and index),
+  the model's image shape: all before anything is written."""
+  key = "layer1.0.conv1.weight"
+  cases = [
+      (dict(calibration_size=41), r"config.calibration_size = 41: calibration size n=41 must "
+                                  r"lie in 1..40"),
+      (dict(test_size=11), r"config.test_size = 11: expected 1..10"),
+      (dict(checkpoint=str(tmp_path / "nope.npz")), r"checkpoint not found: .*nope.npz"),
+      (dict(checkpoint=_checkpoint_with(tmp_path, key, (2, 0, 1, 1), np.nan)),
+       rf"tensor '{key}' \(shape \(\d+, \d+, 3, 3\)\) has 1 non-finite value\(s\), the first nan "
+       r"at index \(2, 0, 1, 1\)"),
+  ]
+  for fields, message in cases:
+    config = npz_config.copy_and_resolve_references()
+    for k, v in fields.items():
+      config[k] = v
+    with pytest.raises(validate.UserError, match=message):
+      validate.prepare(config, [("fp", config)])
+  inf = npz_config.copy_and_resolve_references()
+  inf.checkpoint = _checkpoint_with(tmp_path, key, (0, 0, 0, 0), -np.inf)
+  with pytest.raises(validate.UserError, match=rf"'{key}'.*the first -inf at index \(0, 0, 0, 0\)"):
+    validate.prepare(inf, [("fp", inf)])
+  cifar = npz_config.copy_and_resolve_references()
+  cifar.model, cifar.dataset.mean, cifar.dataset.std = "cifar_resnet20", (0.5,) * 3, (0.2,) * 3
+  with pytest.raises(validate.UserError, match=r"shape \(28, 28, 1\); config.model = "
+                                               r"'cifar_resnet20' takes 3 channel\(s\)"):
+    validate.prepare(cifar, [("fp", cifar)])
+
+
+def test_load_pretrained_names_a_non_finite_weight(tmp_path):
+  path = _checkpoint_with(tmp_path, "linear.bias", 3, np.nan)
+  with pytest.raises(convert.CheckpointError, match=r"'linear.bias' \(shape \(10,\)\).*index \(3,\)"):
+    convert.load_pretrained(path, "fmnist_resnet")
+
+
+# ------------------------------------------------------------------ images and trees
+
+def _nan_images():
+  images = np.zeros((4, 8, 8, 3), np.float32)
+  images[2, 5, 1, 0], images[3, 0, 0, 0] = np.nan, np.inf
+  return images
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.zeros((2, 8, 8, 3), np.uint8), r"integer pixels \(dtype uint8\); expected preprocessed"),
+    (np.zeros((2, 8, 8, 3), np.int32), r"integer pixels \(dtype int32\)"),
+    (np.zeros((2, 3, 8, 8), np.float32), r"shape\[1\] = 3 looks like channels-first \(NCHW\)"),
+    (np.zeros((0, 8, 8, 3), np.float32), "holds no image"),
+    (np.zeros((8, 8, 3), np.float32), "rank-4"),
+    (_nan_images(), r"image 2 has a non-finite value nan at pixel \(h=5, w=1, c=0\); 2 image"),
+])
+def test_check_images_names_what_is_wrong(images, message):
+  with pytest.raises(ValueError, match=message):
+    integrity.check_images(images, "images", channels=3)
+
+
+def test_check_finite_names_tensor_and_index():
+  tree = {"params": {"a": {"kernel": np.ones((2, 3))}, "b": {"bias": np.array([0.0, np.inf])}}}
+  with pytest.raises(ValueError, match=r"w: tensor 'params/b/bias' \(shape \(2,\)\) has 1 "
+                                       r"non-finite value\(s\), the first inf at index \(1,\)"):
+    integrity.check_finite(tree, "w")
+  integrity.check_finite({"ok": np.ones(3), "ints": np.arange(3)}, "w")
+
+
+# ------------------------------------------------------------------ python -m experiments.run
+
+def _run(workdir, *args):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.run", "--methods", "fp", "--config.test_size=200",
+       "--config.calibration_size=64", f"--workdir={workdir}", *args], cwd=REPO,
+      capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}, check=False)
+
+
+def test_run_checks_before_writing(fashion_mnist_dir, tmp_path):
+  """A bad field: one line naming it, no traceback, no directory; the corrected command
+  then runs in the same directory."""
+  workdir = tmp_path / "run"
+  data_dir = f"--config.dataset.data_dir={fashion_mnist_dir}"
+  bad = _run(workdir, data_dir, "--config.eval_batch_size=0")
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert "config.eval_batch_size = 0: expected an integer >= 1" in bad.stderr
+  assert not workdir.exists()
+  ok = _run(workdir, data_dir)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert (workdir / "results.json").is_file()
