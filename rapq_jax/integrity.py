@@ -1,4 +1,5 @@
-"""What keeps a wrong number from ever being reported: checks of inputs.
+"""What keeps a wrong number from ever being reported: checks of inputs and checksums of
+saved state.
 
 Imports only the standard library and numpy (``rapq_jax.reference_reader`` may use it and
 must run without JAX).
@@ -7,10 +8,19 @@ must run without JAX).
   names the image (and pixel) that is not, or says the layout is NCHW / the pixels are
   integers where preprocessed floats are expected.
 * ``check_finite``: every leaf of a tree of arrays finite, else the leaf and index.
+* ``digest`` / ``digests`` / ``verify``: sha256 of an array (dtype, shape and bytes), of
+  every leaf of a tree of arrays, and of JSON; ``verify`` compares a loaded tree with
+  the digests saved beside it and raises ``IntegrityError`` naming the file and leaf.
 """
+import hashlib
+import json
 from collections.abc import Mapping
 
 import numpy as np
+
+
+class IntegrityError(ValueError):
+  """Saved state whose content does not match its checksums (or cannot be read)."""
 
 
 # ------------------------------------------------------------------ inputs
@@ -75,3 +85,47 @@ def check_finite(tree, what: str) -> None:
       raise ValueError(f"{what}: tensor {name!r} (shape {a.shape}) has {int(bad.sum())} "
                        f"non-finite value(s), the first {a[_index(bad)] if a.ndim else a} at "
                        f"index {_index(bad) if a.ndim else ()}")
+
+
+# ------------------------------------------------------------------ checksums
+
+def digest(array) -> str:
+  """sha256 of an array's dtype, shape and C-order bytes (hex)."""
+  a = np.ascontiguousarray(np.asarray(array))
+  h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+  h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def json_digest(obj) -> str:
+  """sha256 of the canonical JSON form of ``obj`` (sorted keys, no whitespace)."""
+  text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def digests(tree) -> dict:
+  """``{leaf name: digest}`` of a tree of arrays (see ``leaves``)."""
+  return {name: digest(leaf) for name, leaf in leaves(tree).items()}
+
+
+def verify(tree, expected: dict, where) -> None:
+  """Raises ``IntegrityError`` naming ``where`` unless ``tree``'s leaves are exactly
+  those of ``expected`` (from ``digests``) with equal checksums."""
+  if not isinstance(expected, dict):
+    raise IntegrityError(f"{where}: no checksum manifest (expected a dict of sha256 digests)")
+  got = digests(tree)
+  missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+  if missing or extra:
+    raise IntegrityError(f"{where}: arrays {missing} missing, {extra} unexpected against its "
+                         "checksum manifest")
+  bad = [k for k in expected if got[k] != expected[k]]
+  if bad:
+    raise IntegrityError(f"{where}: checksum mismatch of {', '.join(bad)} (sha256 "
+                         f"{got[bad[0]][:12]}... read, {str(expected[bad[0]])[:12]}... saved): "
+                         "the file is damaged")
+
+
+def verify_json(obj, expected, where, what: str) -> None:
+  """Raises ``IntegrityError`` unless ``json_digest(obj) == expected``."""
+  if json_digest(obj) != expected:
+    raise IntegrityError(f"{where}: checksum mismatch of {what}: the file is damaged")

@@ -7,6 +7,7 @@ from the FP network (BRECQ's setting); both are cached once per unit.
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Callable, NamedTuple
 
 import jax
@@ -166,10 +167,22 @@ def _shift_weights(net, states, specs, offsets: dict) -> dict:
   return out
 
 
+def _load(store: resume.Store | None, name: str):
+  """``store.load(name)``, or None without a store or for a damaged entry (reported: it
+  is computed again and replaced, never used)."""
+  if store is None:
+    return None
+  try:
+    return store.load(name)
+  except integrity.IntegrityError as err:
+    warnings.warn(f"{err}; computing {name} again", RuntimeWarning, stacklevel=3)
+    return None
+
+
 def _search_before(net, states, specs, x, fp_logits, cfg, store):
   """The search before reconstruction, or its stored outcome: offsets
   ``{(unit, 'w'|'a', name): int}`` and the JSON-able summary."""
-  loaded = store.load("search_before") if store is not None else None
+  loaded = _load(store, "search_before")
   if loaded is not None:
     info, _ = loaded
     return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
@@ -273,7 +286,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
       params = net.params[unit.name]
       _, hard, fp = _fns(unit, specs, cfg)
       fp_y = _batched(functools.partial(fp, params), fp_x)
-      loaded = store.load(f"unit_{unit.name}") if store is not None else None
+      loaded = _load(store, f"unit_{unit.name}")
       if loaded is None:
         states[unit.name], entry = _reconstruct(net, unit, specs, states[unit.name]["w"],
                                                 act_offsets, q_x, fp_y, cfg,

@@ -1,6 +1,7 @@
 """Reference reader of the integer export (``rapq_jax.export.save_npz``), plain numpy.
 
-No JAX: this module imports only ``json``, ``pathlib`` and ``numpy``, and is meant as
+No JAX: this module imports only ``json``, ``pathlib``, ``numpy`` and (for checksums)
+``rapq_jax.integrity``, and is meant as
 the executable specification a C port follows op by op (docs/INTEGER.md). Arithmetic
 is int64 with every op's result checked to fit int32, so results equal an int32
 implementation's (``rapq_jax.integer.lower`` guarantees no int32 overflow).
@@ -13,15 +14,40 @@ import sys
 
 import numpy as np
 
+from rapq_jax import integrity
+
 INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
 
 
+def manifest_digest(manifest: dict) -> str:
+  """sha256 of the manifest without its ``checksums`` entry (canonical JSON)."""
+  return integrity.json_digest({k: v for k, v in manifest.items() if k != "checksums"})
+
+
 def load(path) -> tuple[dict, dict]:
-  """(manifest, {name: ndarray}) of ``path.json`` / ``path.npz``."""
+  """(manifest, {name: ndarray}) of ``path.json`` / ``path.npz``, verified against the
+  manifest's checksums (``integrity.IntegrityError`` naming the damaged file)."""
   path = pathlib.Path(path)
-  manifest = json.loads(path.with_suffix(".json").read_text())
-  with np.load(path.with_suffix(".npz")) as data:
-    arrays = {k: data[k] for k in data.files}
+  jpath, npath = path.with_suffix(".json"), path.with_suffix(".npz")
+  try:
+    manifest = json.loads(jpath.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise integrity.IntegrityError(f"{jpath}: not valid JSON ({err})") from None
+  if not isinstance(manifest, dict):
+    raise integrity.IntegrityError(f"{jpath}: expected a JSON object (the manifest)")
+  try:
+    with np.load(npath, allow_pickle=False) as data:
+      arrays = {k: data[k] for k in data.files}
+  except FileNotFoundError:
+    raise
+  except Exception as err:  # pylint: disable=broad-except  (a damaged zip raises anything)
+    raise integrity.IntegrityError(f"{npath}: cannot be read ({type(err).__name__}: {err}); "
+                                   "the file is damaged") from None
+  sums = manifest.get("checksums")
+  if not isinstance(sums, dict) or manifest_digest(manifest) != sums.get("manifest"):
+    raise integrity.IntegrityError(f"{jpath}: checksum mismatch of the manifest: the file is "
+                                   "damaged")
+  integrity.verify(arrays, sums.get("arrays"), npath)
   for name, info in manifest["arrays"].items():
     if arrays[name].dtype.str != info["dtype"] or list(arrays[name].shape) != info["shape"]:
       raise ValueError(f"array {name!r} does not match its manifest entry {info}")

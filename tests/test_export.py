@@ -9,6 +9,7 @@ onnxruntime without graph rewrites, gives the integer path's logits exactly.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -18,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import damage
 from experiments import methods, pipeline
 from experiments import export as export_cli
-from rapq_jax import config, export, fold, integer, ptq, quantized
+from rapq_jax import config, export, fold, integer, integrity, ptq, quantized
 from rapq_jax import reference_reader as reader
 from rapq_jax.models import get_model
 from test_integer import load_config, quantize_tiny, random_variables
@@ -57,6 +59,32 @@ def test_orbax_roundtrip(nets, tmp_path):
   np.testing.assert_array_equal(quantized.apply(back, x), quantized.apply(qm, x))
   export.save_model(qm, path)                    # overwrites in place
   assert export.model_extra(path) == {}
+
+
+def _model_tree(directory):
+  qm = export.load_model(directory)
+  return {"weights": qm.weights, "acts": qm.acts, "units": repr(qm.units), "bits": repr(qm.bits),
+          "metadata": qm.metadata, "extra": json.dumps(export.model_extra(directory))}
+
+
+def test_every_flip_in_a_saved_model_is_detected_or_harmless(nets, tmp_path):
+  qm, _, _ = nets("resnet-naive")
+  path = export.save_model(qm, tmp_path / "model", extra={"input_shape": [16, 16, 3]})
+  seen = damage.assert_every_flip_detected_or_harmless(path, _model_tree, _model_tree(path))
+  assert "detected" in seen
+
+
+def test_damaged_model_is_not_exported(nets, tmp_path, capsys):
+  """One flipped bit in a saved model's array data: experiments.export names the model
+  and writes nothing."""
+  qm, _, _ = nets("resnet-naive")
+  path = export.save_model(qm, tmp_path / "run" / "models" / "naive_w4a4")
+  data = damage.largest_file(path / "arrays" / "d")
+  damage.flip(data, data.stat().st_size // 2, 3)
+  with pytest.raises(SystemExit):
+    export_cli.main([str(tmp_path / "run"), "--format", "npz"])
+  assert re.search(r"naive_w4a4: (checksum mismatch|cannot be read)", capsys.readouterr().err)
+  assert not (tmp_path / "run" / "export").exists()
 
 
 # ------------------------------------------------------------------ npz + manifest
@@ -123,14 +151,38 @@ def test_reference_reader_runs_without_jax(nets, tmp_path):
   assert predictions == np.argmax(integer.apply(program, x), -1).tolist()
 
 
+def _rewrite(stem: pathlib.Path, spec_fn=None, arrays_fn=None, *, describe: bool = True):
+  """Rewrites the export at ``stem`` changed by ``spec_fn`` / ``arrays_fn``, with valid
+  checksums (and, if ``describe``, array entries): a file that is exactly what its
+  manifest says, so only the format's own checks can refuse it."""
+  spec = json.loads(stem.with_suffix(".json").read_text())
+  with np.load(stem.with_suffix(".npz")) as f:
+    arrays = {k: f[k] for k in f.files}
+  (arrays_fn or (lambda a: None))(arrays)
+  (spec_fn or (lambda s: None))(spec)
+  if describe:
+    spec["arrays"] = {k: {"dtype": v.dtype.str, "shape": list(v.shape)} for k, v in arrays.items()}
+  spec["checksums"] = {"arrays": integrity.digests(arrays), "manifest": reader.manifest_digest(spec)}
+  np.savez(stem.with_suffix(".npz"), **arrays)
+  stem.with_suffix(".json").write_text(json.dumps(spec))
+
+
 def test_reader_rejects_a_manifest_that_does_not_match(nets, tmp_path):
   _, _, program = nets("resnet-naive")
-  _, man = export.save_npz(program, tmp_path / "m")
-  spec = json.loads(man.read_text())
-  spec["arrays"]["linear/fc/q"]["shape"] = [1, 2]
-  man.write_text(json.dumps(spec))
+  export.save_npz(program, tmp_path / "m")
+  _rewrite(tmp_path / "m", lambda spec: spec["arrays"]["linear/fc/q"].update(shape=[1, 2]),
+           describe=False)
   with pytest.raises(ValueError, match="linear/fc/q"):
     reader.load(tmp_path / "m")
+
+
+def test_every_flip_in_an_npz_export_is_detected_or_harmless(nets, tmp_path):
+  _, _, program = nets("resnet-naive")
+  export.save_npz(program, tmp_path / "export" / "m")
+  reference = reader.load(tmp_path / "export" / "m")
+  seen = damage.assert_every_flip_detected_or_harmless(
+      tmp_path / "export", lambda copy: reader.load(copy / "m"), reference)
+  assert "detected" in seen
 
 
 # ------------------------------------------------------------------ ONNX

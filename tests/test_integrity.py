@@ -166,6 +166,21 @@ def test_check_finite_names_tensor_and_index():
   integrity.check_finite({"ok": np.ones(3), "ints": np.arange(3)}, "w")
 
 
+def test_verify_names_the_damaged_leaf():
+  tree = {"a": np.arange(4, dtype=np.int32), "b": {"c": np.ones(2, np.float32)}}
+  sums = integrity.digests(tree)
+  assert list(sums) == ["a", "b/c"]
+  integrity.verify(tree, sums, "f")
+  bad = {"a": tree["a"], "b": {"c": np.array([1.0, 1.0000001], np.float32)}}
+  with pytest.raises(integrity.IntegrityError, match=r"^f: checksum mismatch of b/c"):
+    integrity.verify(bad, sums, "f")
+  retyped = {"a": tree["a"].astype(np.int64), "b": tree["b"]}
+  with pytest.raises(integrity.IntegrityError, match="checksum mismatch of a "):
+    integrity.verify(retyped, sums, "f")
+  with pytest.raises(integrity.IntegrityError, match=r"\['b/c'\] missing"):
+    integrity.verify({"a": tree["a"]}, sums, "f")
+
+
 # ------------------------------------------------------------------ python -m experiments.run
 
 def _run(workdir, *args):

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import damage
 from nets import random_variables
 
-from rapq_jax import config, export, fold, ptq, resume
+from rapq_jax import config, export, fold, integrity, ptq, resume
 from rapq_jax.models.cifar_resnet import CifarResNet
 
 HW, N_CALIB = 16, 64
@@ -118,6 +119,49 @@ def test_store_ignores_unfinished_entries(tmp_path):
   assert info == {"p": 1.1, "history": [[1, 0.5]]}
   chex.assert_trees_all_equal(loaded, arrays)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
+
+
+def test_damaged_unit_is_computed_again_never_used(tiny, reference, tmp_path, monkeypatch):
+  """One flipped bit in a finished unit's array data: the resume names the damaged entry,
+  recomputes exactly that unit and ends bit-identical to the uninterrupted run."""
+  net, calib = tiny
+  store = resume.Store(tmp_path)
+  ptq.quantize_network(net, calib, CFG, progress=False, store=store)
+  name = net.unit_names()[1]
+  data = damage.largest_file(tmp_path / f"unit_{name}" / "arrays" / "d")
+  damage.flip(data, data.stat().st_size // 2)
+  with pytest.raises(integrity.IntegrityError, match=rf"unit_{name}: (checksum mismatch|cannot)"):
+    store.load(f"unit_{name}")
+  calls = _counting(monkeypatch)
+  with pytest.warns(RuntimeWarning, match=rf"unit_{name}.*computing unit_{name} again"):
+    resumed = ptq.quantize_network(net, calib, CFG, progress=False, store=store)
+  assert calls == {"units": [name], "search_before": 0}
+  _assert_same_result(reference, resumed)
+  assert store.load(f"unit_{name}") is not None          # replaced by a sound entry
+
+
+def test_damaged_config_record_is_refused(tmp_path):
+  store = resume.Store(tmp_path)
+  store.bind({"a": 1})
+  info = tmp_path / "config" / "info" / "metadata"
+  info.write_text(info.read_text().replace("1", "2"))
+  with pytest.raises(integrity.IntegrityError, match="config: checksum mismatch of its 'info'"):
+    store.bind({"a": 1})
+
+
+def test_every_flip_in_a_unit_store_is_detected_or_harmless(tmp_path):
+  arrays = {"w": {"conv": {"log2s": jnp.arange(-3.0, 3.0), "alpha": jnp.linspace(-1, 1, 64)
+                           .reshape(4, 4, 1, 4)}}, "a": {"out": {"t": jnp.float32(-2.0)}}}
+  info = {"seconds": 1.5, "p": 2.4, "history": {"weights": [[1, 0.25]]}}
+  resume.Store(tmp_path).save("unit_x", info, arrays)
+
+  def load(copy):
+    loaded = resume.Store(copy.parent).load(copy.name)
+    return None if loaded is None else {"info": loaded[0], "arrays": loaded[1]}
+
+  seen = damage.assert_every_flip_detected_or_harmless(tmp_path / "unit_x", load,
+                                                       {"info": info, "arrays": arrays})
+  assert "detected" in seen
 
 
 def test_store_of_another_config_is_refused(tiny, tmp_path):
