@@ -31,6 +31,7 @@ from experiments import methods
 from experiments import pipeline
 from experiments import report
 from experiments import validate
+from rapq_jax import integrity
 from rapq_jax import resume
 
 DEFAULT_SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -240,9 +241,10 @@ def main(argv):
     raise app.UsageError(str(err)) from None
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   workdir.mkdir(parents=True, exist_ok=True)
-  try:
+  try:  # one run per directory: held until this process ends, dropped if it is killed
+    integrity.DirectoryLock(workdir).acquire()
     open_workdir(workdir, config)
-  except resume.ConfigMismatchError as err:
+  except (integrity.LockedError, resume.ConfigMismatchError) as err:
     raise app.UsageError(str(err)) from None
 
   env = report.environment()  # the code as it was when the run started

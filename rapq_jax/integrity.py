@@ -1,5 +1,5 @@
 """What keeps a wrong number from ever being reported: checks of inputs and checksums of
-saved state.
+saved state, and one run per directory.
 
 Imports only the standard library and numpy (``rapq_jax.reference_reader`` may use it and
 must run without JAX).
@@ -11,16 +11,27 @@ must run without JAX).
 * ``digest`` / ``digests`` / ``verify``: sha256 of an array (dtype, shape and bytes), of
   every leaf of a tree of arrays, and of JSON; ``verify`` compares a loaded tree with
   the digests saved beside it and raises ``IntegrityError`` naming the file and leaf.
+* ``DirectoryLock``: an advisory ``fcntl.flock`` on ``<dir>/.lock`` holding the owner's
+  pid; a second process gets ``LockedError`` naming it; the kernel drops the lock of a
+  killed process, so a stale lock file never blocks.
 """
 import hashlib
 import json
+import os
+import pathlib
 from collections.abc import Mapping
 
 import numpy as np
 
+LOCK_NAME = ".lock"
+
 
 class IntegrityError(ValueError):
   """Saved state whose content does not match its checksums (or cannot be read)."""
+
+
+class LockedError(RuntimeError):
+  """A directory already in use by another process."""
 
 
 # ------------------------------------------------------------------ inputs
@@ -129,3 +140,40 @@ def verify_json(obj, expected, where, what: str) -> None:
   """Raises ``IntegrityError`` unless ``json_digest(obj) == expected``."""
   if json_digest(obj) != expected:
     raise IntegrityError(f"{where}: checksum mismatch of {what}: the file is damaged")
+
+
+# ------------------------------------------------------------------ one run per directory
+
+class DirectoryLock:
+  """Advisory exclusive lock of a directory for this process (``with`` or
+  ``acquire``/``release``). ``LockedError`` names the pid recorded by the holder."""
+
+  def __init__(self, directory):
+    self.path = pathlib.Path(directory) / LOCK_NAME
+    self._fd = None
+
+  def acquire(self) -> "DirectoryLock":
+    import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+      os.close(fd)
+      raise LockedError(f"{self.path.parent} is in use by another run (process {holder} holds "
+                        f"{self.path}); wait for it to finish or use another directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)        # closing drops the flock; the file stays for the next run
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()

@@ -1,12 +1,15 @@
 """Specification of what keeps a wrong number from being reported (rapq_jax.integrity,
 experiments.validate): a run's config, data and checkpoint are checked before its
 directory is created or bound, each problem named in one line; non-finite values,
-integer pixels and NCHW layouts are errors.
+integer pixels and NCHW layouts are errors; one run holds a directory at a time.
+Checksums: tests/test_resume.py (unit stores) and tests/test_export.py (saved models, npz
+exports).
 """
 import importlib
 import math
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -181,6 +184,41 @@ def test_verify_names_the_damaged_leaf():
     integrity.verify({"a": tree["a"]}, sums, "f")
 
 
+# ------------------------------------------------------------------ one run per directory
+
+def _hold_lock(directory) -> subprocess.Popen:
+  """Another process holding ``directory``'s lock until killed (numpy only, no JAX)."""
+  code = ("import sys, time; from rapq_jax import integrity; "
+          "integrity.DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); "
+          "time.sleep(600)")
+  proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], cwd=REPO,
+                          stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+  assert proc.stdout.readline().strip() == "held"
+  return proc
+
+
+def _kill(proc):
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  proc.stdout.close()
+
+
+def test_directory_lock_names_the_holder_and_survives_its_death(tmp_path):
+  holder = _hold_lock(tmp_path)
+  try:
+    with pytest.raises(integrity.LockedError, match=rf"in use by another run \(process "
+                                                    rf"{holder.pid} holds .*\.lock\)"):
+      integrity.DirectoryLock(tmp_path).acquire()
+  finally:
+    _kill(holder)
+  assert (tmp_path / ".lock").read_text().strip() == str(holder.pid)   # stale, not blocking
+  with integrity.DirectoryLock(tmp_path):
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+  with integrity.DirectoryLock(tmp_path):        # released on exit
+    pass
+
+
 # ------------------------------------------------------------------ python -m experiments.run
 
 def _run(workdir, *args):
@@ -191,15 +229,25 @@ def _run(workdir, *args):
       env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}, check=False)
 
 
-def test_run_checks_before_writing(fashion_mnist_dir, tmp_path):
-  """A bad field: one line naming it, no traceback, no directory; the corrected command
-  then runs in the same directory."""
+def test_run_checks_before_writing_and_locks(fashion_mnist_dir, tmp_path):
+  """A bad field: one line naming it, no traceback, no directory; a locked directory:
+  refused naming the holder; the corrected command then runs in the same directory,
+  past the stale lock of a killed process."""
   workdir = tmp_path / "run"
   data_dir = f"--config.dataset.data_dir={fashion_mnist_dir}"
   bad = _run(workdir, data_dir, "--config.eval_batch_size=0")
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
   assert "config.eval_batch_size = 0: expected an integer >= 1" in bad.stderr
   assert not workdir.exists()
+  workdir.mkdir()
+  holder = _hold_lock(workdir)
+  try:
+    locked = _run(workdir, data_dir)
+  finally:
+    _kill(holder)
+  assert locked.returncode != 0 and "Traceback" not in locked.stderr
+  assert f"in use by another run (process {holder.pid} holds" in locked.stderr
+  assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
   ok = _run(workdir, data_dir)
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert (workdir / "results.json").is_file()
