@@ -127,8 +127,8 @@ def save_npz(program: integer.Program, path, *, extra: dict | None = None):
 
 def load_npz(path) -> integer.Program:
   """The ``Program`` of an export written by ``save_npz`` (``path`` with or without
-  suffix), read by ``reference_reader.load``, which verifies its checksums
-  (``integrity.IntegrityError`` naming the file)."""
+  suffix), read and checked by ``reference_reader.load``: checksums, and every array
+  and op within the format's bounds (ValueError naming the file and what is wrong)."""
   spec, arrays = reference_reader.load(path)
   spec = {k: v for k, v in spec.items() if k in integer.MANIFEST_KEYS}
   return integer.Program(json.dumps(spec, sort_keys=True),

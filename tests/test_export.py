@@ -33,15 +33,17 @@ NETS = ("resnet-naive", "mobilenet-naive")
 
 @pytest.fixture(scope="module")
 def nets():
-  """name -> (QuantizedModel, images, Program), each quantized once per module."""
-  cache = {}
+  """name -> (QuantizedModel, images, Program), each quantized once per module;
+  ``nets.result(name)`` is its PTQResult."""
+  cache, results = {}, {}
 
   def get(name):
     if name not in cache:
-      result, x, _ = quantize_tiny(*name.split("-"))
-      cache[name] = (result.model, x, integer.lower(result.model))
+      results[name], x, _ = quantize_tiny(*name.split("-"))
+      cache[name] = (results[name].model, x, integer.lower(results[name].model))
     return cache[name]
 
+  get.result = lambda name: (get(name), results[name])[1]
   return get
 
 
@@ -167,6 +169,13 @@ def _rewrite(stem: pathlib.Path, spec_fn=None, arrays_fn=None, *, describe: bool
   stem.with_suffix(".json").write_text(json.dumps(spec))
 
 
+def _set_array(name, index, value):
+  def change(arrays):
+    arrays[name] = arrays[name].copy()
+    arrays[name][index] = value
+  return change
+
+
 def test_reader_rejects_a_manifest_that_does_not_match(nets, tmp_path):
   _, _, program = nets("resnet-naive")
   export.save_npz(program, tmp_path / "m")
@@ -174,6 +183,79 @@ def test_reader_rejects_a_manifest_that_does_not_match(nets, tmp_path):
            describe=False)
   with pytest.raises(ValueError, match="linear/fc/q"):
     reader.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name, index, value, message", [
+    ("layer1_0/conv1/q", (0, 0, 0, 0), 255, r"holds 255, outside the 4-bit weight bound \[0, 15\]"),
+    ("layer1_0/@relu1/shift", 0, 70, r"holds 70, outside the shift bound \[-30, 30\]"),
+    ("layer1_0/@relu1/shift", 0, -40, r"holds -40, outside the shift bound \[-30, 30\]"),
+    ("conv1/@input/exp", (), 200, r"holds 200, outside the exponent bound \[-32, 31\]"),
+])
+def test_out_of_bounds_exports_are_refused_on_load(nets, tmp_path, name, index, value, message):
+  """A file whose checksums match but whose integers break the format's bounds: the
+  reader and ``export.load_npz`` name the array and the bound."""
+  _, _, program = nets("resnet-naive")
+  export.save_npz(program, tmp_path / "m")
+  _rewrite(tmp_path / "m", arrays_fn=_set_array(name, index, value))
+  for load in (reader.load, export.load_npz):
+    with pytest.raises(ValueError, match=rf"m.json: op \d+ .*array '{name}' {message}|"
+                                         rf"m.json: array '{name}' {message}"):
+      load(tmp_path / "m")
+
+
+def _first_conv(key, value):
+  return lambda spec: next(op for op in spec["ops"] if op["op"] == "conv").update({key: value})
+
+
+def _drop(name):
+  def spec_fn(spec):
+    del spec["arrays"][name]
+  return spec_fn
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.with_suffix(".json").write_text("{bad"), r"m.json: not valid JSON \(Expecting"),
+    (lambda m: m.with_suffix(".json").write_text("[1, 2]"), "m.json: expected a JSON object"),
+    (lambda m: _rewrite(m, _drop("layer1_0/conv1/bias"), lambda a: a.pop("layer1_0/conv1/bias"),
+                        describe=False),
+     r"op \d+ \(conv -> 'layer1_0/conv1'\): array 'layer1_0/conv1/bias' is missing"),
+    (lambda m: _rewrite(m, lambda spec: spec["ops"][1].update(op="winograd")),
+     "m.json: op 1: unknown op 'winograd'; known: conv"),
+    (lambda m: _rewrite(m, _first_conv("stride", 0)), r"stride = 0: expected an integer >= 1"),
+    (lambda m: m.with_suffix(".npz").write_bytes(b"PK\x03\x04 not a zip"), r"m.npz: cannot be read"),
+    (lambda m: damage.flip(m.with_suffix(".json"), 40), r"m.json: (checksum mismatch|not valid)"),
+])
+def test_reader_cli_names_what_is_wrong_in_one_line(nets, tmp_path, change, message):
+  _, x, program = nets("resnet-naive")
+  export.save_npz(program, tmp_path / "m")
+  np.save(tmp_path / "x.npy", np.asarray(x))
+  change(tmp_path / "m")
+  with pytest.raises(SystemExit) as exit_:
+    reader.main(["reader", str(tmp_path / "m.json"), str(tmp_path / "x.npy")])
+  text = str(exit_.value.code)
+  assert text.startswith("error: ") and "\n" not in text and re.search(message, text), text
+
+
+def test_images_of_the_wrong_kind_are_refused(nets, tmp_path):
+  """Integer pixels, NaN pixels: an error from the reader and from ``result.apply``,
+  not finite but meaningless logits."""
+  _, x, program = nets("resnet-naive")
+  result = nets.result("resnet-naive")
+  export.save_npz(program, tmp_path / "m")
+  manifest, arrays = reader.load(tmp_path / "m")
+  x = np.asarray(x)
+  nan = x.copy()
+  nan[5, 3, 2, 1] = np.nan
+  pixels = np.clip(x * 50 + 128, 0, 255)
+  for images, message in ((pixels.astype(np.uint8), r"integer pixels \(dtype uint8\)"),
+                          (pixels.astype(np.int32), r"integer pixels \(dtype int32\)"),
+                          (nan, r"image 5 has a non-finite value nan at pixel \(h=3, w=2, c=1\)"),
+                          (x.transpose(0, 3, 1, 2), "NCHW")):
+    with pytest.raises(ValueError, match=message):
+      reader.apply(manifest, arrays, images)
+    with pytest.raises(ValueError, match=message):
+      result.apply(images)
+  np.testing.assert_array_equal(result.apply(x), quantized.apply(result.model, x))
 
 
 def test_every_flip_in_an_npz_export_is_detected_or_harmless(nets, tmp_path):
