@@ -3,7 +3,6 @@ import os
 import pathlib
 import platform
 import subprocess
-import tempfile
 
 import jax
 import matplotlib
@@ -12,21 +11,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
 import numpy as np  # noqa: E402
 
+from rapq_jax import integrity  # noqa: E402
+
 
 def atomic_write(path: pathlib.Path, data: str | bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file and a rename, so a reader
-  never sees a half-written file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  never sees a half-written file; the mode follows the umask (``integrity.atomic_write``)."""
+  integrity.atomic_write(path, data)
 
 
 def environment() -> dict:

@@ -10,7 +10,6 @@ naming rule of ``rapq_jax.models`` and checks every key and shape against the mo
 import hashlib
 import os
 import pathlib
-import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -179,17 +178,13 @@ def _download(url: str, cache_dir: pathlib.Path) -> pathlib.Path:
   target = cache_dir / f'{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}'
   if target.is_file():
     return target
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=f'.{name}.', delete=False) as tmp:
-    try:
-      with urllib.request.urlopen(url) as response:
-        while chunk := response.read(1 << 20):
-          tmp.write(chunk)
-    except BaseException:
-      os.unlink(tmp.name)
-      raise
-  os.replace(tmp.name, target)
-  return target
+
+  def fetch(f):
+    with urllib.request.urlopen(url) as response:
+      while chunk := response.read(1 << 20):
+        f.write(chunk)
+
+  return integrity.atomic_write(target, fetch)
 
 
 def _torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:

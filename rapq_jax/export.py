@@ -18,9 +18,7 @@
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -89,18 +87,6 @@ def load_model(directory) -> quantized.QuantizedModel:
 
 # ------------------------------------------------------------------ npz + manifest
 
-def _atomic(path: pathlib.Path, write) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def manifest_for_file(program: integer.Program, extra: dict | None = None) -> dict:
   """The program's manifest plus each array's dtype and shape (and ``extra`` facts), and
   ``checksums``: the sha256 of every array and of the rest of the manifest
@@ -119,9 +105,9 @@ def save_npz(program: integer.Program, path, *, extra: dict | None = None):
   path = pathlib.Path(path)
   npz, manifest = path.with_suffix(".npz"), path.with_suffix(".json")
   arrays = {k: np.asarray(v) for k, v in program.arrays.items()}
-  _atomic(npz, lambda f: np.savez(f, **arrays))
-  text = json.dumps(manifest_for_file(program, extra), indent=1, sort_keys=True)
-  _atomic(manifest, lambda f: f.write(text.encode()))
+  integrity.atomic_write(npz, lambda f: np.savez(f, **arrays))
+  integrity.atomic_write(manifest, json.dumps(manifest_for_file(program, extra), indent=1,
+                                              sort_keys=True))
   return npz, manifest
 
 
@@ -323,5 +309,5 @@ def save_onnx(program: integer.Program, path, input_shape) -> pathlib.Path:
   """Writes ``to_onnx(program, input_shape)`` to ``path`` atomically."""
   path = pathlib.Path(path)
   data = to_onnx(program, input_shape).SerializeToString()
-  _atomic(path, lambda f: f.write(data))
+  integrity.atomic_write(path, data)
   return path

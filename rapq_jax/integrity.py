@@ -1,7 +1,7 @@
-"""What keeps a wrong number from ever being reported: checks of inputs and checksums of
-saved state, and one run per directory.
+"""What keeps a wrong number from ever being reported: checks of inputs, checksums of
+saved state, atomic writes with the user's umask, and one run per directory.
 
-Imports only the standard library and numpy (``rapq_jax.reference_reader`` may use it and
+Imports only the standard library and numpy (``rapq_jax.reference_reader`` uses it and
 must run without JAX).
 
 * ``check_images``: float NHWC images, finite, with the expected channel count; an error
@@ -11,6 +11,7 @@ must run without JAX).
 * ``digest`` / ``digests`` / ``verify``: sha256 of an array (dtype, shape and bytes), of
   every leaf of a tree of arrays, and of JSON; ``verify`` compares a loaded tree with
   the digests saved beside it and raises ``IntegrityError`` naming the file and leaf.
+* ``atomic_write``: temp file + rename, mode ``0666 & ~umask`` (``mkstemp`` makes 0600).
 * ``DirectoryLock``: an advisory ``fcntl.flock`` on ``<dir>/.lock`` holding the owner's
   pid; a second process gets ``LockedError`` naming it; the kernel drops the lock of a
   killed process, so a stale lock file never blocks.
@@ -19,6 +20,7 @@ import hashlib
 import json
 import os
 import pathlib
+import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -140,6 +142,42 @@ def verify_json(obj, expected, where, what: str) -> None:
   """Raises ``IntegrityError`` unless ``json_digest(obj) == expected``."""
   if json_digest(obj) != expected:
     raise IntegrityError(f"{where}: checksum mismatch of {what}: the file is damaged")
+
+
+# ------------------------------------------------------------------ files
+
+def umask() -> int:
+  """The process umask (read without changing it where /proc allows)."""
+  try:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+def atomic_write(path, data) -> pathlib.Path:
+  """Writes ``data`` (str, bytes, or a function of a binary file) to ``path`` through a
+  temporary file and a rename, so a reader never sees a half-written file; the file
+  gets the mode ``open`` would give it (``0666 & ~umask``)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    os.fchmod(fd, 0o666 & ~umask())
+    with os.fdopen(fd, "wb") as f:
+      if callable(data):
+        data(f)
+      else:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  return path
 
 
 # ------------------------------------------------------------------ one run per directory

@@ -1,9 +1,9 @@
 """Specification of what keeps a wrong number from being reported (rapq_jax.integrity,
 experiments.validate): a run's config, data and checkpoint are checked before its
 directory is created or bound, each problem named in one line; non-finite values,
-integer pixels and NCHW layouts are errors; one run holds a directory at a time.
-Checksums: tests/test_resume.py (unit stores) and tests/test_export.py (saved models, npz
-exports).
+integer pixels and NCHW layouts are errors; files get the user's umask; one run holds a
+directory at a time. Checksums: tests/test_resume.py (unit stores) and
+tests/test_export.py (saved models, npz exports).
 """
 import importlib
 import math
@@ -184,7 +184,20 @@ def test_verify_names_the_damaged_leaf():
     integrity.verify({"a": tree["a"]}, sums, "f")
 
 
-# ------------------------------------------------------------------ one run per directory
+# ------------------------------------------------------------------ files
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_write_follows_the_umask(tmp_path, mask, mode):
+  old = os.umask(mask)
+  try:
+    integrity.atomic_write(tmp_path / "a.json", "{}")
+    integrity.atomic_write(tmp_path / "b.bin", lambda f: f.write(b"x"))
+  finally:
+    os.umask(old)
+  assert (tmp_path / "a.json").read_text() == "{}"
+  assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.json", "b.bin")] == [mode, mode]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]
+
 
 def _hold_lock(directory) -> subprocess.Popen:
   """Another process holding ``directory``'s lock until killed (numpy only, no JAX)."""
@@ -225,14 +238,14 @@ def _run(workdir, *args):
   return subprocess.run(
       [sys.executable, "-m", "experiments.run", "--methods", "fp", "--config.test_size=200",
        "--config.calibration_size=64", f"--workdir={workdir}", *args], cwd=REPO,
-      capture_output=True, text=True, timeout=300,
+      capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o022),
       env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}, check=False)
 
 
-def test_run_checks_before_writing_and_locks(fashion_mnist_dir, tmp_path):
+def test_run_checks_before_writing_locks_and_writes_readable_files(fashion_mnist_dir, tmp_path):
   """A bad field: one line naming it, no traceback, no directory; a locked directory:
   refused naming the holder; the corrected command then runs in the same directory,
-  past the stale lock of a killed process."""
+  past the stale lock of a killed process, and its files follow the umask."""
   workdir = tmp_path / "run"
   data_dir = f"--config.dataset.data_dir={fashion_mnist_dir}"
   bad = _run(workdir, data_dir, "--config.eval_batch_size=0")
@@ -250,4 +263,5 @@ def test_run_checks_before_writing_and_locks(fashion_mnist_dir, tmp_path):
   assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
   ok = _run(workdir, data_dir)
   assert ok.returncode == 0, ok.stderr[-3000:]
-  assert (workdir / "results.json").is_file()
+  for name in ("config.json", "results.json", "results.md", "results/fp.json"):
+    assert (workdir / name).stat().st_mode & 0o777 == 0o644, name
