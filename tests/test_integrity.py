@@ -5,6 +5,7 @@ integer pixels and NCHW layouts are errors; files get the user's umask; one run 
 directory at a time. Checksums: tests/test_resume.py (unit stores) and
 tests/test_export.py (saved models, npz exports).
 """
+import dataclasses
 import importlib
 import math
 import os
@@ -16,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import validate
+from experiments import pipeline, validate
 from rapq_jax import config as config_lib
 from rapq_jax import convert, integrity
 
@@ -132,6 +133,18 @@ def test_bad_data_and_checkpoints_are_named(npz_config, tmp_path):
   with pytest.raises(validate.UserError, match=r"shape \(28, 28, 1\); config.model = "
                                                r"'cifar_resnet20' takes 3 channel\(s\)"):
     validate.prepare(cifar, [("fp", cifar)])
+
+
+def test_float_data_with_a_nan_names_the_image():
+  images = np.zeros((3, 28, 28, 1), np.float32)
+  images[2, 4, 5, 0] = np.nan
+  labels = np.zeros(3, np.int32)
+  data = pipeline.Data(images, labels, images[:2], labels[:2], lambda x: np.asarray(x, np.float32))
+  with pytest.raises(validate.UserError, match=r"preprocessed calibration images \[0:\]: image 2 "
+                                               r"has a non-finite value nan at pixel \(h=4, w=5"):
+    validate.check_data(fmnist_config(), data)
+  validate.check_data(fmnist_config(), dataclasses.replace(data, calib_images=images[:2],
+                                                          calib_labels=labels[:2]))
 
 
 def test_load_pretrained_names_a_non_finite_weight(tmp_path):
