@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,18 @@ def test_damaged_config_record_is_refused(tmp_path):
   info.write_text(info.read_text().replace("1", "2"))
   with pytest.raises(integrity.IntegrityError, match="config: checksum mismatch of its 'info'"):
     store.bind({"a": 1})
+
+
+def test_entry_of_another_config_is_refused(tmp_path):
+  """A unit entry copied from a store of another config is never loaded as this one's."""
+  a, b = resume.Store(tmp_path / "a"), resume.Store(tmp_path / "b")
+  a.bind({"seed": 1})
+  b.bind({"seed": 2})
+  a.save("unit_x", {"p": 2.0}, {"t": jnp.ones(3)})
+  assert a.load("unit_x")[0] == {"p": 2.0}
+  shutil.copytree(tmp_path / "a" / "unit_x", tmp_path / "b" / "unit_x")
+  with pytest.raises(integrity.IntegrityError, match="unit_x: saved for another config"):
+    b.load("unit_x")
 
 
 def test_every_flip_in_a_unit_store_is_detected_or_harmless(tmp_path):
