@@ -251,7 +251,7 @@ def _run(workdir, *args):
   return subprocess.run(
       [sys.executable, "-m", "experiments.run", "--methods", "fp", "--config.test_size=200",
        "--config.calibration_size=64", f"--workdir={workdir}", *args], cwd=REPO,
-      capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o022),
+      capture_output=True, text=True, timeout=300,
       env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}, check=False)
 
 
@@ -274,7 +274,11 @@ def test_run_checks_before_writing_locks_and_writes_readable_files(fashion_mnist
   assert locked.returncode != 0 and "Traceback" not in locked.stderr
   assert f"in use by another run (process {holder.pid} holds" in locked.stderr
   assert sorted(p.name for p in workdir.iterdir()) == [".lock"]
-  ok = _run(workdir, data_dir)
+  old = os.umask(0o022)          # inherited by the run
+  try:
+    ok = _run(workdir, data_dir)
+  finally:
+    os.umask(old)
   assert ok.returncode == 0, ok.stderr[-3000:]
   for name in ("config.json", "results.json", "results.md", "results/fp.json"):
     assert (workdir / name).stat().st_mode & 0o777 == 0o644, name

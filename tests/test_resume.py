@@ -122,6 +122,7 @@ def test_store_ignores_unfinished_entries(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see damage.py
 def test_damaged_unit_is_computed_again_never_used(tiny, reference, tmp_path, monkeypatch):
   """One flipped bit in a finished unit's array data: the resume names the damaged entry,
   recomputes exactly that unit and ends bit-identical to the uninterrupted run."""
@@ -162,6 +163,7 @@ def test_entry_of_another_config_is_refused(tmp_path):
     b.load("unit_x")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see damage.py
 def test_every_flip_in_a_unit_store_is_detected_or_harmless(tmp_path):
   arrays = {"w": {"conv": {"log2s": jnp.arange(-3.0, 3.0), "alpha": jnp.linspace(-1, 1, 64)
                            .reshape(4, 4, 1, 4)}}, "a": {"out": {"t": jnp.float32(-2.0)}}}
