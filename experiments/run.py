@@ -194,21 +194,23 @@ def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> No
 def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int | None,
              config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
   """The record of one method at one bit width: loaded from ``workdir/results/`` if it
-  finished before, else computed (quantized units kept in ``workdir/units/`` as they
-  finish, so a killed run resumes after the last one) and saved there atomically."""
+  finished before (and its checksum matches), else computed (quantized units kept in
+  ``workdir/units/`` as they finish, so a killed run resumes after the last one) and
+  saved there atomically with its checksum."""
   path = workdir / "results" / f"{run_name(method, wbits, abits)}.json"
   if path.exists():
-    print(f"loaded {path}", flush=True)
-    return json.loads(path.read_text())
+    try:
+      record = report.read_record(path)
+      print(f"loaded {path}", flush=True)
+      return record
+    except integrity.IntegrityError as err:   # never reported: computed again
+      print(f"{err}; computing it again", flush=True)
   start = time.perf_counter()
   kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models",
                                              "store_dir": workdir / "units"}
   result = METHODS[method](config, data, **kwargs)
   result.setdefault("wall_seconds", time.perf_counter() - start)
-  text = json.dumps(dict(method=method, wbits=wbits, abits=abits, **result), indent=1,
-                    default=float)
-  report.atomic_write(path, text)
-  return json.loads(text)
+  return report.write_record(path, dict(method=method, wbits=wbits, abits=abits, **result))
 
 
 def main(argv):
