@@ -46,7 +46,8 @@ def export_run(run_dir, fmt: str, out_dir=None) -> list[pathlib.Path]:
   """Writes the exports of every saved model of ``run_dir``; returns the paths written.
 
   Raises:
-    ValueError: unknown format, or a run directory without saved models.
+    ValueError: unknown format, a run directory without saved models, or a damaged
+      model (``integrity.IntegrityError``, naming it; nothing is written then).
   """
   if fmt not in FORMATS:
     raise ValueError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
@@ -56,10 +57,10 @@ def export_run(run_dir, fmt: str, out_dir=None) -> list[pathlib.Path]:
     raise ValueError(f"{run_dir} has no saved models under models/ (runs save the "
                      "power-of-two model of each quantized method there)")
   out_dir = pathlib.Path(out_dir) if out_dir else run_dir / "export"
+  # Every model is read (and its checksums verified) before anything is written.
+  loaded = [(d, integer.lower(export.load_model(d)), export.model_extra(d)) for d in dirs]
   written = []
-  for d in dirs:
-    program = integer.lower(export.load_model(d))
-    extra = export.model_extra(d)
+  for d, program, extra in loaded:
     if fmt == "npz":
       written += export.save_npz(program, out_dir / d.name, extra=extra)
     else:

@@ -67,8 +67,11 @@ def _load_split(dataset: ml_collections.ConfigDict, split: str) -> tuple[np.ndar
 def load_data(config: ml_collections.ConfigDict) -> Data:
   """Test split, and a calibration sample (config.calibration_size, config.seed) of the train split."""
   train_images, train_labels = _load_split(config.dataset, "train")
-  calib_images, calib_labels = data_lib.calibration_sample(
-      train_images, train_labels, config.calibration_size, config.seed)
+  try:
+    calib_images, calib_labels = data_lib.calibration_sample(
+        train_images, train_labels, config.calibration_size, config.seed)
+  except ValueError as err:
+    raise ValueError(f"config.calibration_size = {config.calibration_size!r}: {err}") from None
   test_images, test_labels = _load_split(config.dataset, "test")
   if config.test_size is not None:
     if not 0 < config.test_size <= len(test_images):

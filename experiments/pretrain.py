@@ -17,9 +17,8 @@ import os
 import pathlib
 import platform
 import sys
-import tempfile
 import time
-from typing import IO, Any, Callable
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -37,6 +36,7 @@ import tqdm
 from experiments import configs
 from experiments import data as data_lib
 from rapq_jax import convert
+from rapq_jax import integrity
 from rapq_jax import evaluate as evaluate_lib
 from rapq_jax.models import get_model, input_shape
 
@@ -97,19 +97,6 @@ def test_accuracy(model, variables: dict, images: np.ndarray, labels: np.ndarray
       preprocess=functools.partial(data_lib.normalize, mean=config.mean, std=config.std))
 
 
-def _write_atomic(path: pathlib.Path, write: Callable[[IO[bytes]], None]) -> None:
-  """Writes `path` through a temporary file in the same directory, then renames it."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-    try:
-      write(tmp)
-    except BaseException:
-      os.unlink(tmp.name)
-      raise
-  os.chmod(tmp.name, 0o644)
-  os.replace(tmp.name, path)
-
-
 def _versions() -> dict:
   return dict(python=platform.python_version(), jax=jax.__version__,
               jaxlib=jaxlib.__version__, flax=flax.__version__, optax=optax.__version__,
@@ -159,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, output_dir: str | os.P
   output_dir = pathlib.Path(output_dir)
   checkpoint = output_dir / f"{config.model}.npz"
   state_dict = convert.to_state_dict(jax.device_get(variables), config.model)
-  _write_atomic(checkpoint, lambda f: np.savez(f, **state_dict))
+  integrity.atomic_write(checkpoint, lambda f: np.savez(f, **state_dict))
   model, loaded = convert.load_pretrained(checkpoint, config.model)
   final = test_accuracy(model, loaded, test_images, test_labels, config, "checkpoint")
   record = dict(
@@ -173,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, output_dir: str | os.P
                    device=jax.devices()[0].device_kind),
       wall_seconds=time.perf_counter() - start)
   text = json.dumps(record, indent=2) + "\n"
-  _write_atomic(output_dir / f"{config.model}.json", lambda f: f.write(text.encode()))
+  integrity.atomic_write(output_dir / f"{config.model}.json", lambda f: f.write(text.encode()))
   return record
 
 

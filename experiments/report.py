@@ -1,9 +1,9 @@
 """Run outputs: the results table, plots, environment facts and atomic file writes."""
+import json
 import os
 import pathlib
 import platform
 import subprocess
-import tempfile
 
 import jax
 import matplotlib
@@ -12,21 +12,34 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
 import numpy as np  # noqa: E402
 
+from rapq_jax import integrity  # noqa: E402
+
 
 def atomic_write(path: pathlib.Path, data: str | bytes) -> None:
   """Writes ``data`` to ``path`` through a temporary file and a rename, so a reader
-  never sees a half-written file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  never sees a half-written file; the mode follows the umask (``integrity.atomic_write``)."""
+  integrity.atomic_write(path, data)
+
+
+def write_record(path: pathlib.Path, record: dict) -> dict:
+  """Writes ``record`` as JSON with the sha256 of its canonical form (key ``sha256``),
+  atomically; returns the record as ``read_record`` will return it."""
+  record = json.loads(json.dumps(record, default=float))
+  atomic_write(path, json.dumps({**record, "sha256": integrity.json_digest(record)}, indent=1))
+  return record
+
+
+def read_record(path: pathlib.Path) -> dict:
+  """The record ``write_record`` wrote at ``path``; ``integrity.IntegrityError`` naming
+  the file if it is not valid JSON, lacks its checksum or differs from it."""
   try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+    record = json.loads(pathlib.Path(path).read_text())
+  except (ValueError, UnicodeDecodeError) as err:
+    raise integrity.IntegrityError(f"{path}: not valid JSON ({err})") from None
+  digest = record.pop("sha256", None) if isinstance(record, dict) else None
+  if digest != integrity.json_digest(record):
+    raise integrity.IntegrityError(f"{path}: checksum mismatch (or none): the file is damaged")
+  return record
 
 
 def environment() -> dict:

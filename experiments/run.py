@@ -31,6 +31,8 @@ from experiments import configs
 from experiments import methods
 from experiments import pipeline
 from experiments import report
+from experiments import validate
+from rapq_jax import integrity
 from rapq_jax import resume
 
 DEFAULT_SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -193,21 +195,28 @@ def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> No
 def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int | None,
              config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
   """The record of one method at one bit width: loaded from ``workdir/results/`` if it
-  finished before, else computed (quantized units kept in ``workdir/units/`` as they
-  finish, so a killed run resumes after the last one) and saved there atomically."""
+  finished before (and its checksum matches), else computed (quantized units kept in
+  ``workdir/units/`` as they finish, so a killed run resumes after the last one) and
+  saved there atomically with its checksum."""
   path = workdir / "results" / f"{run_name(method, wbits, abits)}.json"
   if path.exists():
-    print(f"loaded {path}", flush=True)
-    return json.loads(path.read_text())
+    try:
+      record = report.read_record(path)
+      print(f"loaded {path}", flush=True)
+      return record
+    except integrity.IntegrityError as err:   # never reported: computed again
+      print(f"{err}; computing it again", flush=True)
   start = time.perf_counter()
   kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models",
                                              "store_dir": workdir / "units"}
   result = METHODS[method](config, data, **kwargs)
   result.setdefault("wall_seconds", time.perf_counter() - start)
-  text = json.dumps(dict(method=method, wbits=wbits, abits=abits, **result), indent=1,
-                    default=float)
-  report.atomic_write(path, text)
-  return json.loads(text)
+  return report.write_record(path, dict(method=method, wbits=wbits, abits=abits, **result))
+
+
+def _fail(err) -> None:
+  """Stops the run with one line on stderr: the command, not the code, is wrong."""
+  sys.exit(f"experiments.run: error: {err}")
 
 
 def main(argv):
@@ -226,14 +235,10 @@ def main(argv):
   if any(m not in UNQUANTIZED for m in names) and "fp" not in names:
     names = ("fp",) + names  # every table reports the drop from FP
   bits = _BITS.value
-  try:  # the config's own fields must be valid even where --bits replaces them
-    methods.ptq_config(config, "naive")
-  except ValueError as err:
-    raise app.UsageError(str(err)) from None
   try:
     jax.config.update("jax_default_matmul_precision", config.matmul_precision)
   except ValueError as err:
-    raise app.UsageError(f"config.matmul_precision={config.matmul_precision!r}: {err}") from None
+    _fail(f"config.matmul_precision={config.matmul_precision!r}: {err}")
   runs = []
   for method in names:
     for wbits, abits in ([(None, None)] if method in UNQUANTIZED else bits):
@@ -241,21 +246,18 @@ def main(argv):
       if wbits is not None:
         method_config = copy.deepcopy(config)
         method_config.wbits, method_config.abits = wbits, abits
-        try:  # validate every run before any starts
-          methods.ptq_config(method_config, method)
-        except ValueError as err:
-          raise app.UsageError(str(err)) from None
       runs.append((method, wbits, abits, method_config))
-  try:  # data first: a missing or bad file stops the run before anything is written
-    data = pipeline.load_data(config)
-  except (OSError, ValueError, ImportError) as err:
-    sys.exit(f"experiments.run: error: {err}")
+  try:  # every run, the data and the checkpoint are checked before anything is written
+    data = validate.prepare(config, [(m, c) for m, _, _, c in runs])
+  except validate.UserError as err:
+    _fail(err)
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
   workdir.mkdir(parents=True, exist_ok=True)
-  try:
+  try:  # one run per directory: held until this process ends, dropped if it is killed
+    integrity.DirectoryLock(workdir).acquire()
     open_workdir(workdir, config)
-  except resume.ConfigMismatchError as err:
-    raise app.UsageError(str(err)) from None
+  except (integrity.LockedError, resume.ConfigMismatchError) as err:
+    _fail(err)
 
   env = report.environment()  # the code as it was when the run started
   results = []

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax import fold, ptq, resume
+from rapq_jax import fold, integrity, ptq, resume
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Layer, Network, Unit, unit_acts, unit_apply
 
@@ -329,12 +329,21 @@ def read_model(model: nn.Module, variables, images, *, unit_patterns: Sequence[s
   if not isinstance(model, nn.Module):
     raise TypeError(f"expected a flax.linen Module, got {type(model).__name__}; flax.nnx "
                     "modules are not supported (see rapq_jax.adapter.read_model)")
-  shape, dtype = getattr(images, "shape", None), getattr(images, "dtype", None)
-  if shape is None or len(shape) != 4 or not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"images must be a float NHWC array; got shape {shape}, dtype {dtype}")
+  integrity.check_images(images, "calibration images")
+  integrity.check_finite(variables, "model variables")
   x = jnp.asarray(images[:VERIFY_SAMPLES], jnp.float32)
   apply_kwargs = dict(apply_kwargs or {})
-  calls, logits = _capture(model, variables, x, apply_kwargs)
+  try:
+    calls, logits = _capture(model, variables, x, apply_kwargs)
+  except UnsupportedModelError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (flax shape errors are no ValueError)
+    raise ValueError(f"the model cannot be applied to the calibration images of shape "
+                     f"{tuple(images.shape)} ({type(e).__name__}: {str(e)[:300]}); images must "
+                     "be float NHWC (channels last)" + (
+                         f"; shape[1] = {images.shape[1]} looks like channels-first (NCHW): "
+                         "transpose with x.transpose(0, 2, 3, 1)"
+                         if images.shape[1] < images.shape[-1] else "")) from e
   groups = _groups(calls, variables, tuple(unit_patterns))
   # The same run on amplified images: reference tensors of every unit in both runs.
   loud_calls, loud_logits = _capture(model, variables, x * VERIFY_GAIN, apply_kwargs)

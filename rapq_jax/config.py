@@ -1,10 +1,36 @@
 """Settings of a post-training quantization run (frozen, hashable, validated)."""
 import dataclasses
+import math
 
 from rapq_jax import pot
 
 METHODS = ("naive", "brecq", "brecq_pot", "rapq")
 SEARCH_MODES = ("none", "before", "after", "both")
+# Float field -> (least value, whether the least value itself is allowed, greatest
+# value or None); every float field must also be finite.
+FLOAT_RANGES = {
+    "lr_w": (0.0, False, None), "lr_exp": (0.0, False, None), "lr_a": (0.0, False, None),
+    "round_weight": (0.0, True, None),
+    "b_start": (0.0, False, None), "b_end": (0.0, False, None),   # AdaRound temperatures
+    "warmup": (0.0, True, 1.0),
+    "exp_reg_factor": (0.0, True, None),
+    "lp_coef": (0.0, True, None),            # p = 1 + lp_coef * sigmoid(.) stays >= 1
+    "lp_fixed": (0.0, False, None), "init_p": (0.0, False, None),   # Lp exponents p > 0
+    "bn_stats_weight": (0.0, True, None),
+    "weight_phase_act_quant": (0.0, True, 1.0),
+}
+BOOL_FIELDS = ("weight_signed", "pot_scales", "reconstruct", "learn_exponent",
+               "reinit_alpha_on_harden")
+
+
+def _check_float(name: str, value, lo: float, lo_ok: bool, hi: float | None) -> None:
+  """ValueError naming ``name`` unless ``value`` is a finite number in its range."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{name} = {value!r}: expected a number")
+  bound = (f">= {lo:g}" if lo_ok else f"> {lo:g}") + ("" if hi is None else f" and <= {hi:g}")
+  if not math.isfinite(value) or value < lo or (value == lo and not lo_ok) or (
+      hi is not None and value > hi):
+    raise ValueError(f"{name} = {value!r}: expected a finite number {bound}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +89,16 @@ class PTQConfig:
   seed: int = 1005
 
   def __post_init__(self):
+    for name in BOOL_FIELDS:
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} = {getattr(self, name)!r}: expected True or False")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+      raise ValueError(f"seed = {self.seed!r}: expected an integer")
+    for name, limits in FLOAT_RANGES.items():
+      _check_float(name, getattr(self, name), *limits)
+    if self.lp_digits is not None and (isinstance(self.lp_digits, bool) or not isinstance(
+        self.lp_digits, int) or self.lp_digits < 0):
+      raise ValueError(f"lp_digits = {self.lp_digits!r}: expected None or an integer >= 0")
     for name in ("wbits", "abits", "first_last_bits"):
       try:
         pot.check_bits(getattr(self, name))
@@ -80,9 +116,6 @@ class PTQConfig:
       raise ValueError(f"exp_init = {self.exp_init!r}: expected 'nearest' or 'lp'")
     if self.search not in SEARCH_MODES:
       raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
-    if not 0.0 <= self.weight_phase_act_quant <= 1.0:
-      raise ValueError(f"weight_phase_act_quant = {self.weight_phase_act_quant!r}: expected a "
-                       "probability in [0, 1]")
     if self.search_objective not in ("kl", "mse"):
       raise ValueError(f"search_objective = {self.search_objective!r}: expected 'kl' or 'mse'")
     if self.learn_exponent and self.exp_warm_iters > self.iters_w and self.reconstruct:

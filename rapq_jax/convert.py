@@ -10,7 +10,6 @@ naming rule of ``rapq_jax.models`` and checks every key and shape against the mo
 import hashlib
 import os
 import pathlib
-import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rapq_jax import integrity
 from rapq_jax.models import get_model, input_shape
 
 CACHE_DIR = pathlib.Path.home() / '.cache' / 'rapq_jax'
@@ -178,17 +178,13 @@ def _download(url: str, cache_dir: pathlib.Path) -> pathlib.Path:
   target = cache_dir / f'{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}'
   if target.is_file():
     return target
-  cache_dir.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=f'.{name}.', delete=False) as tmp:
-    try:
-      with urllib.request.urlopen(url) as response:
-        while chunk := response.read(1 << 20):
-          tmp.write(chunk)
-    except BaseException:
-      os.unlink(tmp.name)
-      raise
-  os.replace(tmp.name, target)
-  return target
+
+  def fetch(f):
+    with urllib.request.urlopen(url) as response:
+      while chunk := response.read(1 << 20):
+        f.write(chunk)
+
+  return integrity.atomic_write(target, fetch)
 
 
 def _torch_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -235,5 +231,10 @@ def load_state_dict(path: str | os.PathLike,
 def load_pretrained(path_or_url: str | os.PathLike, model_name: str, scheme: str = 'torchvision',
                     num_classes: int | None = None) -> tuple[nn.Module, dict]:
   """``(get_model(model_name), variables)`` for a checkpoint file or URL; see ``convert_state_dict``."""
-  variables = convert_state_dict(load_state_dict(path_or_url), model_name, scheme, num_classes)
+  state_dict = load_state_dict(path_or_url)
+  try:   # a NaN weight would otherwise quantize to a silently wrong model
+    integrity.check_finite(_unwrap(state_dict), f'checkpoint {path_or_url}')
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
+  variables = convert_state_dict(state_dict, model_name, scheme, num_classes)
   return get_model(model_name, num_classes), variables

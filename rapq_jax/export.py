@@ -2,7 +2,8 @@
 
 * orbax: ``save_model(qm, directory)`` / ``load_model(directory)``: the pytree's arrays
   (``arrays``) and its static structure as JSON (``structure``: units, bit widths,
-  metadata); orbax commits the directory atomically.
+  metadata), with the sha256 of each (``resume.save_checked``), verified on load; orbax
+  commits the directory atomically.
 * framework-neutral: ``save_npz(program, path)`` writes ``path.npz`` (the integer arrays
   of ``rapq_jax.integer.lower``: int8/uint8 weights, int32 zero points, biases,
   exponents and shifts, each a little-endian ``.npy`` member named like
@@ -17,15 +18,13 @@
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax import integer, quantized
+from rapq_jax import integer, integrity, quantized, reference_reader, resume
 from rapq_jax.network import ActPoint, Layer, Unit
 
 
@@ -46,34 +45,33 @@ def units_from_json(units: list) -> tuple[Unit, ...]:
 def save_model(qm: quantized.QuantizedModel, directory, *,
                extra: dict | None = None) -> pathlib.Path:
   """Orbax checkpoint of ``qm`` at ``directory`` (replaced if present), with ``extra``
-  JSON-able facts (input shape, preprocessing...) beside the structure; returns it."""
-  import orbax.checkpoint as ocp   # pylint: disable=import-outside-toplevel
+  JSON-able facts (input shape, preprocessing...) beside the structure, and the sha256
+  of both and of every array; returns it."""
   directory = pathlib.Path(directory).absolute()
   arrays = jax.tree.map(np.asarray, {"weights": qm.weights, "acts": qm.acts})
   st = {**structure(qm), "extra": json.loads(json.dumps(extra or {}))}
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    ckpt.save(directory, ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays),
-                                            structure=ocp.args.JsonSave(st)),
-              force=True)
+  resume.save_checked(directory, {"structure": st}, arrays)
   return directory
 
 
+def _load_checked(directory) -> tuple[dict, dict]:
+  """(structure, arrays) of a saved model, verified against its checksums."""
+  documents, arrays = resume.load_checked(directory)
+  if "structure" not in documents or arrays is None:
+    raise integrity.IntegrityError(f"{directory}: not a model saved by save_model")
+  return documents["structure"], arrays
+
+
 def model_extra(directory) -> dict:
-  """The ``extra`` facts saved with a model by ``save_model``."""
-  import orbax.checkpoint as ocp   # pylint: disable=import-outside-toplevel
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    restored = ckpt.restore(pathlib.Path(directory).absolute(),
-                            ocp.args.Composite(structure=ocp.args.JsonRestore()))
-  return restored["structure"].get("extra", {})
+  """The ``extra`` facts saved with a model by ``save_model`` (checksums verified)."""
+  return _load_checked(directory)[0].get("extra", {})
 
 
 def load_model(directory) -> quantized.QuantizedModel:
-  """The ``QuantizedModel`` saved by ``save_model`` (dtypes restored)."""
-  import orbax.checkpoint as ocp   # pylint: disable=import-outside-toplevel
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    restored = ckpt.restore(pathlib.Path(directory).absolute(), ocp.args.Composite(
-        arrays=ocp.args.PyTreeRestore(), structure=ocp.args.JsonRestore()))
-  st, arrays = restored["structure"], restored["arrays"]
+  """The ``QuantizedModel`` saved by ``save_model`` (dtypes restored). Raises
+  ``integrity.IntegrityError`` naming the directory if any byte of it was changed in a
+  way that changes what is loaded."""
+  st, arrays = _load_checked(directory)
   weights = {u: {r: {"q": jnp.asarray(w["q"]), "e": jnp.asarray(w["e"], jnp.int32),
                      "zp": jnp.asarray(w["zp"], jnp.int32),
                      "bias": jnp.asarray(w["bias"], jnp.float32)} for r, w in layers.items()}
@@ -89,24 +87,16 @@ def load_model(directory) -> quantized.QuantizedModel:
 
 # ------------------------------------------------------------------ npz + manifest
 
-def _atomic(path: pathlib.Path, write) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def manifest_for_file(program: integer.Program, extra: dict | None = None) -> dict:
-  """The program's manifest plus each array's dtype and shape (and ``extra`` facts)."""
+  """The program's manifest plus each array's dtype and shape (and ``extra`` facts), and
+  ``checksums``: the sha256 of every array and of the rest of the manifest
+  (``reference_reader.manifest_digest``)."""
   spec = json.loads(program.manifest)
-  spec["arrays"] = {k: {"dtype": np.asarray(v).dtype.str, "shape": list(np.shape(v))}
-                    for k, v in sorted(program.arrays.items())}
+  arrays = {k: np.asarray(v) for k, v in sorted(program.arrays.items())}
+  spec["arrays"] = {k: {"dtype": v.dtype.str, "shape": list(v.shape)} for k, v in arrays.items()}
   spec.update(extra or {})
+  spec["checksums"] = {"arrays": integrity.digests(arrays),
+                       "manifest": reference_reader.manifest_digest(spec)}
   return spec
 
 
@@ -115,21 +105,20 @@ def save_npz(program: integer.Program, path, *, extra: dict | None = None):
   path = pathlib.Path(path)
   npz, manifest = path.with_suffix(".npz"), path.with_suffix(".json")
   arrays = {k: np.asarray(v) for k, v in program.arrays.items()}
-  _atomic(npz, lambda f: np.savez(f, **arrays))
-  text = json.dumps(manifest_for_file(program, extra), indent=1, sort_keys=True)
-  _atomic(manifest, lambda f: f.write(text.encode()))
+  integrity.atomic_write(npz, lambda f: np.savez(f, **arrays))
+  integrity.atomic_write(manifest, json.dumps(manifest_for_file(program, extra), indent=1,
+                                              sort_keys=True))
   return npz, manifest
 
 
 def load_npz(path) -> integer.Program:
   """The ``Program`` of an export written by ``save_npz`` (``path`` with or without
-  suffix)."""
-  path = pathlib.Path(path)
-  spec = json.loads(path.with_suffix(".json").read_text())
+  suffix), read and checked by ``reference_reader.load``: checksums, and every array
+  and op within the format's bounds (ValueError naming the file and what is wrong)."""
+  spec, arrays = reference_reader.load(path)
   spec = {k: v for k, v in spec.items() if k in integer.MANIFEST_KEYS}
-  with np.load(path.with_suffix(".npz")) as data:
-    arrays = {k: jnp.asarray(data[k]) for k in data.files}
-  return integer.Program(json.dumps(spec, sort_keys=True), arrays)
+  return integer.Program(json.dumps(spec, sort_keys=True),
+                         {k: jnp.asarray(v) for k, v in arrays.items()})
 
 
 # ------------------------------------------------------------------ ONNX (QDQ)
@@ -320,5 +309,5 @@ def save_onnx(program: integer.Program, path, input_shape) -> pathlib.Path:
   """Writes ``to_onnx(program, input_shape)`` to ``path`` atomically."""
   path = pathlib.Path(path)
   data = to_onnx(program, input_shape).SerializeToString()
-  _atomic(path, lambda f: f.write(data))
+  integrity.atomic_write(path, data)
   return path

@@ -139,7 +139,8 @@ class _Builder:
     bound = terms * self.bound[x] + np.abs(bias).astype(np.int64)
     self._check(name, bound)
     op = {"op": "dense" if layer.dense else "conv", "in": x, "out": name,
-          "weight": f"{name}/q", "zero_point": f"{name}/zp", "bias": f"{name}/bias"}
+          "weight": f"{name}/q", "zero_point": f"{name}/zp", "bias": f"{name}/bias",
+          "weight_bits": self.table[name][0]}
     if not layer.dense:
       op.update(stride=layer.stride, padding=q.shape[0] // 2, groups=layer.groups)
     self.ops.append(op)

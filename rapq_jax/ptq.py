@@ -7,6 +7,7 @@ from the FP network (BRECQ's setting); both are cached once per unit.
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Callable, NamedTuple
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rapq_jax import objective, parallel, quantized, quantizers, resume, rounding, search
+from rapq_jax import integrity, objective, parallel, quantized, quantizers, resume, rounding, search
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
 from rapq_jax.reconstruct import hooks, reconstruct_unit, structural
@@ -166,10 +167,22 @@ def _shift_weights(net, states, specs, offsets: dict) -> dict:
   return out
 
 
+def _load(store: resume.Store | None, name: str):
+  """``store.load(name)``, or None without a store or for a damaged entry (reported: it
+  is computed again and replaced, never used)."""
+  if store is None:
+    return None
+  try:
+    return store.load(name)
+  except integrity.IntegrityError as err:
+    warnings.warn(f"{err}; computing {name} again", RuntimeWarning, stacklevel=3)
+    return None
+
+
 def _search_before(net, states, specs, x, fp_logits, cfg, store):
   """The search before reconstruction, or its stored outcome: offsets
   ``{(unit, 'w'|'a', name): int}`` and the JSON-able summary."""
-  loaded = store.load("search_before") if store is not None else None
+  loaded = _load(store, "search_before")
   if loaded is not None:
     info, _ = loaded
     return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
@@ -196,30 +209,32 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
                                                 "act_moves": res.act_moves}
 
 
+def input_channels(net: Network) -> int:
+  """Channels of the images the network takes (its first layer's input channels)."""
+  first = net.units[0].layers[0]
+  return net.params[net.units[0].name][first.role]["kernel"].shape[-2] * first.groups
+
+
 def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
   """Validates calibration images (float NHWC, the first layer's channel count, at least
-  one batch, all finite) and returns them as float32 on every device (so the states
-  computed from them share one placement); ValueError names what is wrong."""
-  shape, dtype = getattr(calib, "shape", None), getattr(calib, "dtype", None)
-  if shape is None or len(shape) != 4:
-    raise ValueError(f"calibration images must be a rank-4 NHWC array; got shape {shape}")
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"calibration images must be preprocessed floats; got dtype {dtype}")
-  first = net.units[0].layers[0]
-  channels = net.params[net.units[0].name][first.role]["kernel"].shape[-2] * first.groups
-  if shape[-1] != channels:
-    raise ValueError(f"calibration images have {shape[-1]} channels; the network's first "
-                     f"layer expects {channels}")
-  if shape[0] == 0:
-    raise ValueError("calibration set is empty")
-  if cfg.reconstruct and shape[0] < cfg.batch_size:
-    raise ValueError(f"calibration set has {shape[0]} images, fewer than the batch size "
+  one batch, all finite: ``integrity.check_images``) and returns them as float32 on
+  every device (so the states computed from them share one placement); ValueError
+  names what is wrong."""
+  integrity.check_images(calib, "calibration images", channels=input_channels(net))
+  if cfg.reconstruct and calib.shape[0] < cfg.batch_size:
+    raise ValueError(f"calibration set has {calib.shape[0]} images, fewer than the batch size "
                      f"{cfg.batch_size}")
-  calib = parallel.replicate(jnp.asarray(calib, jnp.float32))
-  bad = int(jnp.sum(~jnp.isfinite(calib)))
-  if bad:
-    raise ValueError(f"calibration set contains {bad} NaN or infinite values")
-  return calib
+  return parallel.replicate(jnp.asarray(calib, jnp.float32))
+
+
+def checked_apply(fn: Callable, channels: int) -> Callable:
+  """``fn(images)`` that first checks concrete ``images`` as ``check_calibration`` does
+  (integer pixels, NCHW, non-finite values are errors, not meaningless logits)."""
+  def apply(x):
+    if not isinstance(x, jax.core.Tracer):
+      integrity.check_images(x, "images", channels=channels)
+    return fn(x)
+  return apply
 
 
 def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
@@ -240,6 +255,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     PTQResult; for power-of-two settings ``model`` holds integers and int32 exponents.
   """
   calib = check_calibration(net, calib, cfg)
+  integrity.check_finite(net.params, "network parameters")
   if store is not None:
     store.bind(dataclasses.asdict(cfg))
   specs = unit_specs(net, cfg)
@@ -271,7 +287,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
       params = net.params[unit.name]
       _, hard, fp = _fns(unit, specs, cfg)
       fp_y = _batched(functools.partial(fp, params), fp_x)
-      loaded = store.load(f"unit_{unit.name}") if store is not None else None
+      loaded = _load(store, f"unit_{unit.name}")
       if loaded is None:
         states[unit.name], entry = _reconstruct(net, unit, specs, states[unit.name]["w"],
                                                 act_offsets, q_x, fp_y, cfg,
@@ -303,4 +319,4 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   else:
     fn = jax.jit(lambda n, st, x: search.quantized_logits(n, st, specs, x))
     apply = functools.partial(fn, net, states)
-  return PTQResult(apply, model, states, specs, report)
+  return PTQResult(checked_apply(apply, input_channels(net)), model, states, specs, report)

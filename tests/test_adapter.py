@@ -17,6 +17,7 @@ import pytest
 
 from nets import random_variables
 
+import rapq_jax
 from rapq_jax import adapter, config, fold, integer, ptq, quantized
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.models.mobilenetv2 import MobileNetV2
@@ -316,6 +317,32 @@ def test_bad_images_are_named(images, match):
   model = UserResNet()
   with pytest.raises(ValueError, match=match):
     adapter.read_model(model, {}, images)
+
+
+def test_bad_calibration_and_weights_are_named_before_reading_the_model():
+  """NaN in a calibration image or a weight, NCHW images, an empty set: errors that say
+  so, not an UnsupportedModelError or a Flax shape error."""
+  model = UserResNet()
+  variables = random_variables(model, HW, init_kwargs={})
+  images = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (8, HW, HW, 3), jnp.float32))
+  nan = images.copy()
+  nan[6, 1, 2, 0] = np.nan
+  kernel = np.asarray(variables["params"]["ResBlock_0"]["Conv_1"]["kernel"]).copy()
+  kernel[1, 2, 0, 5] = np.inf
+  bad_weights = jax.tree.map(lambda a: a, variables)
+  bad_weights["params"]["ResBlock_0"]["Conv_1"]["kernel"] = kernel
+  cases = [
+      (variables, nan, r"image 6 has a non-finite value nan at pixel \(h=1, w=2, c=0\)"),
+      (bad_weights, images, r"model variables: tensor 'params/ResBlock_0/Conv_1/kernel' "
+                            r"\(shape \(3, 3, 16, 16\)\) has 1 non-finite value\(s\), the first "
+                            r"inf at index \(1, 2, 0, 5\)"),
+      (variables, images.transpose(0, 3, 1, 2), r"shape\[1\] = 3 looks like channels-first \(NCHW\)"),
+      (variables, images[:0], "holds no image"),
+  ]
+  for v, x, match in cases:
+    with pytest.raises(ValueError, match=match) as err:
+      rapq_jax.quantize(model, v, x, config.for_method("naive"), progress=False)
+    assert not isinstance(err.value, adapter.UnsupportedModelError)
 
 
 def test_readme_example_runs():

@@ -9,6 +9,7 @@ onnxruntime without graph rewrites, gives the integer path's logits exactly.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -18,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import damage
 from experiments import methods, pipeline
 from experiments import export as export_cli
-from rapq_jax import config, export, fold, integer, ptq, quantized
+from rapq_jax import config, export, fold, integer, integrity, ptq, quantized
 from rapq_jax import reference_reader as reader
 from rapq_jax.models import get_model
 from test_integer import load_config, quantize_tiny, random_variables
@@ -31,15 +33,17 @@ NETS = ("resnet-naive", "mobilenet-naive")
 
 @pytest.fixture(scope="module")
 def nets():
-  """name -> (QuantizedModel, images, Program), each quantized once per module."""
-  cache = {}
+  """name -> (QuantizedModel, images, Program), each quantized once per module;
+  ``nets.result(name)`` is its PTQResult."""
+  cache, results = {}, {}
 
   def get(name):
     if name not in cache:
-      result, x, _ = quantize_tiny(*name.split("-"))
-      cache[name] = (result.model, x, integer.lower(result.model))
+      results[name], x, _ = quantize_tiny(*name.split("-"))
+      cache[name] = (results[name].model, x, integer.lower(results[name].model))
     return cache[name]
 
+  get.result = lambda name: (get(name), results[name])[1]
   return get
 
 
@@ -57,6 +61,34 @@ def test_orbax_roundtrip(nets, tmp_path):
   np.testing.assert_array_equal(quantized.apply(back, x), quantized.apply(qm, x))
   export.save_model(qm, path)                    # overwrites in place
   assert export.model_extra(path) == {}
+
+
+def _model_tree(directory):
+  qm = export.load_model(directory)
+  return {"weights": qm.weights, "acts": qm.acts, "units": repr(qm.units), "bits": repr(qm.bits),
+          "metadata": qm.metadata, "extra": json.dumps(export.model_extra(directory))}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see damage.py
+def test_every_flip_in_a_saved_model_is_detected_or_harmless(nets, tmp_path):
+  qm, _, _ = nets("resnet-naive")
+  path = export.save_model(qm, tmp_path / "model", extra={"input_shape": [16, 16, 3]})
+  seen = damage.assert_every_flip_detected_or_harmless(path, _model_tree, _model_tree(path))
+  assert "detected" in seen
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see damage.py
+def test_damaged_model_is_not_exported(nets, tmp_path, capsys):
+  """One flipped bit in a saved model's array data: experiments.export names the model
+  and writes nothing."""
+  qm, _, _ = nets("resnet-naive")
+  path = export.save_model(qm, tmp_path / "run" / "models" / "naive_w4a4")
+  data = damage.largest_file(path / "arrays" / "d")
+  damage.flip(data, data.stat().st_size // 2, 3)
+  with pytest.raises(SystemExit):
+    export_cli.main([str(tmp_path / "run"), "--format", "npz"])
+  assert re.search(r"naive_w4a4: (checksum mismatch|cannot be read)", capsys.readouterr().err)
+  assert not (tmp_path / "run" / "export").exists()
 
 
 # ------------------------------------------------------------------ npz + manifest
@@ -123,14 +155,118 @@ def test_reference_reader_runs_without_jax(nets, tmp_path):
   assert predictions == np.argmax(integer.apply(program, x), -1).tolist()
 
 
+def _rewrite(stem: pathlib.Path, spec_fn=None, arrays_fn=None, *, describe: bool = True):
+  """Rewrites the export at ``stem`` changed by ``spec_fn`` / ``arrays_fn``, with valid
+  checksums (and, if ``describe``, array entries): a file that is exactly what its
+  manifest says, so only the format's own checks can refuse it."""
+  spec = json.loads(stem.with_suffix(".json").read_text())
+  with np.load(stem.with_suffix(".npz")) as f:
+    arrays = {k: f[k] for k in f.files}
+  (arrays_fn or (lambda a: None))(arrays)
+  (spec_fn or (lambda s: None))(spec)
+  if describe:
+    spec["arrays"] = {k: {"dtype": v.dtype.str, "shape": list(v.shape)} for k, v in arrays.items()}
+  spec["checksums"] = {"arrays": integrity.digests(arrays), "manifest": reader.manifest_digest(spec)}
+  np.savez(stem.with_suffix(".npz"), **arrays)
+  stem.with_suffix(".json").write_text(json.dumps(spec))
+
+
+def _set_array(name, index, value):
+  def change(arrays):
+    arrays[name] = arrays[name].copy()
+    arrays[name][index] = value
+  return change
+
+
 def test_reader_rejects_a_manifest_that_does_not_match(nets, tmp_path):
   _, _, program = nets("resnet-naive")
-  _, man = export.save_npz(program, tmp_path / "m")
-  spec = json.loads(man.read_text())
-  spec["arrays"]["linear/fc/q"]["shape"] = [1, 2]
-  man.write_text(json.dumps(spec))
+  export.save_npz(program, tmp_path / "m")
+  _rewrite(tmp_path / "m", lambda spec: spec["arrays"]["linear/fc/q"].update(shape=[1, 2]),
+           describe=False)
   with pytest.raises(ValueError, match="linear/fc/q"):
     reader.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name, index, value, message", [
+    ("layer1_0/conv1/q", (0, 0, 0, 0), 255, r"holds 255, outside the 4-bit weight bound \[0, 15\]"),
+    ("layer1_0/@relu1/shift", 0, 70, r"holds 70, outside the shift bound \[-30, 30\]"),
+    ("layer1_0/@relu1/shift", 0, -40, r"holds -40, outside the shift bound \[-30, 30\]"),
+    ("conv1/@input/exp", (), 200, r"holds 200, outside the exponent bound \[-32, 31\]"),
+])
+def test_out_of_bounds_exports_are_refused_on_load(nets, tmp_path, name, index, value, message):
+  """A file whose checksums match but whose integers break the format's bounds: the
+  reader and ``export.load_npz`` name the array and the bound."""
+  _, _, program = nets("resnet-naive")
+  export.save_npz(program, tmp_path / "m")
+  _rewrite(tmp_path / "m", arrays_fn=_set_array(name, index, value))
+  for load in (reader.load, export.load_npz):
+    with pytest.raises(ValueError, match=rf"m.json: op \d+ .*array '{name}' {message}|"
+                                         rf"m.json: array '{name}' {message}"):
+      load(tmp_path / "m")
+
+
+def _first_conv(key, value):
+  return lambda spec: next(op for op in spec["ops"] if op["op"] == "conv").update({key: value})
+
+
+def _drop(name):
+  def spec_fn(spec):
+    del spec["arrays"][name]
+  return spec_fn
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.with_suffix(".json").write_text("{bad"), r"m.json: not valid JSON \(Expecting"),
+    (lambda m: m.with_suffix(".json").write_text("[1, 2]"), "m.json: expected a JSON object"),
+    (lambda m: _rewrite(m, _drop("layer1_0/conv1/bias"), lambda a: a.pop("layer1_0/conv1/bias"),
+                        describe=False),
+     r"op \d+ \(conv -> 'layer1_0/conv1'\): array 'layer1_0/conv1/bias' is missing"),
+    (lambda m: _rewrite(m, lambda spec: spec["ops"][1].update(op="winograd")),
+     "m.json: op 1: unknown op 'winograd'; known: conv"),
+    (lambda m: _rewrite(m, _first_conv("stride", 0)), r"stride = 0: expected an integer >= 1"),
+    (lambda m: m.with_suffix(".npz").write_bytes(b"PK\x03\x04 not a zip"), r"m.npz: cannot be read"),
+    (lambda m: damage.flip(m.with_suffix(".json"), 40), r"m.json: (checksum mismatch|not valid)"),
+])
+def test_reader_cli_names_what_is_wrong_in_one_line(nets, tmp_path, change, message):
+  _, x, program = nets("resnet-naive")
+  export.save_npz(program, tmp_path / "m")
+  np.save(tmp_path / "x.npy", np.asarray(x))
+  change(tmp_path / "m")
+  with pytest.raises(SystemExit) as exit_:
+    reader.main(["reader", str(tmp_path / "m.json"), str(tmp_path / "x.npy")])
+  text = str(exit_.value.code)
+  assert text.startswith("error: ") and "\n" not in text and re.search(message, text), text
+
+
+def test_images_of_the_wrong_kind_are_refused(nets, tmp_path):
+  """Integer pixels, NaN pixels: an error from the reader and from ``result.apply``,
+  not finite but meaningless logits."""
+  _, x, program = nets("resnet-naive")
+  result = nets.result("resnet-naive")
+  export.save_npz(program, tmp_path / "m")
+  manifest, arrays = reader.load(tmp_path / "m")
+  x = np.asarray(x)
+  nan = x.copy()
+  nan[5, 3, 2, 1] = np.nan
+  pixels = np.clip(x * 50 + 128, 0, 255)
+  for images, message in ((pixels.astype(np.uint8), r"integer pixels \(dtype uint8\)"),
+                          (pixels.astype(np.int32), r"integer pixels \(dtype int32\)"),
+                          (nan, r"image 5 has a non-finite value nan at pixel \(h=3, w=2, c=1\)"),
+                          (x.transpose(0, 3, 1, 2), "NCHW")):
+    with pytest.raises(ValueError, match=message):
+      reader.apply(manifest, arrays, images)
+    with pytest.raises(ValueError, match=message):
+      result.apply(images)
+  assert np.all(np.isfinite(result.apply(x))) and result.apply(x).shape == (len(x), 10)
+
+
+def test_every_flip_in_an_npz_export_is_detected_or_harmless(nets, tmp_path):
+  _, _, program = nets("resnet-naive")
+  export.save_npz(program, tmp_path / "export" / "m")
+  reference = reader.load(tmp_path / "export" / "m")
+  seen = damage.assert_every_flip_detected_or_harmless(
+      tmp_path / "export", lambda copy: reader.load(copy / "m"), reference)
+  assert "detected" in seen
 
 
 # ------------------------------------------------------------------ ONNX

@@ -299,7 +299,8 @@ def test_nan_calibration_is_rejected(tiny):
   net, calib, _ = tiny
   bad = calib.at[3, 2, 1, 0].set(jnp.nan)
   for method in ("naive", "rapq"):
-    with pytest.raises(ValueError, match="1 NaN or infinite"):
+    with pytest.raises(ValueError, match=r"image 3 has a non-finite value nan at pixel "
+                                         r"\(h=2, w=1, c=0\)"):
       ptq.quantize_network(net, bad, config.for_method(method, **SMALL), progress=False)
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import damage
 from nets import random_variables
 
-from rapq_jax import config, export, fold, ptq, resume
+from rapq_jax import config, export, fold, integrity, ptq, resume
 from rapq_jax.models.cifar_resnet import CifarResNet
 
 HW, N_CALIB = 16, 64
@@ -120,6 +122,63 @@ def test_store_ignores_unfinished_entries(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["u"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see damage.py
+def test_damaged_unit_is_computed_again_never_used(tiny, reference, tmp_path, monkeypatch):
+  """One flipped bit in a finished unit's array data: the resume names the damaged entry,
+  recomputes exactly that unit and ends bit-identical to the uninterrupted run."""
+  net, calib = tiny
+  store = resume.Store(tmp_path)
+  ptq.quantize_network(net, calib, CFG, progress=False, store=store)
+  name = net.unit_names()[1]
+  data = damage.largest_file(tmp_path / f"unit_{name}" / "arrays" / "d")
+  damage.flip(data, data.stat().st_size // 2)
+  with pytest.raises(integrity.IntegrityError, match=rf"unit_{name}: (checksum mismatch|cannot)"):
+    store.load(f"unit_{name}")
+  calls = _counting(monkeypatch)
+  with pytest.warns(RuntimeWarning, match=rf"unit_{name}.*computing unit_{name} again"):
+    resumed = ptq.quantize_network(net, calib, CFG, progress=False, store=store)
+  assert calls == {"units": [name], "search_before": 0}
+  _assert_same_result(reference, resumed)
+  assert store.load(f"unit_{name}") is not None          # replaced by a sound entry
+
+
+def test_damaged_config_record_is_refused(tmp_path):
+  store = resume.Store(tmp_path)
+  store.bind({"a": 1})
+  info = tmp_path / "config" / "info" / "metadata"
+  info.write_text(info.read_text().replace("1", "2"))
+  with pytest.raises(integrity.IntegrityError, match="config: checksum mismatch of its 'info'"):
+    store.bind({"a": 1})
+
+
+def test_entry_of_another_config_is_refused(tmp_path):
+  """A unit entry copied from a store of another config is never loaded as this one's."""
+  a, b = resume.Store(tmp_path / "a"), resume.Store(tmp_path / "b")
+  a.bind({"seed": 1})
+  b.bind({"seed": 2})
+  a.save("unit_x", {"p": 2.0}, {"t": jnp.ones(3)})
+  assert a.load("unit_x")[0] == {"p": 2.0}
+  shutil.copytree(tmp_path / "a" / "unit_x", tmp_path / "b" / "unit_x")
+  with pytest.raises(integrity.IntegrityError, match="unit_x: saved for another config"):
+    b.load("unit_x")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see damage.py
+def test_every_flip_in_a_unit_store_is_detected_or_harmless(tmp_path):
+  arrays = {"w": {"conv": {"log2s": jnp.arange(-3.0, 3.0), "alpha": jnp.linspace(-1, 1, 64)
+                           .reshape(4, 4, 1, 4)}}, "a": {"out": {"t": jnp.float32(-2.0)}}}
+  info = {"seconds": 1.5, "p": 2.4, "history": {"weights": [[1, 0.25]]}}
+  resume.Store(tmp_path).save("unit_x", info, arrays)
+
+  def load(copy):
+    loaded = resume.Store(copy.parent).load(copy.name)
+    return None if loaded is None else {"info": loaded[0], "arrays": loaded[1]}
+
+  seen = damage.assert_every_flip_detected_or_harmless(tmp_path / "unit_x", load,
+                                                       {"info": info, "arrays": arrays})
+  assert "detected" in seen
+
+
 def test_store_of_another_config_is_refused(tiny, tmp_path):
   net, calib = tiny
   resume.Store(tmp_path).bind(dataclasses.asdict(CFG))
@@ -201,8 +260,11 @@ def test_run_refuses_a_workdir_of_another_config(tmp_path):
   args = [*TINY, "--methods", "fp"]
   cache, run_dir, log = tmp_path / "jax_cache", tmp_path / "run", tmp_path / "run.log"
   _finish(_cli(args, run_dir, cache, log), log)
-  before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+  # The lock file records the pid of the last process that held the directory: not state.
+  state = lambda: {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
+                   and p.name != integrity.LOCK_NAME}
+  before = state()
   out = _finish(_cli([*args, "--config.weight_iters=13"], run_dir, cache, log), log, ok=False)
   assert ("belongs to a different config (weight_iters = 12 there, 13 now). Accepted: the "
           f"config in {run_dir / 'config.json'} (to resume that run) or a new --workdir") in out
-  assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+  assert state() == before
