@@ -316,14 +316,18 @@ def test_bad_images_are_named(images, match):
     adapter.read_model(model, {}, images)
 
 
-def test_readme_example_runs():
-  """The README's own-model example, verbatim except for a smaller iteration budget."""
+@pytest.mark.parametrize("example", [0, 1], ids=["linen", "nnx"])
+def test_readme_example_runs(example):
+  """The README's own-model examples, verbatim except for a smaller iteration budget and
+  fewer, smaller calibration images."""
   text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  section = text.split("## Quantize your own Flax model", 1)[1]
-  code = section.split("```python\n", 1)[1].split("```", 1)[0]
-  budget = "iters_w=2000, iters_a=500"
-  assert budget in code
-  code = code.replace(budget, "iters_w=20, iters_a=5, exp_warm_iters=5")
+  section = text.split("## Quantize your own Flax model", 1)[1].split("\n## ", 1)[0]
+  code = section.split("```python\n")[1 + example].split("```", 1)[0]
+  smaller = {"iters_w=2000, iters_a=500": "iters_w=20, iters_a=5, exp_warm_iters=5",
+             "(256, 32, 32, 3)": "(32, 16, 16, 3)"}
+  for verbatim, small in smaller.items():
+    assert verbatim in code
+    code = code.replace(verbatim, small)
   namespace = {}
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["logits"].shape == (8, 10)
