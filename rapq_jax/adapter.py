@@ -474,6 +474,7 @@ def read_model(model: nn.Module, variables, images, *,
 @read_model.register
 def _read_nnx_model(model: nnx.Module, images, *, unit_patterns: Sequence[str] | None = None,
                     apply_kwargs: dict | None = None) -> Network:
+  """``read_model(model, images)`` for a ``flax.nnx`` Module (see ``read_model``)."""
   if isinstance(images, Mapping):
     raise TypeError("an nnx.Module holds its own variables: call read_model(model, images) "
                     "or quantize(model, images, cfg), without variables")
@@ -562,6 +563,7 @@ def _quantize_nnx_model(model: nnx.Module, calibration, cfg: PTQConfig | None = 
                         unit_patterns: Sequence[str] | None = None,
                         apply_kwargs: dict | None = None, progress: bool = True,
                         store: resume.Store | None = None) -> ptq.PTQResult:
+  """``quantize(model, calibration, cfg)`` for a ``flax.nnx`` Module (see ``quantize``)."""
   net = read_model(model, calibration, unit_patterns=unit_patterns, apply_kwargs=apply_kwargs)
   return _quantize_network(net, model, calibration, cfg, progress, store)
 
