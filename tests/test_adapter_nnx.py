@@ -347,6 +347,24 @@ def test_unsupported_nnx_models_are_named_and_left_unchanged(block_cls, eval_mod
   _assert_unchanged(model, before)
 
 
+class DelegatingBlock(BasicBlock):
+  """A subclass whose ``__call__`` calls its base's: both classes' ``__call__`` get wrapped."""
+
+  def __call__(self, x):
+    return super().__call__(x)
+
+
+def test_block_delegating_to_its_base_call_is_read():
+  model = _random_model(
+      lambda rngs: OneBlockNet(lambda rngs: DelegatingBlock(8, 8, 1, rngs=rngs), rngs=rngs))
+  model.eval()
+  images = _images(8)
+  net = adapter.read_model(model, images)
+  assert [(u.name, u.kind) for u in net.units] == [("stem", "conv"), ("blocks.0", "basic"),
+                                                    ("head", "head")]
+  np.testing.assert_allclose(network_apply(net, images), model(images), rtol=1e-5, atol=1e-4)
+
+
 class FailingNet(nnx.Module):
   """Updates its BatchNorm statistics (training mode), then raises."""
 
@@ -377,4 +395,4 @@ def test_variables_are_not_passed_for_nnx_models():
 _CALLS = {cls: vars(cls)["__call__"] for cls in (
     nnx.Conv, nnx.BatchNorm, nnx.Linear, nnx.LayerNorm, nnx.Sequential, BasicBlock, ResNet,
     InvertedResidual, MobileNet, Stage, StagedResNet, NormBlock, StridedSameBlock, MixerBlock,
-    OneBlockNet, FailingNet)}
+    OneBlockNet, DelegatingBlock, FailingNet)}
