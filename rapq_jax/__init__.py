@@ -1,7 +1,8 @@
 """rapq-jax: exact power-of-two post-training quantization for JAX/Flax.
 
 ``rapq_jax.quantize(model, variables, calibration_images)`` quantizes a user's own
-``flax.linen`` model (see ``rapq_jax.adapter``); ``rapq_jax.ptq`` is the pipeline on
+``flax.linen`` model, ``rapq_jax.quantize(model, calibration_images)`` a ``flax.nnx`` one
+(see ``rapq_jax.adapter``); ``rapq_jax.ptq`` is the pipeline on
 folded networks and ``rapq_jax.config`` its settings. Names load on first use, so that
 ``rapq_jax.reference_reader`` runs with numpy alone.
 """

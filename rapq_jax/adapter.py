@@ -1,28 +1,37 @@
-"""Reads a user's own ``flax.linen`` model into a folded ``Network``, unchanged.
+"""Reads a user's own ``flax.linen`` or ``flax.nnx`` model into a folded ``Network``, unchanged.
 
-The model is run once in inference mode under ``nn.intercept_methods``: every
-``nn.Conv``, ``nn.BatchNorm`` and ``nn.Dense`` call is recorded with its module path,
-input and output. Reconstruction units are the calls of modules whose path matches one
-of ``unit_patterns`` (default ``("*",)``: the top-level submodules); layers called
-outside any unit become units of their own, and a BatchNorm is folded into the conv
-whose output it reads. Each unit is then mapped onto a supported unit kind (conv, ResNet
-basic/bottleneck block, MobileNetV2 inverted residual, pooled classifier) and the
-mapping is checked numerically against the recorded model on the calibration images, so
-a model is never silently mis-read: what cannot be matched raises ``UnsupportedModelError``
-naming the module path.
+The model is run once in inference mode with its layer calls recorded: every
+``nn.Conv``/``nnx.Conv``, ``nn.BatchNorm``/``nnx.BatchNorm`` and ``nn.Dense``/``nnx.Linear``
+call is recorded with its module path, input and output, by ``nn.intercept_methods`` for
+linen and, for NNX (which has no interception hook), by wrapping the ``__call__`` of the
+model's Module classes while a copy of the model runs (``_capture_nnx``). Both produce
+the same record (``_Call``), and everything after it is shared. Reconstruction units are
+the calls the model's own forward makes (or, with ``unit_patterns``, the calls of modules
+whose path matches one of them); layers called outside any unit become units of their
+own, and a BatchNorm is folded into the conv whose output it reads. Each unit is then
+mapped onto a supported unit kind (conv, ResNet basic/bottleneck block, MobileNetV2
+inverted residual, pooled classifier) and the mapping is checked numerically against the
+recorded model on the calibration images, so a model is never silently mis-read: what
+cannot be matched raises ``UnsupportedModelError`` naming the module path (for NNX, the
+attribute path, e.g. ``blocks/0/norm``).
 
 What the user's code does between layers (ReLU/ReLU6, residual additions, option-A or
 conv shortcuts, the stem's 3x3/2 max-pool, global average pooling) is not intercepted;
-it is inferred from the recorded tensors and verified. ``flax.nnx`` modules are not
-supported (see ``read_model``).
+it is inferred from the recorded tensors and verified.
 """
+import contextlib
 import dataclasses
 import fnmatch
+import functools
+import inspect
 import itertools
-from typing import Any, Sequence
+import threading
+from collections.abc import Mapping
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +40,13 @@ from rapq_jax import fold, integrity, ptq, resume
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import Layer, Network, Unit, unit_acts, unit_apply
 
-LAYER_TYPES = (nn.Conv, nn.Dense, nn.BatchNorm)
+# The layers read into units, by exact type. Linen's and NNX's versions share the names of
+# the attributes read here (kernel_size, strides, padding, input_dilation,
+# kernel_dilation, feature_group_count; axis, epsilon) and their parameters' layout, so
+# one description of units serves both.
+LAYER_KINDS = {nn.Conv: "conv", nn.Dense: "dense", nn.BatchNorm: "bn",
+               nnx.Conv: "conv", nnx.Linear: "dense", nnx.BatchNorm: "bn"}
+SUPPORTED_LAYERS = "nn.Conv/nnx.Conv, nn.BatchNorm/nnx.BatchNorm and nn.Dense/nnx.Linear"
 VERIFY_SAMPLES = 8
 # The mapping is also checked on the images times this gain, so that activations exceed
 # 6 somewhere and ReLU and ReLU6 cannot be confused.
@@ -46,29 +61,55 @@ class UnsupportedModelError(ValueError):
 
 @dataclasses.dataclass
 class _Call:
-  """One intercepted ``__call__``: module path, module, first argument, output."""
+  """One recorded ``__call__``: module path, module (linen or NNX), first argument,
+  nesting depth (1 for the calls the model's own forward makes) and output."""
   path: tuple[str, ...]
-  module: nn.Module
+  module: Any
   x: Any
+  depth: int = 1
   out: Any = None
 
   @property
   def name(self) -> str:
     return "/".join(self.path)
 
+  @property
+  def kind(self) -> str | None:
+    """'conv', 'dense' or 'bn' for a supported layer, else None."""
+    return LAYER_KINDS.get(type(self.module))
+
+
+class _Recorder:
+  """Records submodule calls in call order (pre-order) with their nesting depth: the one
+  record that linen's interception and NNX's wrapped ``__call__`` both fill."""
+
+  def __init__(self):
+    self.calls: list[_Call] = []
+    self._open: list[_Call] = []
+
+  def __call__(self, path, module, fun, args, kwargs):
+    if self._open and self._open[-1].module is module:   # e.g. super().__call__
+      return fun(*args, **kwargs)
+    x = args[0] if args else next(iter(kwargs.values()), None)
+    call = _Call(path, module, x, depth=len(self._open) + 1)
+    self.calls.append(call)
+    self._open.append(call)
+    try:
+      call.out = fun(*args, **kwargs)
+    finally:
+      self._open.pop()
+    return call.out
+
 
 def _capture(model: nn.Module, variables, x, apply_kwargs: dict):
-  """Runs the model on ``x`` recording every submodule call in call order (pre-order)."""
-  calls = []
+  """Runs a linen model on ``x`` recording every submodule call."""
+  record = _Recorder()
 
   def interceptor(next_fun, args, kwargs, context):
     path = tuple(context.module.path)
     if context.method_name != "__call__" or not path:
       return next_fun(*args, **kwargs)
-    call = _Call(path, context.module, args[0] if args else None)
-    calls.append(call)
-    call.out = next_fun(*args, **kwargs)
-    return call.out
+    return record(path, context.module, next_fun, args, kwargs)
 
   with nn.intercept_methods(interceptor):
     try:
@@ -78,7 +119,92 @@ def _capture(model: nn.Module, variables, x, apply_kwargs: dict):
           f"the model updates its variables when applied ({e}); quantization needs it in "
           "inference mode: pass apply_kwargs such as {'train': False} so that every "
           "BatchNorm uses its running averages") from e
-  return calls, logits
+  return record.calls, logits
+
+
+# Wrapping the classes' __call__ is process-wide: one NNX capture at a time.
+_NNX_CAPTURE_LOCK = threading.Lock()
+
+
+def _nnx_path(path) -> tuple[str, ...]:
+  return tuple(str(p) for p in path)
+
+
+def _nnx_variables(model: nnx.Module) -> list[tuple[tuple[str, ...], nnx.Variable]]:
+  return [(_nnx_path(p), v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)]
+
+
+def _linen_layout(model: nnx.Module) -> dict:
+  """An NNX model's parameters and BatchNorm statistics as linen variables,
+  ``{'params': ..., 'batch_stats': ...}`` nested by attribute path."""
+  out = {}
+  for path, var in _nnx_variables(model):
+    col = ("params" if isinstance(var, nnx.Param) else
+           "batch_stats" if isinstance(var, nnx.BatchStat) else None)
+    if col is not None:
+      tree = out.setdefault(col, {})
+      for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+      tree[path[-1]] = var.get_value()
+  return out
+
+
+@contextlib.contextmanager
+def _calls_wrapped(classes, wrap: Callable):
+  """Replaces each class's own ``__call__`` function ``f`` by ``wrap(f)`` meanwhile."""
+  originals = {c: vars(c)["__call__"] for c in classes}
+  try:
+    for cls, fun in originals.items():
+      setattr(cls, "__call__", wrap(fun))
+    yield
+  finally:
+    for cls, fun in originals.items():
+      setattr(cls, "__call__", fun)
+
+
+def _call_owner(cls: type) -> type | None:
+  """The class whose own ``__call__`` function instances of ``cls`` run, if any."""
+  owner = next((k for k in cls.__mro__ if "__call__" in vars(k)), None)
+  return owner if owner is not None and inspect.isfunction(vars(owner)["__call__"]) else None
+
+
+def _capture_nnx(model: nnx.Module, x, apply_kwargs: dict):
+  """Runs a copy of an NNX model on ``x`` recording every submodule call.
+
+  flax.nnx has no hook for intercepting calls (its own ``nnx.capture(method_outputs=...)``
+  also wraps the Module classes' methods, and records outputs only): the ``__call__`` of
+  every Module class in the model is wrapped while the copy runs and restored afterwards,
+  also when the forward raises. The wrapper records the calls of the copy's submodules,
+  by attribute path, and passes any other instance's call through. The user's model is
+  never run, so nothing it holds changes; a forward that updates the copy's variables
+  (BatchNorm statistics in training mode, dropout's RNG counts) is refused.
+  """
+  copy = nnx.clone(model)
+  paths = {id(m): _nnx_path(p) for p, m in nnx.iter_modules(copy)}
+  owners = {_call_owner(type(m)) for _, m in nnx.iter_modules(copy)} - {None}
+  record = _Recorder()
+
+  def wrap(fun):
+    @functools.wraps(fun)
+    def recorded_call(self, *args, **kwargs):
+      path = paths.get(id(self))
+      if not path:     # the model itself, or a module outside it
+        return fun(self, *args, **kwargs)
+      return record(path, self, functools.partial(fun, self), args, kwargs)
+    return recorded_call
+
+  before = {p: v.get_value() for p, v in _nnx_variables(copy)}
+  with _NNX_CAPTURE_LOCK, _calls_wrapped(owners, wrap):
+    logits = copy(x, **apply_kwargs)
+  for path, var in _nnx_variables(copy):   # sown intermediates may come and go
+    if path in before and not isinstance(var, nnx.Intermediate) and \
+        var.get_value() is not before[path]:
+      raise UnsupportedModelError(
+          f"the model updates its variable {'/'.join(path)!r} ({type(var).__name__}) when "
+          "called; quantization needs it in inference mode: call model.eval() first (every "
+          "nnx.BatchNorm then uses its running averages) or pass apply_kwargs that select "
+          "inference")
+  return record.calls, logits
 
 
 def _matches(path: tuple[str, ...], patterns: Sequence[str]) -> bool:
@@ -88,6 +214,14 @@ def _matches(path: tuple[str, ...], patterns: Sequence[str]) -> bool:
     if len(parts) == len(path) and all(fnmatch.fnmatchcase(p, q) for p, q in zip(path, parts)):
       return True
   return False
+
+
+def _is_unit(patterns: Sequence[str] | None) -> Callable[[_Call], bool]:
+  """Which calls are units: those of the model's own forward, or those matching."""
+  if patterns is None:
+    return lambda c: c.depth == 1
+  patterns = tuple(patterns)
+  return lambda c: _matches(c.path, patterns)
 
 
 def _own_params(variables, path) -> bool:
@@ -107,34 +241,34 @@ class _Group:
   layers: list
 
 
-def _groups(calls: list[_Call], variables, patterns: Sequence[str]) -> list[_Group]:
+def _groups(calls: list[_Call], variables, is_unit: Callable[[_Call], bool]) -> list[_Group]:
   """Splits the recorded calls into units; checks every layer is supported."""
   counts = {}
   for c in calls:
     counts[c.path] = counts.get(c.path, 0) + 1
-    if counts[c.path] == 2 and type(c.module) in LAYER_TYPES:
+    if counts[c.path] == 2 and c.kind:
       raise UnsupportedModelError(f"layer {c.name!r} is called more than once; shared "
                                   "weights are not supported")
-    if type(c.module) not in LAYER_TYPES and _own_params(variables, c.path):
+    if not c.kind and _own_params(variables, c.path):
       raise UnsupportedModelError(
           f"unsupported layer {c.name!r} of type {type(c.module).__name__}: supported "
-          "layers are nn.Conv, nn.BatchNorm and nn.Dense (plus parameter-free functions "
-          "and modules such as relu, relu6, avg_pool, max_pool)")
+          f"layers are {SUPPORTED_LAYERS} (plus parameter-free functions and modules such "
+          "as relu, relu6, avg_pool, max_pool)")
   groups, current = [], None
   for i, c in enumerate(calls):
     inside = current is not None and c.path[:len(current[0])] == current[0]
     if inside:
-      if type(c.module) in LAYER_TYPES:
+      if c.kind:
         current[1].layers.append(c)
       continue
     current = None
-    if _matches(c.path, patterns):
+    if is_unit(c):
       group = _Group(c.name.replace("/", "."), i, c.x, [])
       groups.append(group)
       current = (c.path, group)
-      if type(c.module) in LAYER_TYPES:
+      if c.kind:
         group.layers.append(c)
-    elif type(c.module) in LAYER_TYPES:
+    elif c.kind:
       groups.append(_Group(c.name.replace("/", "."), i, c.x, [c]))
   return _merge_batchnorms(groups)
 
@@ -143,7 +277,7 @@ def _merge_batchnorms(groups: list[_Group]) -> list[_Group]:
   """Moves a group made only of BatchNorms into the group of the conv each one reads."""
   merged = []
   for g in groups:
-    if g.layers and all(isinstance(c.module, nn.BatchNorm) for c in g.layers) and merged:
+    if g.layers and all(c.kind == "bn" for c in g.layers) and merged:
       prev = merged[-1]
       if all(any(c.x is p.out for p in prev.layers) for c in g.layers):
         prev.layers.extend(g.layers)
@@ -154,7 +288,7 @@ def _merge_batchnorms(groups: list[_Group]) -> list[_Group]:
   return merged
 
 
-def _padding(conv: nn.Conv, x_shape) -> list[tuple[int, int]]:
+def _padding(conv, x_shape) -> list[tuple[int, int]]:
   """The explicit (lo, hi) padding per spatial dim that ``conv`` applies to ``x_shape``."""
   kernel, strides = conv.kernel_size, conv.strides or (1,) * len(conv.kernel_size)
   strides = (strides,) * len(kernel) if isinstance(strides, int) else strides
@@ -177,7 +311,7 @@ def _padding(conv: nn.Conv, x_shape) -> list[tuple[int, int]]:
 def _layer(c: _Call, role: str) -> Layer:
   """A ``Layer`` for a recorded conv or dense call; raises for what the unit kinds lack."""
   m = c.module
-  if isinstance(m, nn.Dense):
+  if c.kind == "dense":
     return Layer(role, c.name, dense=True)
   k = tuple(m.kernel_size)
   strides = m.strides or (1, 1)
@@ -203,17 +337,13 @@ def _layer(c: _Call, role: str) -> Layer:
 
 def _candidates(g: _Group, first: bool, last: bool) -> list[tuple[Unit, list[_Call]]]:
   """Possible unit structures for a group's weight layers (convs with BN folded in)."""
-  weights = [c for c in g.layers if not isinstance(c.module, nn.BatchNorm)]
-  convs = [c for c in weights if isinstance(c.module, nn.Conv)]
-  dense = [c for c in weights if isinstance(c.module, nn.Dense)]
-  unknown = [c for c in weights if not isinstance(c.module, (nn.Conv, nn.Dense))]
-  if unknown:
-    raise UnsupportedModelError(f"unsupported layer {unknown[0].name!r}")
+  convs = [c for c in g.layers if c.kind == "conv"]
+  dense = [c for c in g.layers if c.kind == "dense"]
   if dense:
     if convs or len(dense) > 1 or not last:
       raise UnsupportedModelError(
-          f"dense layer {dense[0].name!r}: nn.Dense is supported only as the classifier, "
-          "alone in the last unit after global average pooling")
+          f"dense layer {dense[0].name!r}: nn.Dense/nnx.Linear is supported only as the "
+          "classifier, alone in the last unit after global average pooling")
     return [(Unit(g.name, "head", (_layer(dense[0], "fc"),), unit_acts("head", ("fc",))),
              dense)]
   out = []
@@ -269,7 +399,7 @@ def _get(tree, path):
 def _fold_group(variables, g: _Group, layers: list[_Call], roles: Sequence[str]):
   """Folded ``{role: {'kernel', 'bias'}}`` and BN targets of a group's weight layers."""
   params, stats = variables["params"], variables.get("batch_stats", {})
-  bns = {id(c.x): c for c in g.layers if isinstance(c.module, nn.BatchNorm)}
+  bns = {id(c.x): c for c in g.layers if c.kind == "bn"}
   folded, targets = {}, {}
   for c, role in zip(layers, roles):
     p = _get(params, c.path)
@@ -306,35 +436,60 @@ def _close(ours, ref) -> bool:
   return err <= RTOL * (1.0 + float(jnp.max(jnp.abs(ref))))
 
 
-def read_model(model: nn.Module, variables, images, *, unit_patterns: Sequence[str] = ("*",),
+@functools.singledispatch
+def read_model(model: nn.Module, variables, images, *,
+               unit_patterns: Sequence[str] | None = None,
                apply_kwargs: dict | None = None) -> Network:
-  """Folds a user's linen model into a ``Network`` of reconstruction units.
+  """Folds a user's model into a ``Network`` of reconstruction units.
+
+  ``read_model(model, variables, images)`` for a ``flax.linen`` Module,
+  ``read_model(model, images)`` for a ``flax.nnx`` Module (it holds its variables; it is
+  run as a copy and left unchanged). Everything else is the same for both.
 
   Args:
-    model: a ``flax.linen`` Module made of nn.Conv, nn.BatchNorm, nn.Dense and
-      parameter-free functions (relu, relu6, pooling, additions). ``flax.nnx`` modules
-      are not supported: their layers are plain objects that ``nn.intercept_methods``
-      cannot see; wrap the same architecture in linen or use ``rapq_jax.models``.
-    variables: ``{'params', 'batch_stats'}`` of the model.
+    model: a Module made of nn.Conv/nnx.Conv, nn.BatchNorm/nnx.BatchNorm,
+      nn.Dense/nnx.Linear and parameter-free functions (relu, relu6, pooling, additions).
+    variables: ``{'params', 'batch_stats'}`` of a linen model.
     images: float NHWC images the model accepts (the first ``VERIFY_SAMPLES`` are run).
     unit_patterns: '/'-separated module path patterns (fnmatch per segment) whose
-      calls are reconstruction units, e.g. ``("stage*/block*",)``.
-    apply_kwargs: extra keyword arguments of ``model.apply`` for inference
-      (e.g. ``{'train': False}``).
+      calls are reconstruction units, e.g. ``("stage*/block*",)`` or, for an NNX model
+      with ``self.stages[i].blocks[j]``, ``("stages/*/blocks/*",)``. Default: the
+      modules the model's own forward calls (its top-level submodules, including
+      those in a list).
+    apply_kwargs: extra keyword arguments of ``model.apply`` (linen) or of the model's
+      call (NNX) for inference, e.g. ``{'train': False}``.
   Returns:
     The folded ``Network``; its forward equals the model's within ``RTOL``.
   Raises:
-    UnsupportedModelError naming the module path of what cannot be read.
+    UnsupportedModelError naming the module path of what cannot be read (for NNX, the
+      attribute path such as ``blocks/0/norm``).
   """
   if not isinstance(model, nn.Module):
-    raise TypeError(f"expected a flax.linen Module, got {type(model).__name__}; flax.nnx "
-                    "modules are not supported (see rapq_jax.adapter.read_model)")
+    raise TypeError(f"expected a flax.linen or flax.nnx Module, got {type(model).__name__}")
+  apply_kwargs = dict(apply_kwargs or {})
+  return _read(lambda x: _capture(model, variables, x, apply_kwargs), variables, images,
+               unit_patterns)
+
+
+@read_model.register
+def _read_nnx_model(model: nnx.Module, images, *, unit_patterns: Sequence[str] | None = None,
+                    apply_kwargs: dict | None = None) -> Network:
+  """``read_model(model, images)`` for a ``flax.nnx`` Module (see ``read_model``)."""
+  if isinstance(images, Mapping):
+    raise TypeError("an nnx.Module holds its own variables: call read_model(model, images) "
+                    "or quantize(model, images, cfg), without variables")
+  apply_kwargs = dict(apply_kwargs or {})
+  return _read(lambda x: _capture_nnx(model, x, apply_kwargs), _linen_layout(model), images,
+               unit_patterns)
+
+
+def _read(capture: Callable, variables, images, unit_patterns) -> Network:
+  """``read_model`` after the framework's capture: ``capture(x) -> (calls, logits)``."""
   integrity.check_images(images, "calibration images")
   integrity.check_finite(variables, "model variables")
   x = jnp.asarray(images[:VERIFY_SAMPLES], jnp.float32)
-  apply_kwargs = dict(apply_kwargs or {})
   try:
-    calls, logits = _capture(model, variables, x, apply_kwargs)
+    calls, logits = capture(x)
   except UnsupportedModelError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (flax shape errors are no ValueError)
@@ -344,13 +499,14 @@ def read_model(model: nn.Module, variables, images, *, unit_patterns: Sequence[s
                          f"; shape[1] = {images.shape[1]} looks like channels-first (NCHW): "
                          "transpose with x.transpose(0, 2, 3, 1)"
                          if images.shape[1] < images.shape[-1] else "")) from e
-  groups = _groups(calls, variables, tuple(unit_patterns))
+  groups = _groups(calls, variables, _is_unit(unit_patterns))
   # The same run on amplified images: reference tensors of every unit in both runs.
-  loud_calls, loud_logits = _capture(model, variables, x * VERIFY_GAIN, apply_kwargs)
+  loud_calls, loud_logits = capture(x * VERIFY_GAIN)
   refs = [(calls[g.index].x, loud_calls[g.index].x) for g in groups[1:]]
   refs.append((logits, loud_logits))
   if not groups:
-    raise UnsupportedModelError("the model called no nn.Conv or nn.Dense layer")
+    raise UnsupportedModelError("the model called no conv or dense layer (nn.Conv/nnx.Conv, "
+                                "nn.Dense/nnx.Linear)")
   units, params, targets = [], {}, {}
   names = [g.name for g in groups]
   if len(set(names)) != len(names):
@@ -381,29 +537,47 @@ def read_model(model: nn.Module, variables, images, *, unit_patterns: Sequence[s
           "next unit's input) differs from the model's")
   if units[-1].kind != "head":
     raise UnsupportedModelError(
-        f"the model must end in global average pooling and an nn.Dense classifier; its "
-        f"last unit {units[-1].name!r} is a {units[-1].kind}")
+        "the model must end in global average pooling and a dense classifier "
+        f"(nn.Dense/nnx.Linear); its last unit {units[-1].name!r} is a {units[-1].kind}")
   return Network(tuple(units), params, targets)
 
 
+@functools.singledispatch
 def quantize(model: nn.Module, variables, calibration, cfg: PTQConfig | None = None, *,
-             unit_patterns: Sequence[str] = ("*",), apply_kwargs: dict | None = None,
+             unit_patterns: Sequence[str] | None = None, apply_kwargs: dict | None = None,
              progress: bool = True, store: resume.Store | None = None) -> ptq.PTQResult:
-  """Quantizes a user's linen model with power-of-two scales (RAPQ by default).
+  """Quantizes a user's model with power-of-two scales (RAPQ by default).
+
+  ``quantize(model, variables, calibration, cfg)`` for a ``flax.linen`` Module,
+  ``quantize(model, calibration, cfg)`` for a ``flax.nnx`` Module (left unchanged).
 
   Args:
     model, variables: the trained model (see ``read_model`` for what is supported).
     calibration: float32 [N, H, W, C] images preprocessed as the model expects.
     cfg: method settings (default ``rapq_jax.config.for_method('rapq')``).
+    unit_patterns, apply_kwargs: see ``read_model``.
     store: ``rapq_jax.resume.Store``: finished units are saved there and a later call
       with the same store resumes after the last one (see ``ptq.quantize_network``).
   Returns:
     ``PTQResult``: ``apply(images) -> logits`` of the quantized model and its integer
     ``QuantizedModel``.
   """
-  cfg = cfg or PTQConfig()
   net = read_model(model, variables, calibration, unit_patterns=unit_patterns,
                    apply_kwargs=apply_kwargs)
-  return ptq.quantize_network(net, calibration, cfg, progress=progress, store=store,
-                              metadata={"model": type(model).__name__,
-                                        "units": [u.name for u in net.units]})
+  return _quantize_network(net, model, calibration, cfg, progress, store)
+
+
+@quantize.register
+def _quantize_nnx_model(model: nnx.Module, calibration, cfg: PTQConfig | None = None, *,
+                        unit_patterns: Sequence[str] | None = None,
+                        apply_kwargs: dict | None = None, progress: bool = True,
+                        store: resume.Store | None = None) -> ptq.PTQResult:
+  """``quantize(model, calibration, cfg)`` for a ``flax.nnx`` Module (see ``quantize``)."""
+  net = read_model(model, calibration, unit_patterns=unit_patterns, apply_kwargs=apply_kwargs)
+  return _quantize_network(net, model, calibration, cfg, progress, store)
+
+
+def _quantize_network(net: Network, model, calibration, cfg, progress, store) -> ptq.PTQResult:
+  return ptq.quantize_network(net, calibration, cfg or PTQConfig(), progress=progress,
+                              store=store, metadata={"model": type(model).__name__,
+                                                     "units": [u.name for u in net.units]})

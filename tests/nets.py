@@ -11,17 +11,18 @@ def random_variables(model, hw: int, seed: int = 0, init_kwargs=None) -> dict:
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs),
                           jax.ShapeDtypeStruct((1, hw, hw, 3), jnp.float32))
   rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: random_array(path[-1].key, leaf.shape, rng), shapes)
 
-  def fill(path, leaf):
-    name, shape = jax.tree_util.keystr(path), leaf.shape
-    if name.endswith("['kernel']"):
-      a = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-    elif name.endswith("['scale']"):
-      a = rng.uniform(0.5, 1.5, size=shape)
-    elif name.endswith("['var']"):
-      a = rng.uniform(0.3, 3.0, size=shape)
-    else:
-      a = rng.normal(size=shape) * 0.2
-    return jnp.asarray(a, jnp.float32)
 
-  return jax.tree_util.tree_map_with_path(fill, shapes)
+def random_array(name: str, shape, rng: np.random.Generator) -> jax.Array:
+  """A random value for the variable called ``name`` (its last path element)."""
+  if name == "kernel":
+    a = rng.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
+  elif name == "scale":
+    a = rng.uniform(0.5, 1.5, size=shape)
+  elif name == "var":
+    a = rng.uniform(0.3, 3.0, size=shape)
+  else:
+    a = rng.normal(size=shape) * 0.2
+  return jnp.asarray(a, jnp.float32)

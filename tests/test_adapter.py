@@ -302,11 +302,9 @@ def test_train_mode_model_reads_with_apply_kwargs():
                              rtol=1e-5, atol=1e-4)
 
 
-def test_nnx_modules_are_refused_with_a_reason():
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  model = nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match="nnx"):
-    adapter.read_model(model, {}, jnp.zeros((1, HW, HW, 3)))
+def test_non_flax_models_are_refused():
+  with pytest.raises(TypeError, match="flax.linen or flax.nnx Module, got function"):
+    adapter.read_model(lambda x: x, {}, jnp.zeros((1, HW, HW, 3)))
 
 
 @pytest.mark.parametrize("images, match", [
@@ -345,14 +343,18 @@ def test_bad_calibration_and_weights_are_named_before_reading_the_model():
     assert not isinstance(err.value, adapter.UnsupportedModelError)
 
 
-def test_readme_example_runs():
-  """The README's own-model example, verbatim except for a smaller iteration budget."""
+@pytest.mark.parametrize("example", [0, 1], ids=["linen", "nnx"])
+def test_readme_example_runs(example):
+  """The README's own-model examples, verbatim except for a smaller iteration budget and
+  fewer, smaller calibration images."""
   text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  section = text.split("## Quantize your own Flax model", 1)[1]
-  code = section.split("```python\n", 1)[1].split("```", 1)[0]
-  budget = "iters_w=2000, iters_a=500"
-  assert budget in code
-  code = code.replace(budget, "iters_w=20, iters_a=5, exp_warm_iters=5")
+  section = text.split("## Quantize your own Flax model", 1)[1].split("\n## ", 1)[0]
+  code = section.split("```python\n")[1 + example].split("```", 1)[0]
+  smaller = {"iters_w=2000, iters_a=500": "iters_w=20, iters_a=5, exp_warm_iters=5",
+             "(256, 32, 32, 3)": "(32, 16, 16, 3)"}
+  for verbatim, small in smaller.items():
+    assert verbatim in code
+    code = code.replace(verbatim, small)
   namespace = {}
   exec(compile(code, "README.md", "exec"), namespace)  # pylint: disable=exec-used
   assert namespace["logits"].shape == (8, 10)
