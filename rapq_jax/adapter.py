@@ -493,12 +493,12 @@ def _read(capture: Callable, variables, images, unit_patterns) -> Network:
   except UnsupportedModelError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (flax shape errors are no ValueError)
+    if images.shape[1] >= images.shape[-1]:
+      raise  # the user's own forward failed on NHWC-looking images: its error as it is
     raise ValueError(f"the model cannot be applied to the calibration images of shape "
                      f"{tuple(images.shape)} ({type(e).__name__}: {str(e)[:300]}); images must "
-                     "be float NHWC (channels last)" + (
-                         f"; shape[1] = {images.shape[1]} looks like channels-first (NCHW): "
-                         "transpose with x.transpose(0, 2, 3, 1)"
-                         if images.shape[1] < images.shape[-1] else "")) from e
+                     f"be float NHWC (channels last); shape[1] = {images.shape[1]} looks like "
+                     "channels-first (NCHW): transpose with x.transpose(0, 2, 3, 1)") from e
   groups = _groups(calls, variables, _is_unit(unit_patterns))
   # The same run on amplified images: reference tensors of every unit in both runs.
   loud_calls, loud_logits = capture(x * VERIFY_GAIN)
