@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch   # pinned in requirements.txt: a missing one fails, never skips
 
 from rapq_jax.convert import (CheckpointError, convert_state_dict, load_pretrained,
                               load_state_dict)
@@ -260,7 +261,6 @@ def test_missing_file_names_the_path(tmp_path):
 @pytest.mark.parametrize('suffix', ['.npz', '.th'])
 def test_truncated_file_names_the_path(tmp_path, suffix):
   if suffix == '.th':
-    torch = pytest.importorskip('torch')
     torch.save({'w': torch.ones(1000)}, tmp_path / 'full.th')
   else:
     np.savez(tmp_path / 'full.npz', w=np.ones(1000, np.float32))
@@ -284,7 +284,6 @@ def test_torch_file_without_torch_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_load_torch_checkpoint(tmp_path):
-  torch = pytest.importorskip('torch')
   state_dict = random_state_dict('cifar_resnet20')
   torch.save({'state_dict': {k: torch.from_numpy(v) for k, v in state_dict.items()},
               'epoch': 3}, tmp_path / 'w.pth.tar')
@@ -327,7 +326,6 @@ def test_pretrained_cifar10_accuracy(shared_dir, depth, top1):
 @pytest.mark.shared
 @pytest.mark.parametrize('depth', [20, 56])
 def test_torch_checkpoint_equals_npz(shared_dir, depth):
-  pytest.importorskip('torch')
   models = pathlib.Path(shared_dir) / 'models'
   name = f'cifar_resnet{depth}'
   assert_trees_equal(convert_state_dict(load_state_dict(models / f'cifar10_resnet{depth}.th'), name),
