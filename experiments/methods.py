@@ -15,7 +15,7 @@ import numpy as np
 from experiments import pipeline
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
-from rapq_jax import export, fold, parallel, ptq, resume
+from rapq_jax import export, fold, parallel, ptq, quantized, resume
 
 # name -> (base method, PTQConfig overrides, one-line description)
 QUANT_METHODS = {
@@ -73,6 +73,19 @@ def _weight_exponents(result: ptq.PTQResult) -> dict:
   return out
 
 
+def power_of_two(model: quantized.QuantizedModel | None) -> bool:
+  """Whether every scale of a method's result is an exact power of two: a model exists
+  (float-scale methods such as brecq have none) and ``quantized.check_power_of_two``
+  accepts it (int32 exponents in range, integer weights in their range)."""
+  if model is None:
+    return False
+  try:
+    quantized.check_power_of_two(model)
+  except AssertionError:
+    return False
+  return True
+
+
 def model_dir_name(method: str, cfg: ptq_config_lib.PTQConfig) -> str:
   """Directory name of a saved model: ``'<method>_w<W>a<A>'``."""
   return f"{method}_w{cfg.wbits}a{cfg.abits}"
@@ -108,7 +121,7 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
   iters = cfg.iters_w + cfg.iters_a
   return dict(
       **metrics,
-      power_of_two=result.model is not None,
+      power_of_two=power_of_two(result.model),
       quantize_seconds=quant_seconds,
       wall_seconds=time.perf_counter() - start,
       seconds_per_iter={u: r["seconds"] / iters for u, r in units.items()} if iters else {},

@@ -264,7 +264,11 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   sub = calib[:cfg.search_samples]
   fp_logits = None
   if cfg.search != "none":
-    fp_logits = _batched(lambda h: network_apply(net, h), sub)
+    # The search's FP reference logits are computed like the search itself, on the
+    # replicated images on every device: split over the devices, their rows (and the
+    # search objective's sum over them) were reduced in another order on each device
+    # count, moving the objective values in their last bits.
+    fp_logits = network_apply(net, sub)
 
   states = _init_all(net, specs, calib[:INIT_SAMPLES], cfg)
   act_offsets = {}

@@ -33,6 +33,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rapq_jax import pot, quantizers
 # The same wiring helpers as network.unit_apply (ReLU/ReLU6, max-pool, option-A shortcut).
@@ -240,19 +241,32 @@ def apply(qm: QuantizedModel, x):
   return x
 
 
+def _require(ok, message: str) -> None:
+  """Raises AssertionError(message) unless ``ok`` (unlike ``assert``, also under -O)."""
+  if not bool(ok):
+    raise AssertionError(message)
+
+
 def check_power_of_two(qm: QuantizedModel) -> None:
-  """Raises AssertionError unless every exponent is an int32 in [EXP_MIN, EXP_MAX] and
-  every integer weight lies in its quantizer's range."""
+  """Raises AssertionError unless every exponent (weight channels and activations) is an
+  int32 in [EXP_MIN, EXP_MAX], so every scale is exactly ``2**e``, and every weight is an
+  integer in its quantizer's range with an integer zero point in range. The checks are
+  explicit raises, not ``assert`` statements, so they also hold under ``python -O``."""
   table = qm.bit_table()
+  in_range = lambda e: np.all((e >= pot.EXP_MIN) & (e <= pot.EXP_MAX))
   for u, layers in qm.weights.items():
     for r, w in layers.items():
       b, signed = table[f"{u}/{r}"]
       qmin, qmax = pot.int_range(b, signed)
-      q = jnp.asarray(w["q"], jnp.int32)
-      assert w["e"].dtype == jnp.int32, f"{u}/{r}: exponent dtype {w['e'].dtype}"
-      assert bool(jnp.all((w["e"] >= pot.EXP_MIN) & (w["e"] <= pot.EXP_MAX))), f"{u}/{r}"
-      assert bool(jnp.all((q >= qmin) & (q <= qmax))), f"{u}/{r}: integers out of range"
-      assert bool(jnp.all((w["zp"] >= 0) & (w["zp"] <= max(qmax, 0)))), f"{u}/{r}: zero point"
+      e, q, zp = (np.asarray(w[k]) for k in ("e", "q", "zp"))   # dtypes as stored
+      _require(e.dtype == np.int32, f"{u}/{r}: exponent dtype {e.dtype}")
+      _require(in_range(e), f"{u}/{r}: exponents outside [{pot.EXP_MIN}, {pot.EXP_MAX}]")
+      _require(np.issubdtype(q.dtype, np.integer), f"{u}/{r}: weight dtype {q.dtype}")
+      _require(np.all((q >= qmin) & (q <= qmax)), f"{u}/{r}: integers out of range")
+      _require(np.issubdtype(zp.dtype, np.integer), f"{u}/{r}: zero point dtype {zp.dtype}")
+      _require(np.all((zp >= 0) & (zp <= max(qmax, 0))), f"{u}/{r}: zero point")
   for u, points in qm.acts.items():
     for p, e in points.items():
-      assert e.dtype == jnp.int32, f"{u}/@{p}: exponent dtype {e.dtype}"
+      e = np.asarray(e)
+      _require(e.dtype == np.int32, f"{u}/@{p}: exponent dtype {e.dtype}")
+      _require(in_range(e), f"{u}/@{p}: exponent outside [{pot.EXP_MIN}, {pot.EXP_MAX}]")

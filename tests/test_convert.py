@@ -1,4 +1,5 @@
-"""PyTorch state dict -> Flax variables: layouts, key schemes, errors, file loading, real weights."""
+"""PyTorch state dict -> Flax variables: layouts, key schemes, errors, file loading, real
+weights, and the converted ResNet-18 / MobileNetV2 forwards against PyTorch ones."""
 import pathlib
 import sys
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch   # pinned in requirements.txt: a missing one fails, never skips
 
 from rapq_jax.convert import (CheckpointError, convert_state_dict, load_pretrained,
                               load_state_dict)
@@ -127,6 +129,144 @@ def test_torch_weights_convert_and_run(name, millions):
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, image)
   chex.assert_shape(logits, (1, 1000 if not name.startswith('cifar') else 10))
   chex.assert_tree_all_finite(logits)
+
+
+# ------------------------------------------------------------------ forward vs PyTorch
+# PyTorch reference modules written out after torchvision's ResNet-18 and MobileNetV2
+# (torchvision.models.resnet / mobilenetv2, width 1.0): same modules, module names and
+# so state-dict keys, same forward. torchvision itself is not a dependency: PyPI's
+# torchvision 0.28.0 does not import beside the pinned torch 2.13.0 CPU build
+# ("operator torchvision::nms does not exist").
+
+def torch_conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act=None):
+  """torchvision's Conv2dNormActivation: conv (no bias, padding (k - 1) // 2), BN[, act]."""
+  layers = [torch.nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
+            torch.nn.BatchNorm2d(cout)]
+  return torch.nn.Sequential(*layers, *([act()] if act else []))
+
+
+class TorchBasicBlock(torch.nn.Module):
+  """torchvision ResNet BasicBlock: 3x3 (stride) conv-BN-ReLU, 3x3 conv-BN, + identity
+  or ``downsample`` (1x1 strided conv, BN), ReLU."""
+
+  def __init__(self, cin: int, planes: int, stride: int):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+    self.bn1 = torch.nn.BatchNorm2d(planes)
+    self.conv2 = torch.nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = torch.nn.BatchNorm2d(planes)
+    self.downsample = None
+    if stride != 1 or cin != planes:
+      self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, planes, 1, stride, bias=False),
+                                            torch.nn.BatchNorm2d(planes))
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+    return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet18(torch.nn.Module):
+  """torchvision resnet18: 7x7/2 conv-BN-ReLU, 3x3/2 max pool (padding 1), 4 stages of
+  2 BasicBlocks (64..512, stride 2 from stage 2), global average pool, fc."""
+
+  def __init__(self, num_classes: int = 1000):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    self.bn1 = torch.nn.BatchNorm2d(64)
+    self.maxpool = torch.nn.MaxPool2d(3, 2, 1)
+    cin = 64
+    for stage in range(4):
+      planes = 64 * 2**stage
+      setattr(self, f'layer{stage + 1}', torch.nn.Sequential(
+          TorchBasicBlock(cin, planes, 2 if stage else 1), TorchBasicBlock(planes, planes, 1)))
+      cin = planes
+    self.avgpool = torch.nn.AdaptiveAvgPool2d((1, 1))
+    self.fc = torch.nn.Linear(512, num_classes)
+
+  def forward(self, x):
+    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class TorchInvertedResidual(torch.nn.Module):
+  """torchvision MobileNetV2 block: ``conv`` = [1x1 expand conv-BN-ReLU6 unless t = 1,]
+  3x3 depthwise (stride) conv-BN-ReLU6, 1x1 conv, BN; + x when stride 1 and cin == cout."""
+
+  def __init__(self, cin: int, cout: int, stride: int, t: int):
+    super().__init__()
+    hidden = int(round(cin * t))
+    self.use_res_connect = stride == 1 and cin == cout
+    layers = [torch_conv_bn(cin, hidden, 1, act=torch.nn.ReLU6)] if t != 1 else []
+    layers += [torch_conv_bn(hidden, hidden, 3, stride, groups=hidden, act=torch.nn.ReLU6),
+               torch.nn.Conv2d(hidden, cout, 1, 1, 0, bias=False), torch.nn.BatchNorm2d(cout)]
+    self.conv = torch.nn.Sequential(*layers)
+
+  def forward(self, x):
+    return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class TorchMobileNetV2(torch.nn.Module):
+  """torchvision mobilenet_v2 (width 1.0): 3x3/2 conv-BN-ReLU6 (32), the inverted
+  residual stages of MNV2_SETTING, 1x1 conv-BN-ReLU6 (1280), global average pool,
+  classifier = [Dropout(0.2), Linear]."""
+
+  def __init__(self, num_classes: int = 1000):
+    super().__init__()
+    features, cin = [torch_conv_bn(3, 32, 3, 2, act=torch.nn.ReLU6)], 32
+    for t, c, n, s in MNV2_SETTING:
+      for i in range(n):
+        features.append(TorchInvertedResidual(cin, c, s if i == 0 else 1, t))
+        cin = c
+    features.append(torch_conv_bn(cin, 1280, 1, act=torch.nn.ReLU6))
+    self.features = torch.nn.Sequential(*features)
+    self.classifier = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(1280, num_classes))
+
+  def forward(self, x):
+    x = torch.nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+    return self.classifier(torch.flatten(x, 1))
+
+
+def randomized(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+  """``module`` in eval mode with random weights: He-normal convs, random BN affine
+  parameters and running statistics (so folding them matters), random fc."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in module.modules():
+      if isinstance(m, torch.nn.Conv2d):
+        m.weight.normal_(0.0, (2.0 / m.weight[0].numel()) ** 0.5, generator=g)
+      elif isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5, generator=g)
+        m.bias.normal_(0.0, 0.2, generator=g)
+        m.running_mean.normal_(0.0, 0.2, generator=g)
+        m.running_var.uniform_(0.5, 2.0, generator=g)
+      elif isinstance(m, torch.nn.Linear):
+        m.weight.normal_(0.0, m.in_features ** -0.5, generator=g)
+        m.bias.normal_(0.0, 0.2, generator=g)
+  return module.eval()
+
+
+@pytest.mark.parametrize('name, reference', [('resnet18', TorchResNet18),
+                                             ('mobilenetv2', TorchMobileNetV2)])
+def test_flax_forward_equals_pytorch_forward(name, reference):
+  """The same random weights, converted by ``convert_state_dict`` from the PyTorch
+  module's own state dict, give the PyTorch module's logits (eval mode) on two 64x64
+  images: float32 agreement within 1e-4 of the logit scale. The networks are fully
+  convolutional up to the global pool, so small images exercise every layer."""
+  module = randomized(reference())
+  state_dict = {k: v.numpy() for k, v in module.state_dict().items()}
+  assert set(state_dict) == set(torch_shapes(name))       # the torchvision key layout
+  images = np.random.default_rng(2).standard_normal((2, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    expected = module(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  model = get_model(name)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))   # one compile: faster than eager
+  logits = np.asarray(forward(convert_state_dict(state_dict, name), images))
+  chex.assert_shape(logits, (2, 1000))
+  scale = np.abs(expected).max()
+  assert np.std(expected) > 0.1 * scale > 0                # logits that tell classes apart
+  assert np.abs(expected[0] - expected[1]).max() > 0.1 * scale   # and images apart
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * scale)
 
 
 LAYOUTS = {
@@ -260,7 +400,6 @@ def test_missing_file_names_the_path(tmp_path):
 @pytest.mark.parametrize('suffix', ['.npz', '.th'])
 def test_truncated_file_names_the_path(tmp_path, suffix):
   if suffix == '.th':
-    torch = pytest.importorskip('torch')
     torch.save({'w': torch.ones(1000)}, tmp_path / 'full.th')
   else:
     np.savez(tmp_path / 'full.npz', w=np.ones(1000, np.float32))
@@ -284,7 +423,6 @@ def test_torch_file_without_torch_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_load_torch_checkpoint(tmp_path):
-  torch = pytest.importorskip('torch')
   state_dict = random_state_dict('cifar_resnet20')
   torch.save({'state_dict': {k: torch.from_numpy(v) for k, v in state_dict.items()},
               'epoch': 3}, tmp_path / 'w.pth.tar')
@@ -327,7 +465,6 @@ def test_pretrained_cifar10_accuracy(shared_dir, depth, top1):
 @pytest.mark.shared
 @pytest.mark.parametrize('depth', [20, 56])
 def test_torch_checkpoint_equals_npz(shared_dir, depth):
-  pytest.importorskip('torch')
   models = pathlib.Path(shared_dir) / 'models'
   name = f'cifar_resnet{depth}'
   assert_trees_equal(convert_state_dict(load_state_dict(models / f'cifar10_resnet{depth}.th'), name),

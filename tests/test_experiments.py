@@ -5,10 +5,12 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from experiments import merge_results, methods, report, results_doc
 from experiments.configs import base
+from rapq_jax import quantized
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,6 +59,35 @@ def test_bad_config_values_are_named(field, value, message):
 def test_unknown_method_is_named():
   with pytest.raises(ValueError, match="'bogus'.*naive"):
     methods.ptq_config(base.get_base_config(), "bogus")
+
+
+def one_layer_model(e=(-3, -2), e_dtype=np.int32, act_e=-4):
+  """A hand-made QuantizedModel: one 4-bit unsigned layer (2 channels, zero point 8)
+  with weight exponents ``e`` and one activation point with exponent ``act_e``."""
+  return quantized.QuantizedModel(
+      units=(), bits=(("u/conv", 4, False), ("u/@out", 4, False)), metadata="{}",
+      weights={"u": {"conv": {"q": np.array([[0, 15], [7, 9]], np.uint8),
+                              "e": np.array(e, e_dtype), "zp": np.array([8, 8], np.int32),
+                              "bias": np.zeros(2, np.float32)}}},
+      acts={"u": {"out": np.int32(act_e)}})
+
+
+@pytest.mark.parametrize("model, expected", [
+    (one_layer_model(), "yes"),
+    (None, "no"),                                              # float scales: no PoT model
+    (one_layer_model(e=(-2.5, -2), e_dtype=np.float32), "no"),  # 2**-2.5 is no power of two
+    (one_layer_model(act_e=40), "no"),                         # exponent out of range
+], ids=["power-of-two", "brecq-no-model", "non-integer-exponent", "act-exponent-range"])
+def test_pot_column_says_whether_every_scale_is_a_power_of_two(model, expected):
+  """The record's ``power_of_two`` comes from ``quantized.check_power_of_two``, not from
+  the mere existence of a model, and the results table shows it."""
+  if model is not None and expected == "no":
+    with pytest.raises(AssertionError):
+      quantized.check_power_of_two(model)
+  pot = methods.power_of_two(model)
+  assert pot is (expected == "yes")
+  row = dict(method="m", wbits=4, abits=4, top1=50.0, top5=90.0, n=10, power_of_two=pot)
+  assert f"| m | W4A4 | 50.00 |  | {expected} |" in report.results_table([row])
 
 
 def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):

@@ -17,6 +17,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx          # pinned in requirements.txt: a missing one fails, never skips
+import onnxruntime as ort
 import pytest
 
 import damage
@@ -273,7 +275,6 @@ def test_every_flip_in_an_npz_export_is_detected_or_harmless(nets, tmp_path):
 
 def onnx_logits(program, x):
   """Logits of the ONNX export run by onnxruntime without graph rewrites."""
-  ort = pytest.importorskip("onnxruntime")
   options = ort.SessionOptions()
   options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
   session = ort.InferenceSession(export.to_onnx(program, x.shape[1:]).SerializeToString(),
@@ -285,7 +286,6 @@ def onnx_logits(program, x):
                                       ("resnet-naive", 8), ("mobilenet-naive", None)])
 def test_onnx_qdq_matches_integer_path(nets, name, hw):
   """Pools over 16 (and 1, 4: other input sizes) and 9 positions."""
-  onnx = pytest.importorskip("onnx")
   _, x, program = nets(name)
   if hw is not None:
     x = jax.random.normal(jax.random.PRNGKey(2), (8, hw, hw, 3), jnp.float32)
@@ -324,7 +324,6 @@ def test_torchvision_resnet18_integer_onnx_and_reader(tmp_path):
 # ------------------------------------------------------------------ experiments.export
 
 def test_export_cli_writes_npz_and_onnx(nets, tmp_path, capsys):
-  pytest.importorskip("onnx")
   qm, x, program = nets("resnet-naive")
   run_dir = tmp_path / "run"
   export.save_model(qm, run_dir / "models" / "naive_w4a4",

@@ -18,7 +18,6 @@ from rapq_jax import pot
 BITS = list(range(pot.MIN_BITS, pot.MAX_BITS + 1))
 HYPOTHESIS = settings(max_examples=30, deadline=None)
 
-finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 STATIC = ("bits", "signed", "per_channel", "p")
 lp_scale_search = jax.jit(pot.lp_scale_search, static_argnames=STATIC)
 pot_init = jax.jit(pot.pot_init, static_argnames=STATIC)
@@ -30,13 +29,25 @@ def is_power_of_two(a) -> np.ndarray:
   return mantissa == 0.5
 
 
+# Values far off any grid, mixed in now and then: zeros, a subnormal, beyond float32's
+# reach once divided by a small scale.
+FAR = (0.0, -0.0, 1e-40, 3e38, -3e38)
+# Fractions of a grid step, in 256ths: on the grid, ties (+-1/2, rounded half to even),
+# just either side of a tie.
+FRACTIONS = (0, 128, -128, 127, 129, -127, -129)
+
+
 @st.composite
 def quant_problems(draw, per_channel=None):
-  """(x [6, 3] finite float32, e int32 [3] or (), bits, signed, zero point).
+  """(x [6, 3] float32, e int32 [3] or (), bits, signed, zero point).
 
-  One shape keeps compilation out of the loop; hypothesis varies the values."""
+  x is drawn on and between the grid points of the quantizer under test: per element
+  ``x / 2**e = j - zp + m / 256`` (exact in float32) with the integer level ``j`` from
+  ``qmin - 3`` to ``qmax + 3`` (inside, on the ends of and just outside the clipping
+  range) and the fraction ``m / 256`` one of ``FRACTIONS`` or any multiple of 1/256;
+  about one element in ten is one of ``FAR`` instead. One shape keeps compilation out
+  of the loop; hypothesis varies the values."""
   c = 3
-  x = draw(hnp.arrays(np.float32, (6, c), elements=finite_f32))
   bits = draw(st.integers(pot.MIN_BITS, pot.MAX_BITS))
   signed = draw(st.booleans())
   if per_channel is None:
@@ -47,6 +58,14 @@ def quant_problems(draw, per_channel=None):
     zp = np.zeros(shape, np.int32)
   else:
     zp = draw(hnp.arrays(np.int32, shape, elements=st.integers(0, 2 ** bits - 1)))
+  qmin, qmax = pot.int_range(bits, signed)
+  level = st.integers(qmin - 3, qmax + 3)
+  fraction = st.one_of(st.sampled_from(FRACTIONS), st.integers(-255, 255))
+  cells = draw(st.lists(st.tuples(level, fraction, st.integers(0, 9), st.sampled_from(FAR)),
+                        min_size=6 * c, max_size=6 * c))
+  j, m, pick, far = (np.array(v).reshape(6, c) for v in zip(*cells))
+  x = np.ldexp(((j - zp) * 256 + m).astype(np.float64), e - 8).astype(np.float32)
+  x = np.where(pick == 0, far.astype(np.float32), x)
   return x, jnp.asarray(e), bits, signed, jnp.asarray(zp)
 
 

@@ -3,8 +3,10 @@ to end on a tiny CIFAR ResNet (one block per stage) with random weights and rand
 calibration images.
 
 Every method runs; power-of-two methods return a ``QuantizedModel`` of integers and
-int32 exponents whose inference equals the fake-quant states path; reconstruction lowers
-its objective; the same config and seed reproduce the same integers bit for bit.
+int32 exponents whose simulated inference equals the integer-only program bit for bit;
+every method's result reproduces its hard quantizer states (checked against inference
+written out from the states); reconstruction lowers its objective; the same config and
+seed reproduce the same integers bit for bit.
 """
 import dataclasses
 
@@ -16,7 +18,7 @@ import pytest
 
 from nets import random_variables
 
-from rapq_jax import config, fold, objective, pot, ptq, quantized, quantizers, reconstruct, search
+from rapq_jax import config, fold, integer, objective, pot, ptq, quantized, quantizers, reconstruct
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import Network, network_apply
 
@@ -138,11 +140,15 @@ def test_pot_model_integers_and_exponents(tiny, run, method):
 
 
 @pytest.mark.parametrize("method", POT_METHODS)
-def test_apply_equals_quantized_apply(tiny, run, method):
+def test_apply_equals_integer_only_inference(tiny, run, method):
+  """``result.apply`` (the float32 simulation) gives the logits of the lowered
+  integer-only program (int32 convolutions, arithmetic shifts) bit for bit."""
   _, _, x = tiny
   result = run(method)
-  chex.assert_trees_all_close(result.apply(x), quantized.apply(result.model, x),
-                              rtol=1e-5, atol=1e-5)
+  program = integer.lower(result.model)
+  assert program.spec["checks"]["exact_float32"]          # the documented bound is then 0
+  np.testing.assert_array_equal(np.asarray(result.apply(x)),
+                                np.asarray(integer.apply(program, x)))
 
 
 def fake_quant_logits(model, x):
@@ -160,14 +166,52 @@ def fake_quant_logits(model, x):
   return network_apply(net, x, None, aq_for)
 
 
+def _step(log2s, is_pot: bool):
+  """A quantizer's step size: exactly ``2**e`` (ldexp of the integer) for power-of-two
+  quantizers, ``exp2`` of the real log2 for float ones."""
+  if is_pot:
+    return jnp.ldexp(jnp.float32(1), jnp.round(log2s).astype(jnp.int32))
+  return jnp.exp2(log2s)
+
+
+def states_logits(net, states, specs, x):
+  """Hard fake-quant inference written out from the quantizer states, without the
+  library's quantizer code: kernel ``(clip(floor(w / s) + [alpha >= 0] + zp) - zp) * s``
+  (round to nearest without ``alpha``), zero point ``clip(round(-lo / s), 0, qmax)``
+  (unsigned) or 0, activation ``clip(round(h / s_a)) * s_a``; ``s = 2**log2s``,
+  ``s_a = 2**t`` (integer exponents for power-of-two quantizers)."""
+  params = {}
+  for u, (wspecs, _) in specs.items():
+    params[u] = {}
+    for role, spec in wspecs.items():
+      w, st = net.params[u][role]["kernel"], states[u]["w"][role]
+      qmin, qmax = pot.int_range(spec.bits, spec.signed)
+      s = _step(st["log2s"], spec.pot)
+      zp = 0.0 if spec.signed else jnp.clip(jnp.round(-st["lo"] / s), 0, qmax)
+      q = jnp.floor(w / s) + (st["alpha"] >= 0) if "alpha" in st else jnp.round(w / s)
+      params[u][role] = {"kernel": (jnp.clip(q + zp, qmin, qmax) - zp) * s,
+                         "bias": net.params[u][role]["bias"]}
+
+  def aq_for(u):
+    def aq(point, h):
+      spec = specs[u][1][point]
+      qmin, qmax = pot.int_range(spec.bits, spec.signed)
+      s = _step(states[u]["a"][point]["t"], spec.pot)
+      return jnp.clip(jnp.round(h / s), qmin, qmax) * s
+    return aq
+
+  return network_apply(Network(net.units, params, net.bn), x, None, aq_for)
+
+
 @pytest.mark.parametrize("method", config.METHODS)
-def test_model_equals_hard_fake_quant_states(tiny, run, method):
-  """The integers and exponents reproduce the final hard quantizer states: fake-quant
-  inference of the model equals ``search.quantized_logits`` on the states."""
+def test_result_equals_hard_fake_quant_of_its_states(tiny, run, method):
+  """What a method returns reproduces its final hard quantizer states: for power-of-two
+  methods fake-quant inference of the model's integers and exponents, for float scales
+  (brecq, no model) ``result.apply``, equals inference written out from the states."""
   net, _, x = tiny
   result = run(method)
-  expected = jax.jit(lambda n, s: search.quantized_logits(n, s, result.specs, x))(
-      net, result.states)
+  assert not any("v" in w for st in result.states.values() for w in st["w"].values())
+  expected = states_logits(net, result.states, result.specs, x)
   got = result.apply(x) if result.model is None else jax.jit(fake_quant_logits)(result.model, x)
   chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-4)
 

@@ -252,8 +252,14 @@ def test_killed_run_resumes_to_identical_results(tmp_path):
       for entry in (*a[1][key].values(), *b[1][key].values()):
         entry.pop("seconds")
     assert a[1][key] == b[1][key], key
-  chex.assert_trees_all_equal(export.load_model(plain / "models" / "rapq_w4a4").weights,
-                              export.load_model(run_dir / "models" / "rapq_w4a4").weights)
+  # The saved models: integer weights with their per-channel exponents and zero points,
+  # and the activation exponents, the ones the network-wide search after reconstruction
+  # moves (resumed units are loaded before it runs).
+  saved = [export.load_model(d / "models" / "rapq_w4a4") for d in (plain, run_dir)]
+  chex.assert_trees_all_equal(saved[0].weights, saved[1].weights)
+  chex.assert_trees_all_equal(saved[0].acts, saved[1].acts)
+  assert jax.tree.leaves(saved[0].acts), "no activation exponents compared"
+  assert "after" in a[1]["search"], "the run did not search"
 
 
 def test_run_refuses_a_workdir_of_another_config(tmp_path):

@@ -12,8 +12,42 @@ from hypothesis import given, settings, strategies as st
 from rapq_jax import rounding
 
 HYPOTHESIS = settings(max_examples=30, deadline=None)
-logits = hnp.arrays(np.float32, 16, elements=st.floats(-1e6, 1e6, width=32))
-fractions = hnp.arrays(np.float32, 16, elements=st.floats(0.0, 1.0, width=32))
+
+# The points where the relaxation changes behaviour: the hard choice flips at v = 0
+# (h = 1/2) and h saturates at 0 for v <= -EDGE and at 1 for v >= EDGE
+# (sigmoid(v) * (ZETA - GAMMA) + GAMMA = 0 or 1 there).
+EDGE = float(np.log((rounding.ZETA - rounding.GAMMA) / -rounding.GAMMA - 1.0))   # log(11)
+f32 = lambda v: float(np.float32(v))
+TINY = float(np.finfo(np.float32).tiny)
+
+
+def normal(v: float) -> bool:
+  """Zero or a normal float32: XLA on CPU flushes subnormals to zero (a subnormal
+  negative logit would compare as >= 0), so the strategies leave them out."""
+  return v == 0.0 or abs(v) >= TINY
+
+
+def near(points, spread):
+  """float32 values within ``spread`` of one of ``points`` (both sides, the points
+  themselves and their float32 neighbours included)."""
+  exact = [f32(np.nextafter(np.float32(p), np.float32(d)))
+           for p in points for d in (-np.inf, np.inf)] + [f32(p) for p in points]
+  offset = st.builds(lambda p, d: f32(p + d), st.sampled_from(points),
+                     st.floats(-f32(spread), f32(spread), width=32, allow_subnormal=False))
+  return st.one_of(st.sampled_from([v for v in exact if normal(v)]), offset.filter(normal))
+
+
+# Logits: at and around the flip and the saturation edges, anywhere in between and
+# beyond, and (rarely) huge.
+logits = hnp.arrays(np.float32, 16, elements=st.one_of(
+    near((0.0, EDGE, -EDGE), 1e-3), st.floats(-8.0, 8.0, width=32, allow_subnormal=False),
+    st.sampled_from([-0.0, -1e6, 1e6, f32(1e-30), f32(-1e-30)])))
+# Fractions in [0, 1]: at and around 0, 1/2, 1 and init_logits' clipping points 1e-4 and
+# 1 - 1e-4, and multiples of 1/64 in between.
+fractions = hnp.arrays(np.float32, 16, elements=st.one_of(
+    near((0.0, 0.5, 1.0, 1e-4, 1.0 - 1e-4), 1e-4).filter(lambda f: 0.0 <= f <= 1.0),
+    st.integers(0, 64).map(lambda k: k / 64),
+    st.floats(0.0, 1.0, width=32, allow_subnormal=False)))
 
 
 @given(v=logits)
