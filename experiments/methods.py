@@ -1,9 +1,10 @@
 """Quantization methods and ablations as runnable experiments.
 
 Each method maps an experiment config (ml_collections) to a ``rapq_jax`` ``PTQConfig``:
-the config's bit widths, iteration budget and seed, then ``config.ptq`` overrides, then
-the method's own preset on top. ``run_method`` quantizes the config's model with it and
-measures top-1, wall time and what the plots need.
+the method's preset, then the ``config.ptq`` fields the config or the command line sets
+(unset ones are None), then the config's bit widths, iteration budget and seed; an
+ablation's own switch cannot be overridden. ``run_method`` quantizes the config's model
+with it and measures top-1, wall time and what the plots need.
 """
 import dataclasses
 import pathlib
@@ -40,20 +41,23 @@ def ptq_config(config: ml_collections.ConfigDict, method: str) -> ptq_config_lib
   or a reconstruction batch size that the devices cannot split evenly)."""
   if method not in QUANT_METHODS:
     raise ValueError(f"unknown method {method!r}; accepted: {', '.join(QUANT_METHODS)}")
-  base, preset, _ = QUANT_METHODS[method]
+  base, switch, _ = QUANT_METHODS[method]
   fields = dict(wbits=config.wbits, abits=config.abits, first_last_bits=config.first_last_bits,
                 iters_w=config.weight_iters, iters_a=config.act_iters,
                 batch_size=config.batch_size, seed=config.seed)
-  defaults = {f.name: f.default for f in dataclasses.fields(ptq_config_lib.PTQConfig)}
-  ptq_fields = config.ptq.to_dict()
-  unknown = sorted(set(ptq_fields) - set(defaults))
+  accepted = {f.name for f in dataclasses.fields(ptq_config_lib.PTQConfig)} - set(fields)
+  given = {k: v for k, v in config.ptq.to_dict().items() if v is not None}   # None: unset
+  unknown = sorted(set(config.ptq) - accepted)
   if unknown:
-    raise ValueError(f"unknown config.ptq field(s) {unknown}; accepted: {sorted(defaults)}")
-  # Precedence: method preset < fields the config changed from the defaults < the
-  # config's top-level fields < the ablation's own switch.
-  changed = {k: v for k, v in ptq_fields.items() if v != defaults[k]}
+    raise ValueError(f"unknown config.ptq field(s) {unknown}; accepted: {sorted(accepted)}")
+  contradicted = {k: v for k, v in given.items() if k in switch and v != switch[k]}
+  if contradicted:
+    raise ValueError(f"method {method!r} is {base!r} with {switch}; config.ptq sets "
+                     f"{contradicted}: run {base!r} with those fields instead")
+  # Precedence: the base method's preset < every config.ptq field given (here or on the
+  # command line) < the config's top-level fields < the ablation's own switch.
   try:
-    cfg = ptq_config_lib.for_method(base, **{**changed, **fields, **preset})
+    cfg = ptq_config_lib.for_method(base, **{**given, **fields, **switch})
     if cfg.reconstruct:
       parallel.check_batch(cfg.batch_size)
     return cfg

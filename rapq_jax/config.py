@@ -4,7 +4,15 @@ import math
 
 from rapq_jax import pot
 
-METHODS = ("naive", "brecq", "brecq_pot", "rapq")
+_NEAREST = dict(exp_init="nearest", lp_source="fixed", learn_exponent=False)
+# Method -> the PTQConfig fields it sets (``for_method``); the rest keep their defaults.
+PRESETS = {
+    "naive": dict(_NEAREST, reconstruct=False, search="none"),
+    "brecq": dict(_NEAREST, pot_scales=False, search="none"),
+    "brecq_pot": dict(_NEAREST, search="none"),
+    "rapq": dict(),
+}
+METHODS = tuple(PRESETS)
 SEARCH_MODES = ("none", "before", "after", "both")
 # Float field -> (least value, whether the least value itself is allowed, greatest
 # value or None); every float field must also be finite.
@@ -131,7 +139,7 @@ class PTQConfig:
 
 
 def for_method(method: str, **overrides) -> PTQConfig:
-  """Preset of a method; ``overrides`` replace fields.
+  """Preset of a method; ``overrides`` replace fields, the preset's own included.
 
   'naive': Lp scale to the nearest PoT, round to nearest. 'brecq': BRECQ with float
   scales. 'brecq_pot': BRECQ on nearest-PoT scales. 'rapq': our RAPQ: per-channel
@@ -141,13 +149,6 @@ def for_method(method: str, **overrides) -> PTQConfig:
   integer exponents of the low-bit quantizers after reconstruction (``search``).
   Figures: docs/RESULTS.md.
   """
-  nearest = dict(exp_init="nearest", lp_source="fixed", learn_exponent=False)
-  presets = {
-      "naive": dict(nearest, reconstruct=False, search="none"),
-      "brecq": dict(nearest, pot_scales=False, search="none"),
-      "brecq_pot": dict(nearest, search="none"),
-      "rapq": dict(),
-  }
-  if method not in presets:
+  if method not in PRESETS:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-  return PTQConfig(**{**presets[method], **overrides})
+  return PTQConfig(**{**PRESETS[method], **overrides})

@@ -37,12 +37,32 @@ def test_method_presets(method, field, value):
   assert getattr(methods.ptq_config(base.get_base_config(), method), field) == value
 
 
-def test_config_fields_reach_the_method_but_presets_survive_defaults():
+def test_config_fields_reach_the_method_but_presets_survive_unset_fields():
   config = base.get_base_config()
   config.wbits, config.weight_iters, config.ptq.lp_coef = 2, 700, 0.5
   cfg = methods.ptq_config(config, "rapq")
   assert (cfg.wbits, cfg.iters_w, cfg.lp_coef) == (2, 700, 0.5)
   assert not methods.ptq_config(config, "naive").reconstruct
+
+
+@pytest.mark.parametrize("field, value", [("search", "after"), ("lp_source", "bn")])
+def test_a_given_field_wins_over_the_preset_even_at_its_default(field, value):
+  """``--methods brecq_pot --config.ptq.search=after``: the preset sets search='none',
+  the given value equals PTQConfig's default, and the given value wins; the rest of the
+  preset stays."""
+  config = base.get_base_config()
+  config.ptq[field] = value
+  cfg = methods.ptq_config(config, "brecq_pot")
+  assert getattr(cfg, field) == value and cfg.exp_init == "nearest"
+
+
+def test_a_field_contradicting_an_ablations_switch_is_refused():
+  config = base.get_base_config()
+  config.ptq.search = "after"
+  with pytest.raises(ValueError, match=r"'rapq_no_search' is 'rapq' with \{'search': 'none'\}"):
+    methods.ptq_config(config, "rapq_no_search")
+  config.ptq.search = "none"   # the same value is no contradiction
+  assert methods.ptq_config(config, "rapq_no_search").search == "none"
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -166,6 +186,9 @@ def test_environment_records_the_checkout_commit():
     (["--config.wbits=9"], "wbits"),
     (["--methods", "rapq", "--bits", "4/9"], "4/9"),
     (["--config.matmul_precision=fast"], "config.matmul_precision='fast'"),
+    # The given search reaches brecq over its preset (search='none'); float scales refuse it.
+    (["--methods", "brecq", "--config.ptq.search=after"], "need learn_exponent=False and "
+     "search='none'"),
 ])
 def test_bad_flags_fail_before_any_output(tmp_path, args, message):
   out = _run(["--config", "fmnist_resnet", *args], tmp_path / "run", timeout=300)

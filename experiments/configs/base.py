@@ -48,9 +48,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.weight_iters = 2000  # reconstruction iterations per block, weight rounding
   config.act_iters = 500  # activation step-size iterations per block
   config.batch_size = 32  # reconstruction batch
-  # Every other rapq_jax.config.PTQConfig field at its default, overridable as e.g.
-  # --config.ptq.lp_coef=0.5 (a method's own preset still applies on top).
+  # Every other rapq_jax.config.PTQConfig field, unset (None: the method's preset, else
+  # the PTQConfig default, applies). A field given here or as e.g.
+  # --config.ptq.search=after wins over the method's preset (experiments.methods).
   config.ptq = ml_collections.ConfigDict(
-      {f.name: f.default for f in dataclasses.fields(PTQConfig) if f.name not in _TOP_LEVEL},
-      type_safe=False)
+      {f.name: config_dict.placeholder(type(f.default)) for f in dataclasses.fields(PTQConfig)
+       if f.name not in _TOP_LEVEL})
   return config
