@@ -88,8 +88,8 @@ def bench_model(name: str, size: int, channels: int) -> list[dict]:
   key = jax.random.PRNGKey(0)
   variables = model.init(key, jnp.zeros((1, size, size, channels)))
   net = fold.build_network(variables, model=model)
-  cfg = ptq_config_lib.for_method("rapq", batch_size=_BATCH.value, iters_w=max(_ITERS.value, 1),
-                                  exp_warm_iters=0)
+  cfg = ptq_config_lib.for_method("rapq", batch_size=_BATCH.value,
+                                  weight_iters=max(_ITERS.value, 1), exp_warm_iters=0)
   specs = ptq.unit_specs(net, cfg)
   x = jnp.zeros((1, size, size, channels))
   rows, seen = [], set()

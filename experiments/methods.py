@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from experiments import pipeline
+from experiments.configs import base as base_config
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
 from rapq_jax import export, fold, parallel, ptq, quantized, resume
@@ -42,9 +43,7 @@ def ptq_config(config: ml_collections.ConfigDict, method: str) -> ptq_config_lib
   if method not in QUANT_METHODS:
     raise ValueError(f"unknown method {method!r}; accepted: {', '.join(QUANT_METHODS)}")
   base, switch, _ = QUANT_METHODS[method]
-  fields = dict(wbits=config.wbits, abits=config.abits, first_last_bits=config.first_last_bits,
-                iters_w=config.weight_iters, iters_a=config.act_iters,
-                batch_size=config.batch_size, seed=config.seed)
+  fields = {name: config[name] for name in base_config.TOP_LEVEL}
   accepted = {f.name for f in dataclasses.fields(ptq_config_lib.PTQConfig)} - set(fields)
   given = {k: v for k, v in config.ptq.to_dict().items() if v is not None}   # None: unset
   unknown = sorted(set(config.ptq) - accepted)
@@ -122,7 +121,7 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
                                   batch_size=config.eval_batch_size, preprocess=data.preprocess,
                                   desc=f"{method} W{cfg.wbits}A{cfg.abits}", progress=progress)
   units = result.report["units"]
-  iters = cfg.iters_w + cfg.iters_a
+  iters = cfg.weight_iters + cfg.act_iters
   return dict(
       **metrics,
       power_of_two=power_of_two(result.model),

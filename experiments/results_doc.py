@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 
 from experiments import report
+from rapq_jax import config as ptq_config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CHECK = flags.DEFINE_bool("check", False, "Only check that docs/RESULTS.md is up to date.")
@@ -28,15 +29,22 @@ def _commit(record: dict) -> str:
   return (record.get("git") or {}).get("commit") or "unknown"
 
 
+def _ptq(record: dict) -> dict:
+  """The PTQConfig fields of a record's first quantized result, by their names now (a
+  record written before a rename holds the old ones), or {}."""
+  ptq = next((r.get("ptq") for r in record["results"] if r.get("ptq")), {}) or {}
+  return ptq_config_lib.current_names(ptq)
+
+
 def _run_section(name: str, record: dict) -> str:
   cfg = record.get("config", {})
   env = record.get("machine", {})
-  ptq = next((r.get("ptq") for r in record["results"] if r.get("ptq")), {}) or {}
+  ptq = _ptq(record)
   facts = [
       f"model `{cfg.get('model', '?')}`",
       f"{cfg.get('calibration_size', '?')} calibration images",
-      f"{ptq.get('iters_w', cfg.get('weight_iters', '?'))}/"
-      f"{ptq.get('iters_a', cfg.get('act_iters', '?'))} weight/activation iterations per unit",
+      f"{ptq.get('weight_iters', cfg.get('weight_iters', '?'))}/"
+      f"{ptq.get('act_iters', cfg.get('act_iters', '?'))} weight/activation iterations per unit",
       f"batch {ptq.get('batch_size', cfg.get('batch_size', '?'))}",
       f"seed {cfg.get('seed', '?')}",
   ]
@@ -109,8 +117,8 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
   for name, rec in runs:
     env = rec.get("machine", {})
     device = env.get("device_kind") or ", ".join(env.get("devices", []))
-    ptq = next((r.get("ptq") for r in rec["results"] if r.get("ptq")), {}) or {}
-    iters = f"{ptq.get('iters_w', '?')}/{ptq.get('iters_a', '?')}"
+    ptq = _ptq(rec)
+    iters = f"{ptq.get('weight_iters', '?')}/{ptq.get('act_iters', '?')}"
     commit = _commit(rec)[:7]
     methods = list(dict.fromkeys(r["method"] for r in rec["results"] if r["method"] != "fp"))
     for m in methods:

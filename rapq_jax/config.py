@@ -13,6 +13,9 @@ PRESETS = {
     "rapq": dict(),
 }
 METHODS = tuple(PRESETS)
+# Old field name -> its name now: records written before a rename (result files, stores)
+# are read through ``current_names``.
+RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters"}
 SEARCH_MODES = ("none", "before", "after", "both")
 # Float field -> (least value, whether the least value itself is allowed, greatest
 # value or None); every float field must also be finite.
@@ -64,8 +67,8 @@ class PTQConfig:
   reconstruct: bool = True
   learn_exponent: bool = False
   exp_init: str = "lp"
-  iters_w: int = 2000
-  iters_a: int = 500
+  weight_iters: int = 2000
+  act_iters: int = 500
   batch_size: int = 32
   lr_w: float = 1e-3
   lr_exp: float = 1e-3
@@ -112,7 +115,8 @@ class PTQConfig:
         pot.check_bits(getattr(self, name))
       except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
-    for name in ("iters_w", "iters_a", "search_sweeps", "exp_warm_iters", "act_exp_window"):
+    for name in ("weight_iters", "act_iters", "search_sweeps", "exp_warm_iters",
+                 "act_exp_window"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 0")
     for name in ("batch_size", "search_samples"):
@@ -126,9 +130,9 @@ class PTQConfig:
       raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
     if self.search_objective not in ("kl", "mse"):
       raise ValueError(f"search_objective = {self.search_objective!r}: expected 'kl' or 'mse'")
-    if self.learn_exponent and self.exp_warm_iters > self.iters_w and self.reconstruct:
-      raise ValueError(f"exp_warm_iters = {self.exp_warm_iters} exceeds iters_w = "
-                       f"{self.iters_w}: the exponent must be hardened before the end")
+    if self.learn_exponent and self.exp_warm_iters > self.weight_iters and self.reconstruct:
+      raise ValueError(f"exp_warm_iters = {self.exp_warm_iters} exceeds weight_iters = "
+                       f"{self.weight_iters}: the exponent must be hardened before the end")
     if not self.pot_scales and (self.learn_exponent or self.search != "none"):
       raise ValueError("float scales (pot_scales=False) need learn_exponent=False and "
                        "search='none'")
@@ -136,6 +140,12 @@ class PTQConfig:
   @property
   def learns_exponent(self) -> bool:
     return self.pot_scales and self.reconstruct and self.learn_exponent
+
+
+def current_names(fields: dict) -> dict:
+  """``fields`` (PTQConfig fields by name, as a record of any version holds them) with
+  every old name of ``RENAMED`` replaced by its name now."""
+  return {RENAMED.get(k, k): v for k, v in fields.items()}
 
 
 def for_method(method: str, **overrides) -> PTQConfig:
@@ -151,4 +161,6 @@ def for_method(method: str, **overrides) -> PTQConfig:
   """
   if method not in PRESETS:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  for old in overrides.keys() & RENAMED.keys():
+    raise ValueError(f"{old} is now called {RENAMED[old]}")
   return PTQConfig(**{**PRESETS[method], **overrides})

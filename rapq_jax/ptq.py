@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rapq_jax import integrity, objective, parallel, quantized, quantizers, resume, rounding, search
-from rapq_jax.config import PTQConfig
+from rapq_jax.config import PTQConfig, current_names
 from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
 from rapq_jax.reconstruct import hooks, reconstruct_unit, structural
 
@@ -257,7 +257,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   calib = check_calibration(net, calib, cfg)
   integrity.check_finite(net.params, "network parameters")
   if store is not None:
-    store.bind(dataclasses.asdict(cfg))
+    store.bind(dataclasses.asdict(cfg), upgrade=current_names)
   specs = unit_specs(net, cfg)
   key = jax.random.PRNGKey(cfg.seed)
   report = {"units": {}, "search": {}}

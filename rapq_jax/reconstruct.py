@@ -9,13 +9,13 @@ so the loop has no host transfer except the periodic progress read-out. Each dev
 computes its share of the batch; the loss is a batch mean, so XLA averages the shares of
 the gradient across devices.
 
-Phases of a unit's weight stage (``iters_w`` steps in all):
+Phases of a unit's weight stage (``weight_iters`` steps in all):
 1. (RAPQ) ``exp_warm_iters`` steps learning ``alpha`` and the exponent logits ``v``
    jointly, with ``v``'s own regulariser (weight ``exp_reg_factor * round_weight``,
    ``b`` annealed from ``b_start`` to ``b_end`` over the phase);
 2. the exponent is hardened to an exact integer and frozen, ``alpha`` restarts on the
    new grid (``reinit_alpha_on_harden``) and anneals as AdaRound for the rest.
-Then ``iters_a`` steps learn the unit's activation exponents with hard weights. A
+Then ``act_iters`` steps learn the unit's activation exponents with hard weights. A
 power-of-two exponent uses ``round(t)``, and Adam at ``lr_a`` rarely carries ``t`` across
 a rounding boundary, so with ``act_exp_window`` > 0 each PoT activation exponent is then
 chosen among ``round(t) + k`` (``|k| <= act_exp_window``) by the unit's loss over its
@@ -97,7 +97,7 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
   # alpha and the exponent logits v learn at their own rates.
   opt = optax.multi_transform({"alpha": optax.adam(cfg.lr_w), "v": optax.adam(cfg.lr_exp)},
                               lambda tree: {r: {k: k for k in s} for r, s in tree.items()})
-  b_round = rounding.temperature_schedule(cfg.iters_w, start_b=cfg.b_start,
+  b_round = rounding.temperature_schedule(cfg.weight_iters, start_b=cfg.b_start,
                                           end_b=cfg.b_end, warmup=cfg.warmup)
   b_exp = optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1))
 
@@ -119,7 +119,8 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
     y, pre = unit_apply(unit, params, x, wq, aq)
     rec = objective.lp_loss(y, y_t, p)
     reg = sum(rounding.regularizer(s["alpha"], b_round(it)) for s in train.values())
-    loss = rec + cfg.round_weight * rounding.regularizer_active(it, cfg.iters_w, cfg.warmup) * reg
+    active = rounding.regularizer_active(it, cfg.weight_iters, cfg.warmup)
+    loss = rec + cfg.round_weight * active * reg
     if learn_v:
       reg_v = sum(rounding.regularizer(s["v"], b_exp(it)) for s in train.values())
       loss = loss + cfg.round_weight * cfg.exp_reg_factor * reg_v
@@ -142,7 +143,7 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
 @functools.lru_cache(maxsize=None)
 def _act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float, n: int):
   wspecs, aspecs = dict(wspecs), dict(aspecs)
-  opt = optax.adam(optax.cosine_decay_schedule(cfg.lr_a, max(cfg.iters_a, 1)))
+  opt = optax.adam(optax.cosine_decay_schedule(cfg.lr_a, max(cfg.act_iters, 1)))
 
   def loss_fn(astates, wstates, params, x, y_t):
     wq, aq = hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
@@ -261,11 +262,11 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
   learn_v = any("v" in s for s in wstates.values())
   phases = []
   if learn_v:
-    phases.append(("exponent", 0, min(cfg.exp_warm_iters, cfg.iters_w), True))
-  phases.append(("rounding", phases[0][2] if phases else 0, cfg.iters_w, False))
-  bar = tqdm(total=cfg.iters_w + (cfg.iters_a if aspecs else 0), desc=f"{unit.name:>14}",
-             disable=None if progress else True,  # None: a bar on a terminal only
-             leave=False, dynamic_ncols=True)
+    phases.append(("exponent", 0, min(cfg.exp_warm_iters, cfg.weight_iters), True))
+  phases.append(("rounding", phases[0][2] if phases else 0, cfg.weight_iters, False))
+  bar = tqdm(total=cfg.weight_iters + (cfg.act_iters if aspecs else 0),
+             desc=f"{unit.name:>14}", leave=False, dynamic_ncols=True,
+             disable=None if progress else True)  # None: a bar on a terminal only
   for phase, first, last, with_v in phases:
     if first >= last:
       continue
@@ -290,17 +291,17 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
       wstates = {r: quantizers.harden_exponent(params[r]["kernel"], s, wspecs[r],
                                                reinit_alpha=cfg.reinit_alpha_on_harden)
                  for r, s in wstates.items()}
-  if aspecs and cfg.iters_a:
+  if aspecs and cfg.act_iters:
     opt, step = _act_step(shape, ws_t, as_t, cfg, p, n)
     opt_state = parallel.replicate(opt.init(astates))
-    for it in range(cfg.iters_a):
+    for it in range(cfg.act_iters):
       astates, opt_state, loss = step(astates, opt_state, wstates, params, xs, ys, ka, it)
-      if (it + 1) % REPORT_EVERY == 0 or it + 1 == cfg.iters_a:
+      if (it + 1) % REPORT_EVERY == 0 or it + 1 == cfg.act_iters:
         value = float(loss)
         _check_finite(value, unit.name, "activation", it)
         history["acts"].append((it + 1, value))
         bar.set_postfix({"loss": f"{value:.4g}", "phase": "activations"}, refresh=False)
-        bar.update(cfg.iters_w + it + 1 - bar.n)
+        bar.update(cfg.weight_iters + it + 1 - bar.n)
   moves = {}
   if aspecs and cfg.act_exp_window:
     loss = _cache_loss(shape, ws_t, as_t, p, n)

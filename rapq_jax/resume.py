@@ -134,14 +134,18 @@ class Store:
     owner = {} if self.config_digest is None else {"owner": {"config_sha256": self.config_digest}}
     save_checked(self.directory / name, {"info": info, **owner}, arrays)
 
-  def bind(self, config: dict) -> None:
+  def bind(self, config: dict, upgrade=None) -> None:
     """Records ``config`` on first use; afterwards raises ``ConfigMismatchError`` if
-    ``config`` differs from the recorded one (``IntegrityError`` if the record is
-    damaged: which config the directory belongs to is then unknown)."""
+    ``config`` differs from the recorded one as ``upgrade`` (``dict -> dict``, e.g.
+    renaming old fields; default: as recorded) reads it (``IntegrityError`` if the record
+    is damaged: which config the directory belongs to is then unknown). Entries carry
+    the digest of the record as written, so those of an older version stay valid."""
     done = self.load("config")
     if done is None:
       self.save("config", config)
+      recorded = config
     else:
-      check_same_config(done[0], config, f"store {self.directory}",
+      recorded = done[0]
+      check_same_config((upgrade or dict)(recorded), config, f"store {self.directory}",
                         "the config it was started with, or another directory")
-    self.config_digest = integrity.json_digest(json.loads(json.dumps(config)))
+    self.config_digest = integrity.json_digest(json.loads(json.dumps(recorded)))

@@ -24,7 +24,7 @@ from rapq_jax.models.mobilenetv2 import MobileNetV2
 from rapq_jax.network import network_apply
 
 HW = 16
-SMALL = dict(iters_w=30, iters_a=10, exp_warm_iters=10, batch_size=8, search_samples=32)
+SMALL = dict(weight_iters=30, act_iters=10, exp_warm_iters=10, batch_size=8, search_samples=32)
 MOBILE_SETTING = ((1, 8, 1, 1), (2, 16, 2, 2))
 
 
@@ -350,7 +350,7 @@ def test_readme_example_runs(example):
   text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
   section = text.split("## Quantize your own Flax model", 1)[1].split("\n## ", 1)[0]
   code = section.split("```python\n")[1 + example].split("```", 1)[0]
-  smaller = {"iters_w=2000, iters_a=500": "iters_w=20, iters_a=5, exp_warm_iters=5",
+  smaller = {"weight_iters=2000, act_iters=500": "weight_iters=20, act_iters=5, exp_warm_iters=5",
              "(256, 32, 32, 3)": "(32, 16, 16, 3)"}
   for verbatim, small in smaller.items():
     assert verbatim in code

@@ -22,7 +22,7 @@ from rapq_jax import adapter, config, quantized
 from rapq_jax.network import network_apply
 
 HW = 8
-SMALL = dict(iters_w=10, iters_a=5, exp_warm_iters=5, batch_size=8, search_samples=16)
+SMALL = dict(weight_iters=10, act_iters=5, exp_warm_iters=5, batch_size=8, search_samples=16)
 
 
 def _images(n=16):

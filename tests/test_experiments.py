@@ -41,7 +41,7 @@ def test_config_fields_reach_the_method_but_presets_survive_unset_fields():
   config = base.get_base_config()
   config.wbits, config.weight_iters, config.ptq.lp_coef = 2, 700, 0.5
   cfg = methods.ptq_config(config, "rapq")
-  assert (cfg.wbits, cfg.iters_w, cfg.lp_coef) == (2, 700, 0.5)
+  assert (cfg.wbits, cfg.weight_iters, cfg.lp_coef) == (2, 700, 0.5)
   assert not methods.ptq_config(config, "naive").reconstruct
 
 
@@ -67,7 +67,7 @@ def test_a_field_contradicting_an_ablations_switch_is_refused():
 
 @pytest.mark.parametrize("field, value, message", [
     ("wbits", 9, "wbits"),
-    ("weight_iters", 100, "exp_warm_iters = 500 exceeds iters_w = 100"),
+    ("weight_iters", 100, "exp_warm_iters = 500 exceeds weight_iters = 100"),
 ])
 def test_bad_config_values_are_named(field, value, message):
   config = base.get_base_config()
@@ -128,7 +128,7 @@ def _record(top1_rapq):
          dict(method="rapq", wbits=4, abits=4, top1=top1_rapq, top5=98.0, n=100,
               power_of_two=True, wall_seconds=12.0, seconds_per_iter={"u": 0.01},
               search={"after": dict(before=0.3, after=0.2, sweeps=2, moved=["u/a:out+1"],
-                                    seconds=1.0)}, ptq=dict(iters_w=10, iters_a=2, batch_size=8))]
+                                    seconds=1.0)}, ptq=dict(weight_iters=10, act_iters=2, batch_size=8))]
   return dict(config=dict(model="m", calibration_size=64, seed=1), results=res,
               **report.environment())
 
@@ -140,6 +140,17 @@ def test_results_doc_is_regenerated_identically(tmp_path):
   assert "| rapq | W4A4 | 78.50 | 2.50 | yes | 12 | 10.0 ms |" in first
   (tmp_path / "a_run.json").write_text(json.dumps(_record(77.0)))
   assert results_doc.render(tmp_path) != first
+
+
+def test_results_doc_reads_records_with_old_setting_names(tmp_path):
+  """Committed result files record ``ptq`` with the names of their time (iters_w/iters_a)."""
+  old = _record(78.5)
+  old["results"][1]["ptq"] = dict(iters_w=10, iters_a=2, batch_size=8)
+  (tmp_path / "old.json").write_text(json.dumps(old))
+  (tmp_path / "new.json").write_text(json.dumps(_record(78.5)))
+  text = results_doc.render(tmp_path)
+  assert text.count("10/2 weight/activation iterations per unit") == 2
+  assert text.count("| 10/2 |") == 2
 
 
 def test_merge_results_joins_runs_split_across_processes(tmp_path):

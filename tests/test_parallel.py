@@ -22,7 +22,7 @@ from rapq_jax import parallel
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HW, N_CALIB, N_TEST = 8, 34, 30   # 34 and 30 rows: padded to 36 and 32 on 4 devices
 # The rapq preset as it is, network-wide search after reconstruction included.
-SMALL = dict(iters_w=20, iters_a=10, batch_size=8)
+SMALL = dict(weight_iters=20, act_iters=10, batch_size=8)
 
 
 def _child(out_path: str) -> None:

@@ -23,7 +23,7 @@ from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import Network, network_apply
 
 HW, N_CALIB = 16, 64
-SMALL = dict(iters_w=30, iters_a=10, exp_warm_iters=10, batch_size=8, search_samples=32)
+SMALL = dict(weight_iters=30, act_iters=10, exp_warm_iters=10, batch_size=8, search_samples=32)
 POT_METHODS = ("naive", "brecq_pot", "rapq")
 
 
@@ -80,7 +80,7 @@ def test_every_method_runs(tiny, run, method):
   if cfg.reconstruct:
     assert list(result.report["units"]) == net.unit_names()
     for name, info in result.report["units"].items():
-      assert info["history"]["weights"][-1][0] == cfg.iters_w   # the last iteration
+      assert info["history"]["weights"][-1][0] == cfg.weight_iters   # the last iteration
       assert all(np.isfinite(v) for _, v in info["history"]["weights"])
   else:
     assert result.report["units"] == {}
@@ -256,7 +256,7 @@ def test_unit_specs_bit_widths(tiny):
 def block(tiny):
   """One basic block (``layer1_0``) with its FP inputs/targets and initial states."""
   net, calib, _ = tiny
-  cfg = config.for_method("brecq_pot", iters_w=100, iters_a=0, batch_size=32, wbits=3)
+  cfg = config.for_method("brecq_pot", weight_iters=100, act_iters=0, batch_size=32, wbits=3)
   specs = ptq.unit_specs(net, cfg)
   unit = net.units[1]
   params = net.params[unit.name]
@@ -324,7 +324,7 @@ def test_reconstruction_chooses_a_better_activation_exponent(block):
   coarse = {**start["a"], "relu1": {"t": start["a"]["relu1"]["t"] + 2}}
   results = {}
   for window in (0, 2):
-    c = dataclasses.replace(cfg, iters_w=20, iters_a=20, act_exp_window=window)
+    c = dataclasses.replace(cfg, weight_iters=20, act_iters=20, act_exp_window=window)
     results[window] = reconstruct.reconstruct_unit(
         unit, params, net.bn[unit.name], start["w"], coarse, wspecs, aspecs, x_in, y_fp, c,
         2.0, jax.random.PRNGKey(3), progress=False)
@@ -377,15 +377,16 @@ def test_method_presets(method, expected):
     (lambda: config.for_method("rapq", wbits=9), "wbits", "9"),
     (lambda: config.for_method("rapq", abits=1), "abits", "1"),
     (lambda: config.for_method("rapq", first_last_bits=4.0), "first_last_bits", "4.0"),
-    (lambda: config.for_method("rapq", iters_w=-1), "iters_w", "-1"),
-    (lambda: config.for_method("rapq", iters_a=2.5), "iters_a", "2.5"),
+    (lambda: config.for_method("rapq", weight_iters=-1), "weight_iters", "-1"),
+    (lambda: config.for_method("rapq", act_iters=2.5), "act_iters", "2.5"),
     (lambda: config.for_method("rapq", batch_size=0), "batch_size", "0"),
     (lambda: config.for_method("rapq", search="x"), "search", "'x'"),
     (lambda: config.for_method("rapq", search_objective="l1"), "search_objective", "'l1'"),
     (lambda: config.for_method("rapq", lp_source="gamma"), "lp_source", "'gamma'"),
-    (lambda: config.for_method("rapq", learn_exponent=True, iters_w=100, exp_warm_iters=101),
+    (lambda: config.for_method("rapq", learn_exponent=True, weight_iters=100, exp_warm_iters=101),
      "exp_warm_iters", "101"),
     (lambda: config.for_method("brecq", search="after"), "search", "none"),
+    (lambda: config.for_method("rapq", iters_w=10), "iters_w", "now called weight_iters"),
 ])
 def test_config_validation(make, field, value):
   with pytest.raises(ValueError) as err:
@@ -393,6 +394,6 @@ def test_config_validation(make, field, value):
   assert field in str(err.value) and value in str(err.value)
 
 
-def test_exp_warm_iters_may_exceed_iters_w_without_exponent_learning():
-  config.for_method("brecq_pot", iters_w=10, exp_warm_iters=500)
-  config.for_method("naive", iters_w=10, exp_warm_iters=500)
+def test_exp_warm_iters_may_exceed_weight_iters_without_exponent_learning():
+  config.for_method("brecq_pot", weight_iters=10, exp_warm_iters=500)
+  config.for_method("naive", weight_iters=10, exp_warm_iters=500)

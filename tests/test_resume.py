@@ -27,7 +27,7 @@ from rapq_jax.models.cifar_resnet import CifarResNet
 
 HW, N_CALIB = 16, 64
 # search='both' so the search before reconstruction is stored and loaded too.
-CFG = config.for_method("rapq", iters_w=20, iters_a=5, batch_size=8, search_samples=32,
+CFG = config.for_method("rapq", weight_iters=20, act_iters=5, batch_size=8, search_samples=32,
                         search_sweeps=1, search="both")
 
 
@@ -182,9 +182,32 @@ def test_every_flip_in_a_unit_store_is_detected_or_harmless(tmp_path):
 def test_store_of_another_config_is_refused(tiny, tmp_path):
   net, calib = tiny
   resume.Store(tmp_path).bind(dataclasses.asdict(CFG))
-  other = dataclasses.replace(CFG, iters_w=21)
-  with pytest.raises(resume.ConfigMismatchError, match=r"iters_w = 20 there, 21 now"):
+  other = dataclasses.replace(CFG, weight_iters=21)
+  with pytest.raises(resume.ConfigMismatchError, match=r"weight_iters = 20 there, 21 now"):
     ptq.quantize_network(net, calib, other, progress=False, store=resume.Store(tmp_path))
+
+
+def _with_old_names(cfg, **changes):
+  """The config record an older version wrote: the fields under their old names."""
+  old_name = {new: old for old, new in config.RENAMED.items()}
+  return {old_name.get(k, k): v for k, v in dataclasses.asdict(cfg).items()} | changes
+
+
+def test_store_of_an_older_version_is_read(tiny, tmp_path):
+  """A store whose config record holds old field names (``config.RENAMED``), with a unit
+  saved as that version saved it: the unit loads; ``quantize_network`` reads the record
+  by the names now (its mismatch error says weight_iters); without the upgrade, refused."""
+  old = resume.Store(tmp_path)
+  old.bind(_with_old_names(CFG))
+  old.save("unit_x", {"p": 2.0}, {"t": jnp.ones(3)})
+  new = resume.Store(tmp_path)
+  new.bind(dataclasses.asdict(CFG), upgrade=config.current_names)
+  assert new.load("unit_x")[0] == {"p": 2.0}
+  with pytest.raises(resume.ConfigMismatchError, match=r"iters_w = 20 there, '<missing>' now"):
+    resume.Store(tmp_path).bind(dataclasses.asdict(CFG))
+  resume.Store(tmp_path / "b").bind(_with_old_names(CFG, iters_w=21))
+  with pytest.raises(resume.ConfigMismatchError, match=r"^[^;]*weight_iters = 21 there, 20 now"):
+    ptq.quantize_network(*tiny, CFG, progress=False, store=resume.Store(tmp_path / "b"))
 
 
 def test_config_mismatch_names_every_field_and_what_is_accepted():

@@ -24,7 +24,7 @@ def problem():
   calib = jax.random.normal(jax.random.PRNGKey(0), (64, HW, HW, 3), jnp.float32)
   # The naive settings and shapes of tests/test_ptq.py: a session running both files
   # compiles the initialisation once.
-  cfg = config.for_method("naive", iters_w=30, iters_a=10, exp_warm_iters=10, batch_size=8,
+  cfg = config.for_method("naive", weight_iters=30, act_iters=10, exp_warm_iters=10, batch_size=8,
                           search_samples=32)
   specs = ptq.unit_specs(net, cfg)
   states = ptq._init_all(net, specs, calib, cfg)

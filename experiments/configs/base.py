@@ -10,8 +10,9 @@ from ml_collections import config_dict
 
 from rapq_jax.config import PTQConfig
 
-# PTQConfig fields set from the top-level fields below, not from config.ptq.
-_TOP_LEVEL = ("wbits", "abits", "first_last_bits", "iters_w", "iters_a", "batch_size", "seed")
+# PTQConfig fields set from the top-level fields of the same names, not from config.ptq.
+TOP_LEVEL = ("wbits", "abits", "first_last_bits", "weight_iters", "act_iters", "batch_size",
+             "seed")
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -53,5 +54,5 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --config.ptq.search=after wins over the method's preset (experiments.methods).
   config.ptq = ml_collections.ConfigDict(
       {f.name: config_dict.placeholder(type(f.default)) for f in dataclasses.fields(PTQConfig)
-       if f.name not in _TOP_LEVEL})
+       if f.name not in TOP_LEVEL})
   return config
