@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from experiments import report
 from rapq_jax import config as ptq_config_lib
-from rapq_jax import fold, parallel, ptq, reconstruct
+from rapq_jax import fold, integrity, parallel, ptq, reconstruct
 from rapq_jax.network import unit_apply
 from rapq_jax.models import get_model
 
@@ -129,7 +129,7 @@ def main(argv):
   if _PIPELINE.value:
     record["pipeline"] = bench_pipeline(_PIPELINE.value)
   out = pathlib.Path(_OUT.value or f"results/bench_{_MODEL.value}.json")
-  report.atomic_write(out, json.dumps(record, indent=1))
+  integrity.atomic_write(out, json.dumps(record, indent=1))
   print(f"wrote {out}")
 
 

@@ -30,8 +30,8 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import pipeline, report
-from rapq_jax import export, integer, quantized
+from experiments import pipeline
+from rapq_jax import export, integer, integrity, quantized
 
 FORMATS = ("npz", "onnx")
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
   if args.check:
     figures = check_onnx(args.run_dir, paths, test_size=args.test_size)
     out = paths[0].parent / "onnx_check.json"
-    report.atomic_write(out, json.dumps(figures, indent=1))
+    integrity.atomic_write(out, json.dumps(figures, indent=1))
     for name, f in figures.items():
       print(f"{name}: simulation top-1 {f['top1_simulation']:.2f} % on {f['n']} images; " + "; ".join(
           f"onnxruntime {k.replace('_', ' ')}: top-1 {f[k]['top1']:.2f} %, agreement "

@@ -17,7 +17,7 @@ import pathlib
 from absl import app
 from absl import flags
 
-from experiments import report
+from rapq_jax import integrity
 
 _NOTE = flags.DEFINE_string("note", None, "Text shown with the merged table.")
 _DEVICE_KIND = flags.DEFINE_string("device_kind", None,
@@ -76,7 +76,7 @@ def main(argv):
     merged = merge(inputs, note=_NOTE.value, device_kind=_DEVICE_KIND.value)
   except ValueError as err:
     raise app.UsageError(str(err)) from None
-  report.atomic_write(out, json.dumps(merged, indent=1))
+  integrity.atomic_write(out, json.dumps(merged, indent=1))
   print(f"wrote {out}: {len(merged.get('results', merged.get('units')))} rows")
 
 

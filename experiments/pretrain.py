@@ -7,26 +7,24 @@ r"""Trains a small FP32 classifier with BatchNorm on Fashion-MNIST and writes it
 path; any field can be overridden as `--config.<field>=<value>`. Writes, each
 atomically, `<output_dir>/<model>.npz`: a PyTorch-layout state dict that
 `rapq_jax.convert.load_pretrained` reads, and `<model>.json`: the per-epoch log, the
-test top-1 of the written checkpoint, seed, config, versions and wall time. The same
-seed on the same machine gives the same weights.
+test top-1 of the written checkpoint, seed, config, wall time and the environment
+(`report.environment`: versions, machine, commit). The same seed on the same machine
+gives the same weights.
 """
 import functools
 import hashlib
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 from typing import Any
 
 from absl import app
 from absl import flags
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import jaxlib
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -35,6 +33,7 @@ import tqdm
 
 from experiments import configs
 from experiments import data as data_lib
+from experiments import report
 from rapq_jax import convert
 from rapq_jax import integrity
 from rapq_jax import evaluate as evaluate_lib
@@ -97,19 +96,14 @@ def test_accuracy(model, variables: dict, images: np.ndarray, labels: np.ndarray
       preprocess=functools.partial(data_lib.normalize, mean=config.mean, std=config.std))
 
 
-def _versions() -> dict:
-  return dict(python=platform.python_version(), jax=jax.__version__,
-              jaxlib=jaxlib.__version__, flax=flax.__version__, optax=optax.__version__,
-              numpy=np.__version__)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, output_dir: str | os.PathLike) -> dict:
   """Trains `config.model` and writes `<output_dir>/<model>.npz` and `.json`.
 
   Returns:
     The JSON record: log [{epoch, loss, train_top1, test_top1, seconds}], test_top1 and
     test_top5 of the written checkpoint (read back through `convert.load_pretrained`),
-    params, seed, config, versions, wall_seconds, checkpoint sha256 and bytes.
+    params, seed, config, wall_seconds, checkpoint sha256 and bytes, and
+    ``report.environment()`` (versions, machine, git).
   """
   start = time.perf_counter()
   root = config.data_dir or data_lib.FASHION_MNIST_DIR
@@ -155,12 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, output_dir: str | os.P
       checkpoint_bytes=checkpoint.stat().st_size,
       params=sum(int(np.size(p)) for p in jax.tree.leaves(state.params)),
       test_top1=final["top1"], test_top5=final["top5"], test_images=final["n"],
-      seed=config.seed, log=log, config=json.loads(config.to_json()), versions=_versions(),
-      machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                   device=jax.devices()[0].device_kind),
-      wall_seconds=time.perf_counter() - start)
-  text = json.dumps(record, indent=2) + "\n"
-  integrity.atomic_write(output_dir / f"{config.model}.json", lambda f: f.write(text.encode()))
+      seed=config.seed, log=log, config=json.loads(config.to_json()),
+      wall_seconds=time.perf_counter() - start, **report.environment())
+  integrity.atomic_write(output_dir / f"{config.model}.json", json.dumps(record, indent=2) + "\n")
   return record
 
 

@@ -1,4 +1,5 @@
-"""Run outputs: the results table, plots, environment facts and atomic file writes."""
+"""Run outputs: checked result records, the results table, plots and the environment
+record (versions, machine, commit) of every experiment output."""
 import json
 import os
 import pathlib
@@ -15,17 +16,11 @@ import numpy as np  # noqa: E402
 from rapq_jax import integrity  # noqa: E402
 
 
-def atomic_write(path: pathlib.Path, data: str | bytes) -> None:
-  """Writes ``data`` to ``path`` through a temporary file and a rename, so a reader
-  never sees a half-written file; the mode follows the umask (``integrity.atomic_write``)."""
-  integrity.atomic_write(path, data)
-
-
 def write_record(path: pathlib.Path, record: dict) -> dict:
   """Writes ``record`` as JSON with the sha256 of its canonical form (key ``sha256``),
   atomically; returns the record as ``read_record`` will return it."""
   record = json.loads(json.dumps(record, default=float))
-  atomic_write(path, json.dumps({**record, "sha256": integrity.json_digest(record)}, indent=1))
+  integrity.atomic_write(path, json.dumps({**record, "sha256": integrity.json_digest(record)}, indent=1))
   return record
 
 
@@ -45,6 +40,7 @@ def read_record(path: pathlib.Path) -> dict:
 def environment() -> dict:
   """Versions, machine and git commit: what is needed to rerun a result."""
   import flax
+  import jaxlib
   import optax
 
   repo = pathlib.Path(__file__).resolve().parents[1]
@@ -57,7 +53,8 @@ def environment() -> dict:
     commit, dirty = None, None
   return dict(
       versions=dict(python=platform.python_version(), jax=jax.__version__,
-                    flax=flax.__version__, optax=optax.__version__, numpy=np.__version__),
+                    jaxlib=jaxlib.__version__, flax=flax.__version__, optax=optax.__version__,
+                    numpy=np.__version__),
       machine=dict(platform=platform.platform(), processor=platform.machine(),
                    cpu_count=os.cpu_count(), devices=[str(d) for d in jax.devices()],
                    device_kind=jax.devices()[0].device_kind,

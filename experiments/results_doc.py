@@ -17,6 +17,7 @@ from absl import flags
 
 from experiments import report
 from rapq_jax import config as ptq_config_lib
+from rapq_jax import integrity
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CHECK = flags.DEFINE_bool("check", False, "Only check that docs/RESULTS.md is up to date.")
@@ -158,7 +159,7 @@ def main(argv):
       sys.exit(f"{out} is out of date: run python -m experiments.results_doc")
     print(f"{out} is up to date")
     return
-  report.atomic_write(out, text)
+  integrity.atomic_write(out, text)
   print(f"wrote {out}")
 
 

@@ -165,12 +165,12 @@ def _write_outputs(workdir: pathlib.Path, config, results: list[dict], env: dict
   """results.json (every figure, config, environment), results.md and the plots.
   results.json is written last and atomically: its presence means the run finished."""
   table = report.results_table(results)
-  report.atomic_write(workdir / "results.md", table)
+  integrity.atomic_write(workdir / "results.md", table)
   report.plot_top1(results, workdir / "top1.png")
   report.plot_exponents(results, workdir / "weight_exponents.png")
   report.plot_losses(results, workdir / "reconstruction_loss.png")
   record = dict(config=json.loads(config.to_json_best_effort()), results=results, **env)
-  report.atomic_write(workdir / "results.json", json.dumps(record, indent=1, default=float))
+  integrity.atomic_write(workdir / "results.json", json.dumps(record, indent=1, default=float))
   print("\n" + table + f"\nwrote {workdir}/results.json, results.md and plots", flush=True)
 
 
@@ -189,7 +189,7 @@ def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> No
                              json.loads(config.to_json_best_effort()), f"run directory {workdir}",
                              f"the config in {path} (to resume that run) or a new --workdir")
   else:
-    report.atomic_write(path, config.to_json_best_effort(indent=2))
+    integrity.atomic_write(path, config.to_json_best_effort(indent=2))
 
 
 def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int | None,

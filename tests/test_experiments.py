@@ -110,19 +110,6 @@ def test_pot_column_says_whether_every_scale_is_a_power_of_two(model, expected):
   assert f"| m | W4A4 | 50.00 |  | {expected} |" in report.results_table([row])
 
 
-def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
-  target = tmp_path / "results.json"
-  report.atomic_write(target, "old")
-
-  class Boom:  # not str/bytes-writable: the write raises mid-way
-    pass
-
-  with pytest.raises(TypeError):
-    report.atomic_write(target, Boom())
-  assert target.read_text() == "old"
-  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
-
-
 def _record(top1_rapq):
   res = [dict(method="fp", wbits=None, abits=None, top1=81.0, top5=99.0, n=100),
          dict(method="rapq", wbits=4, abits=4, top1=top1_rapq, top5=98.0, n=100,

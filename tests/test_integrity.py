@@ -212,6 +212,19 @@ def test_atomic_write_follows_the_umask(tmp_path, mask, mode):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]
 
 
+def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
+  target = tmp_path / "results.json"
+  integrity.atomic_write(target, "old")
+
+  class Boom:  # not str/bytes-writable: the write raises mid-way
+    pass
+
+  with pytest.raises(TypeError):
+    integrity.atomic_write(target, Boom())
+  assert target.read_text() == "old"
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
 def _hold_lock(directory) -> subprocess.Popen:
   """Another process holding ``directory``'s lock until killed (numpy only, no JAX)."""
   code = ("import sys, time; from rapq_jax import integrity; "
