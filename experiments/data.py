@@ -221,11 +221,6 @@ def resize_center_crop(image, *, resize: int = 256, crop: int = 224) -> np.ndarr
   return out[top:top + crop, left:left + crop]
 
 
-def imagenet_eval_preprocess(image) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [224, 224, 3]: resize 256, center-crop 224, normalize."""
-  return normalize(resize_center_crop(image), IMAGENET_MEAN, IMAGENET_STD)
-
-
 def train_batches(images, labels, batch_size: int, rng: np.random.Generator, *, mean,
                   std) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One epoch of normalized batches in an order drawn from `rng`; the last partial batch is dropped.

@@ -89,9 +89,10 @@ def power_of_two(model: quantized.QuantizedModel | None) -> bool:
   return True
 
 
-def model_dir_name(method: str, cfg: ptq_config_lib.PTQConfig) -> str:
-  """Directory name of a saved model: ``'<method>_w<W>a<A>'``."""
-  return f"{method}_w{cfg.wbits}a{cfg.abits}"
+def run_name(method: str, wbits: int | None, abits: int | None) -> str:
+  """``'fp'`` (no bit widths) or ``'<method>_w<W>a<A>'``: the name of one run of a run
+  directory, of its result file, its saved model and its unit store."""
+  return method if wbits is None else f"{method}_w{wbits}a{abits}"
 
 
 def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: str, *,
@@ -99,21 +100,21 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
                store_dir: str | pathlib.Path | None = None) -> dict:
   """Quantizes and evaluates; returns a JSON-serialisable record of the run. With
   ``save_dir``, a power-of-two model is saved (orbax, atomically) to
-  ``save_dir/<model_dir_name>`` with its input shape and preprocessing. With
-  ``store_dir``, finished units are kept in ``store_dir/<model_dir_name>`` and loaded
+  ``save_dir/<run_name>`` with its input shape and preprocessing. With
+  ``store_dir``, finished units are kept in ``store_dir/<run_name>`` and loaded
   from there by a later call (``rapq_jax.resume.Store``)."""
   cfg = ptq_config(config, method)
   start = time.perf_counter()
   model, variables = pipeline.load_model(config)
   net = fold.build_network(variables, model=model)
   calib = data.preprocess(data.calib_images)
-  store = None if store_dir is None else resume.Store(
-      pathlib.Path(store_dir) / model_dir_name(method, cfg))
+  name = run_name(method, cfg.wbits, cfg.abits)
+  store = None if store_dir is None else resume.Store(pathlib.Path(store_dir) / name)
   result = ptq.quantize_network(net, calib, cfg, progress=progress, store=store,
                                 metadata=dict(method=method, ptq=cfg.__dict__))
   quant_seconds = time.perf_counter() - start
   if save_dir is not None and result.model is not None:
-    export.save_model(result.model, pathlib.Path(save_dir) / model_dir_name(method, cfg),
+    export.save_model(result.model, pathlib.Path(save_dir) / name,
                       extra=dict(input_shape=list(calib.shape[1:]),
                                  preprocess=dict(scale=1 / 255, mean=config.dataset.mean,
                                                  std=config.dataset.std)))

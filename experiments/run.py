@@ -174,11 +174,6 @@ def _write_outputs(workdir: pathlib.Path, config, results: list[dict], env: dict
   print("\n" + table + f"\nwrote {workdir}/results.json, results.md and plots", flush=True)
 
 
-def run_name(method: str, wbits: int | None, abits: int | None) -> str:
-  """``'fp'`` or ``'<method>_w<W>a<A>'``: the name of one run in the run directory."""
-  return method if wbits is None else f"{method}_w{wbits}a{abits}"
-
-
 def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Binds ``workdir`` to ``config``: the first start writes config.json; a later start
   (a resume) must bring the same config, else ``resume.ConfigMismatchError`` names the
@@ -198,7 +193,7 @@ def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int |
   finished before (and its checksum matches), else computed (quantized units kept in
   ``workdir/units/`` as they finish, so a killed run resumes after the last one) and
   saved there atomically with its checksum."""
-  path = workdir / "results" / f"{run_name(method, wbits, abits)}.json"
+  path = workdir / "results" / f"{methods.run_name(method, wbits, abits)}.json"
   if path.exists():
     try:
       record = report.read_record(path)

@@ -390,19 +390,13 @@ def _candidates(g: _Group, first: bool, last: bool) -> list[tuple[Unit, list[_Ca
   return out
 
 
-def _get(tree, path):
-  for part in path:
-    tree = tree[part]
-  return tree
-
-
 def _fold_group(variables, g: _Group, layers: list[_Call], roles: Sequence[str]):
   """Folded ``{role: {'kernel', 'bias'}}`` and BN targets of a group's weight layers."""
   params, stats = variables["params"], variables.get("batch_stats", {})
   bns = {id(c.x): c for c in g.layers if c.kind == "bn"}
   folded, targets = {}, {}
   for c, role in zip(layers, roles):
-    p = _get(params, c.path)
+    p = fold.subtree(params, c.path)
     bias = p.get("bias")
     bn = bns.pop(id(c.out), None)
     if bn is None:
@@ -413,10 +407,10 @@ def _fold_group(variables, g: _Group, layers: list[_Call], roles: Sequence[str])
     if m.axis not in (-1, c.out.ndim - 1):
       raise UnsupportedModelError(f"BatchNorm {bn.name!r} normalizes axis {m.axis}; only "
                                   "the channel (last) axis is supported")
-    bp = _get(params, bn.path)
+    bp = fold.subtree(params, bn.path)
     ones = jnp.ones(p["kernel"].shape[-1])
     bn_params = {"scale": bp.get("scale", ones), "bias": bp.get("bias", 0 * ones)}
-    k, b, t = fold.fold_bn(p["kernel"], bias, bn_params, _get(stats, bn.path), m.epsilon)
+    k, b, t = fold.fold_bn(p["kernel"], bias, bn_params, fold.subtree(stats, bn.path), m.epsilon)
     folded[role], targets[role] = {"kernel": k, "bias": b}, t
   if bns:
     bn = next(iter(bns.values()))

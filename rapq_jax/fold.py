@@ -99,7 +99,7 @@ def _mobilenet_units(params, block_strides) -> list[Unit]:
     layers = [Layer(l.role, l.path, l.stride, groups=dw_channels if l.role == "dw" else 1)
               for l in layers]
     cin = p["conv_0_0"]["kernel"].shape[2] if expand else dw_channels
-    cout = _get(params, layers[-1].path)["kernel"].shape[3]
+    cout = subtree(params, layers[-1].path)["kernel"].shape[3]
     residual = stride == 1 and cin == cout
     units.append(Unit(name, "inverted", tuple(layers),
                       unit_acts("inverted", [l.role for l in layers]),
@@ -127,8 +127,9 @@ def _bn_path(path: str) -> str:
   return f"{parent}/{bn}" if parent else bn
 
 
-def _get(tree, path: str):
-  for part in path.split("/"):
+def subtree(tree, path):
+  """``tree[k0][k1]...`` along ``path``: a sequence of keys or a '/'-separated string."""
+  for part in path.split("/") if isinstance(path, str) else path:
     tree = tree[part]
   return tree
 
@@ -158,13 +159,13 @@ def build_network(variables, *, model=None, eps: float = BN_EPS) -> Network:
   for unit in units:
     folded[unit.name], targets[unit.name] = {}, {}
     for layer in unit.layers:
-      p = _get(params, layer.path)
+      p = subtree(params, layer.path)
       if layer.dense:
         folded[unit.name][layer.role] = {"kernel": jnp.asarray(p["kernel"]),
                                          "bias": jnp.asarray(p["bias"])}
         continue
       bn = _bn_path(layer.path)
-      k, b, t = fold_bn(p["kernel"], p.get("bias"), _get(params, bn), _get(stats, bn), eps)
+      k, b, t = fold_bn(p["kernel"], p.get("bias"), subtree(params, bn), subtree(stats, bn), eps)
       folded[unit.name][layer.role] = {"kernel": k, "bias": b}
       targets[unit.name][layer.role] = t
   to_f32 = lambda a: jnp.asarray(np.asarray(a), jnp.float32)

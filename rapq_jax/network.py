@@ -95,9 +95,6 @@ class Network:
   params: dict
   bn: dict
 
-  def unit_names(self) -> list[str]:
-    return [u.name for u in self.units]
-
 
 def _act(kind: str, x):
   return jax.nn.relu6(x) if kind == "relu6" else jax.nn.relu(x)

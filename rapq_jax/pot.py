@@ -198,15 +198,3 @@ def lp_scale_search(x: chex.Array, bits: int, *, signed: bool, per_channel: bool
   pick = lambda a: jnp.take_along_axis(a, best[None], axis=0)[0]
   return LpScale(pick(scales), pick(los), pick(his))
 
-
-def pot_init(x: chex.Array, bits: int, *, signed: bool, per_channel: bool,
-             p: float = 2.4) -> tuple[chex.Array, chex.Array]:
-  """Nearest power-of-two exponent of the Lp scale and its integer zero point.
-
-  Returns:
-    (e, zero_point), int32, per channel or scalar; ``zero_point`` is 0 when signed.
-  """
-  lp = lp_scale_search(x, bits, signed=signed, per_channel=per_channel, p=p)
-  e, _, _ = log2_exponents(lp.scale)
-  zp = jnp.zeros_like(e) if signed else zero_point_for(lp.lo, e, bits)
-  return e, zp

@@ -79,13 +79,6 @@ def from_states(net: Network, states: dict, specs: dict, metadata: dict) -> Quan
                         weights, acts)
 
 
-def dequantized_params(qm: QuantizedModel) -> dict:
-  """Float kernels ``(q - zp) * 2**e`` and biases, shaped like ``Network.params``."""
-  return {u: {r: {"kernel": pot.dequantize(w["q"].astype(jnp.int32), w["e"], w["zp"]),
-                  "bias": w["bias"]} for r, w in layers.items()}
-          for u, layers in qm.weights.items()}
-
-
 def layer_inputs(unit: Unit) -> dict:
   """``{role: point}``: the activation point feeding each layer, ``None`` for the unit
   input (the previous unit's ``'out'``, or the first unit's ``'input'`` point)."""

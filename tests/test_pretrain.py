@@ -60,7 +60,7 @@ def test_fmnist_models_are_small_28x28x1_classifiers(name, params):
 def test_fold_matches_the_model(name, units):
   model, variables = get_model(name), random_variables(name)
   net = build_network(variables, model=model)
-  assert net.unit_names() == units
+  assert [u.name for u in net.units] == units
   x = images_of(name)
   np.testing.assert_allclose(network_apply(net, x), model.apply(variables, x, train=False),
                              rtol=1e-4, atol=1e-4)

@@ -27,6 +27,13 @@ SMALL = dict(weight_iters=30, act_iters=10, exp_warm_iters=10, batch_size=8, sea
 POT_METHODS = ("naive", "brecq_pot", "rapq")
 
 
+def dequantized_params(model: quantized.QuantizedModel) -> dict:
+  """Float kernels ``(q - zp) * 2**e`` and biases, shaped like ``Network.params``."""
+  return {u: {r: {"kernel": pot.dequantize(w["q"].astype(jnp.int32), w["e"], w["zp"]),
+                  "bias": w["bias"]} for r, w in layers.items()}
+          for u, layers in model.weights.items()}
+
+
 @pytest.fixture(scope="module")
 def tiny():
   model = CifarResNet(num_blocks=1)
@@ -75,10 +82,10 @@ def test_every_method_runs(tiny, run, method):
   chex.assert_shape(logits, (x.shape[0], 10))
   chex.assert_type(logits, jnp.float32)
   chex.assert_tree_all_finite(logits)
-  assert set(result.states) == set(result.specs) == set(net.unit_names())
+  assert set(result.states) == set(result.specs) == set([u.name for u in net.units])
   cfg = config.for_method(method, **SMALL)
   if cfg.reconstruct:
-    assert list(result.report["units"]) == net.unit_names()
+    assert list(result.report["units"]) == [u.name for u in net.units]
     for name, info in result.report["units"].items():
       assert info["history"]["weights"][-1][0] == cfg.weight_iters   # the last iteration
       assert all(np.isfinite(v) for _, v in info["history"]["weights"])
@@ -131,7 +138,7 @@ def test_pot_model_integers_and_exponents(tiny, run, method):
       chex.assert_shape(e, ())
       chex.assert_type(e, jnp.int32)
   # Dequantized kernels are exact integer multiples of powers of two.
-  for unit, layers in quantized.dequantized_params(model).items():
+  for unit, layers in dequantized_params(model).items():
     for role, p in layers.items():
       w = model.weights[unit][role]
       scaled = np.asarray(p["kernel"]) / np.ldexp(1.0, np.asarray(w["e"]))
@@ -155,7 +162,7 @@ def fake_quant_logits(model, x):
   """Float fake-quant inference of a QuantizedModel: kernels ``(q - zp) * 2**e`` with
   their biases, activations ``pot.fake_quant`` at their exponents."""
   table = model.bit_table()
-  net = Network(model.units, quantized.dequantized_params(model), {})
+  net = Network(model.units, dequantized_params(model), {})
 
   def aq_for(u):
     def aq(point, h):
@@ -239,7 +246,7 @@ def test_unit_specs_bit_widths(tiny):
   net, _, _ = tiny
   cfg = config.for_method("rapq", wbits=3, abits=5, first_last_bits=8)
   specs = ptq.unit_specs(net, cfg)
-  assert list(specs) == net.unit_names()
+  assert list(specs) == [u.name for u in net.units]
   w_bits = {u: {r: s.bits for r, s in specs[u][0].items()} for u in specs}
   assert w_bits["conv1"] == {"conv": 8} and w_bits["linear"] == {"fc": 8}
   assert w_bits["layer2_0"] == {"conv1": 3, "conv2": 3}

@@ -98,7 +98,7 @@ def test_resumed_after_crash_equals_uninterrupted_run(tiny, reference, tmp_path,
     _counting(m, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
       ptq.quantize_network(net, calib, CFG, progress=False, store=store)
-  names = net.unit_names()
+  names = [u.name for u in net.units]
   # A write of the third unit killed half-way leaves orbax's temporary directory.
   junk = tmp_path / f"unit_{names[2]}.orbax-checkpoint-tmp"
   junk.mkdir()
@@ -129,7 +129,7 @@ def test_damaged_unit_is_computed_again_never_used(tiny, reference, tmp_path, mo
   net, calib = tiny
   store = resume.Store(tmp_path)
   ptq.quantize_network(net, calib, CFG, progress=False, store=store)
-  name = net.unit_names()[1]
+  name = [u.name for u in net.units][1]
   data = damage.largest_file(tmp_path / f"unit_{name}" / "arrays" / "d")
   damage.flip(data, data.stat().st_size // 2)
   with pytest.raises(integrity.IntegrityError, match=rf"unit_{name}: (checksum mismatch|cannot)"):
