@@ -44,7 +44,7 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   """Compile seconds and seconds per iteration of the weight and activation steps."""
   wspecs, aspecs = specs
   xs = jax.random.normal(key, (_CACHE.value,) + tuple(shape[1:]), jnp.float32)
-  init, _, fp = ptq._fns(unit, {unit.name: specs}, cfg)
+  init, _, fp = ptq.unit_fns(unit, {unit.name: specs}, cfg)
   ys = fp(params, xs)
   wstates, astates = init(params, xs)
   n = xs.shape[0]  # real rows; placing pads them to a multiple of the device count
@@ -53,8 +53,8 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   shape_unit = reconstruct.structural(unit)
   ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
   learn_v = any("v" in s for s in wstates.values())
-  train, frozen = reconstruct._split(wstates, ("alpha", "v") if learn_v else ("alpha",))
-  opt, step = reconstruct._weight_step(shape_unit, ws_t, as_t, cfg, 2.0, learn_v, n)
+  train, frozen = reconstruct.split_states(wstates, ("alpha", "v") if learn_v else ("alpha",))
+  opt, step = reconstruct.weight_step(shape_unit, ws_t, as_t, cfg, 2.0, learn_v, n)
   state = parallel.replicate(opt.init(train))
   t0 = time.perf_counter()
   train, state, loss = step(train, state, frozen, astates, params, bn, xs, ys, key, 0)
@@ -68,7 +68,7 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   act_s = 0.0
   if aspecs:
     hard = {r: {k: v for k, v in s.items() if k != "v"} for r, s in wstates.items()}
-    opt, astep = reconstruct._act_step(shape_unit, ws_t, as_t, cfg, 2.0, n)
+    opt, astep = reconstruct.act_step(shape_unit, ws_t, as_t, cfg, 2.0, n)
     state = parallel.replicate(opt.init(astates))
     t0 = time.perf_counter()
     astates, state, loss = astep(astates, state, hard, params, xs, ys, key, 0)

@@ -96,7 +96,8 @@ class Network:
   bn: dict
 
 
-def _act(kind: str, x):
+def activation(kind: str, x):
+  """A unit's activation: ``'relu6'`` or ReLU."""
   return jax.nn.relu6(x) if kind == "relu6" else jax.nn.relu(x)
 
 
@@ -111,13 +112,16 @@ def layer_apply(layer: Layer, kernel, bias, x):
   return y + bias
 
 
-def _option_a(x, out_channels: int):
+def option_a(x, out_channels: int):
+  """The CIFAR ResNets' parameter-free shortcut: stride-2 subsampling, channels
+  zero-padded equally on both sides to ``out_channels``."""
   x = x[:, ::2, ::2, :]
   pad = (out_channels - x.shape[-1]) // 2
   return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, out_channels - x.shape[-1] - pad)))
 
 
-def _maxpool(x):
+def maxpool(x):
+  """3x3 max pooling, stride 2, padding 1 (torchvision ResNet's stem)."""
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                ((0, 0), (1, 1), (1, 1), (0, 0)))
 
@@ -145,7 +149,7 @@ def unit_apply(unit: Unit, params: dict, x, wq: WeightHook = identity_hook,
     pre[role] = y
     return y
 
-  act = lambda h: _act(unit.activation, h)
+  act = lambda h: activation(unit.activation, h)
   if unit.kind == "head":
     return lin("fc", jnp.mean(x, axis=(1, 2))), pre
   if unit.kind == "conv":
@@ -153,7 +157,7 @@ def unit_apply(unit: Unit, params: dict, x, wq: WeightHook = identity_hook,
       x = aq("input", x)
     y = act(lin("conv", x))
     if unit.maxpool:
-      y = _maxpool(y)
+      y = maxpool(y)
     return aq("out", y), pre
   if unit.kind in ("basic", "bottleneck"):
     y = aq("relu1", act(lin("conv1", x)))
@@ -164,7 +168,7 @@ def unit_apply(unit: Unit, params: dict, x, wq: WeightHook = identity_hook,
     if unit.shortcut == "conv":
       short = lin("shortcut", x)
     elif unit.shortcut == "option_a":
-      short = _option_a(x, y.shape[-1])
+      short = option_a(x, y.shape[-1])
     else:
       short = x
     return aq("out", act(y + short)), pre

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from rapq_jax import integrity, objective, parallel, quantized, quantizers, resume, rounding, search
 from rapq_jax.config import PTQConfig, current_names
 from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
-from rapq_jax.reconstruct import hooks, reconstruct_unit, structural
+from rapq_jax.quantizers import hooks
+from rapq_jax.reconstruct import reconstruct_unit, structural
 
 INIT_SAMPLES = 256
 _apply_quantized = jax.jit(quantized.apply)
@@ -108,7 +109,8 @@ def _unit_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
   return init, hard, fp
 
 
-def _fns(unit, specs, cfg):
+def unit_fns(unit: Unit, specs: dict, cfg: PTQConfig):
+  """``(init, hard, fp)`` of ``_unit_fns`` for ``unit`` with its ``specs[unit.name]``."""
   wspecs, aspecs = specs[unit.name]
   return _unit_fns(structural(unit), tuple(sorted(wspecs.items())),
                    tuple(sorted(aspecs.items())), cfg)
@@ -118,7 +120,7 @@ def _init_all(net, specs, x, cfg):
   """Initial states of every unit along the round-to-nearest quantized flow."""
   states = {}
   for unit in net.units:
-    init, hard, _ = _fns(unit, specs, cfg)
+    init, hard, _ = unit_fns(unit, specs, cfg)
     w, a = init(net.params[unit.name], x)
     states[unit.name] = {"w": w, "a": a}
     x = hard(net.params[unit.name], states[unit.name], x)
@@ -198,7 +200,7 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
   """Reconstructs one unit from its weight states and fresh activation states on the
   quantized inputs ``q_x``; returns its states and report entry (seconds, p, history)."""
   params, (wspecs, aspecs) = net.params[unit.name], specs[unit.name]
-  init, _, _ = _fns(unit, specs, cfg)
+  init, _, _ = unit_fns(unit, specs, cfg)
   _, astates = init(params, q_x[:INIT_SAMPLES])
   astates = {n: {"t": a["t"] + act_offsets.get((unit.name, n), 0)} for n, a in astates.items()}
   p = unit_lp(net, unit.name, cfg)
@@ -289,7 +291,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     fp_x, q_x = calib, calib
     for i, unit in enumerate(net.units):
       params = net.params[unit.name]
-      _, hard, fp = _fns(unit, specs, cfg)
+      _, hard, fp = unit_fns(unit, specs, cfg)
       fp_y = _batched(functools.partial(fp, params), fp_x)
       loaded = _load(store, f"unit_{unit.name}")
       if loaded is None:

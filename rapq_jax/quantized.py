@@ -37,7 +37,7 @@ import numpy as np
 
 from rapq_jax import pot, quantizers
 # The same wiring helpers as network.unit_apply (ReLU/ReLU6, max-pool, option-A shortcut).
-from rapq_jax.network import Network, Unit, _act, _maxpool, _option_a, layer_apply  # pylint: disable=protected-access
+from rapq_jax.network import Network, Unit, activation, layer_apply, maxpool, option_a
 
 ADD_GUARD_BITS = 8
 
@@ -172,7 +172,7 @@ def _unit_sim(unit: Unit, params: dict, acc_e: dict, acts: dict, aq, x, e_x):
   def lin(role, h):
     return layer_apply(unit.layer(role), params[role]["kernel"], params[role]["bias"], h)
 
-  act = lambda h: _act(unit.activation, h)
+  act = lambda h: activation(unit.activation, h)
 
   def residual(main_role, y, short, e_short):
     e = residual_exponents(acc_e[main_role], e_short, acts["out"])
@@ -184,7 +184,7 @@ def _unit_sim(unit: Unit, params: dict, acc_e: dict, acts: dict, aq, x, e_x):
     if "input" in acts:
       x = aq("input", x)
     y = act(lin("conv", x))
-    return aq("out", _maxpool(y) if unit.maxpool else y)
+    return aq("out", maxpool(y) if unit.maxpool else y)
   if unit.kind in ("basic", "bottleneck"):
     h = aq("relu1", act(lin("conv1", x)))
     main = "conv2" if unit.kind == "basic" else "conv3"
@@ -194,7 +194,7 @@ def _unit_sim(unit: Unit, params: dict, acc_e: dict, acts: dict, aq, x, e_x):
     if unit.shortcut == "conv":
       short, e_short = lin("shortcut", x), acc_e["shortcut"]
     else:
-      short, e_short = (_option_a(x, y.shape[-1]) if unit.shortcut == "option_a" else x), e_x
+      short, e_short = (option_a(x, y.shape[-1]) if unit.shortcut == "option_a" else x), e_x
     return aq("out", act(residual(main, y, short, e_short)))
   if unit.kind == "inverted":
     h = aq("relu1", act(lin("expand", x))) if unit.has("expand") else x

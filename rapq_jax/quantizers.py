@@ -192,6 +192,19 @@ def act_fake_quant(x: chex.Array, state: dict, spec: ActSpec) -> chex.Array:
   return pot.fake_quant_scaled(x, act_scale(state, spec), spec.bits, signed=spec.signed)
 
 
+def hooks(wstates, astates, wspecs, aspecs, *, soft: bool, acts_on: bool):
+  """``(wq, aq)``: the weight and activation hooks of ``network.unit_apply`` from the
+  quantizer states and specs of one unit (``soft``: AdaRound's soft rounding;
+  ``acts_on=False``: activations pass unquantized)."""
+  def wq(role, kernel):
+    return weight_fake_quant(kernel, wstates[role], wspecs[role], soft=soft)
+
+  def aq(name, x):
+    return act_fake_quant(x, astates[name], aspecs[name]) if acts_on else x
+
+  return wq, aq
+
+
 def act_exponent(state: dict, spec: ActSpec) -> chex.Array:
   """The integer exponent (int32 scalar) of a PoT activation quantizer."""
   if not spec.pot:

@@ -49,24 +49,14 @@ class UnitResult(NamedTuple):
   act_moves: dict
 
 
-def hooks(wstates, astates, wspecs, aspecs, *, soft: bool, acts_on: bool):
-  """Weight and activation hooks for ``unit_apply`` from quantizer states."""
-  def wq(role, kernel):
-    return quantizers.weight_fake_quant(kernel, wstates[role], wspecs[role], soft=soft)
-
-  def aq(name, x):
-    return quantizers.act_fake_quant(x, astates[name], aspecs[name]) if acts_on else x
-
-  return wq, aq
-
-
 def structural(unit: Unit) -> Unit:
   """The unit without names, so equally shaped units share compiled steps."""
   return dataclasses.replace(
       unit, name="", layers=tuple(dataclasses.replace(l, path="") for l in unit.layers))
 
 
-def _split(wstates, keys):
+def split_states(wstates, keys):
+  """``(train, frozen)``: the entries ``keys`` of each layer's weight state, and the rest."""
   train = {r: {k: v for k, v in s.items() if k in keys} for r, s in wstates.items()}
   frozen = {r: {k: v for k, v in s.items() if k not in keys} for r, s in wstates.items()}
   return train, frozen
@@ -91,8 +81,12 @@ def place(xs, ys, tree):
 
 
 @functools.lru_cache(maxsize=None)
-def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
-                 learn_v: bool, n: int):
+def weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
+                learn_v: bool, n: int):
+  """``(optimizer, step)`` of the weight stage of a ``structural`` unit (specs as sorted
+  item tuples, ``n`` real cache rows): ``step(train, opt_state, frozen, astates, params,
+  bn_targets, xs, ys, key, it) -> (train, opt_state, reconstruction loss)`` over
+  ``split_states`` of the weight states (``alpha``, and ``v`` when ``learn_v``)."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
   # alpha and the exponent logits v learn at their own rates.
   opt = optax.multi_transform({"alpha": optax.adam(cfg.lr_w), "v": optax.adam(cfg.lr_exp)},
@@ -106,7 +100,7 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
 
   def loss_fn(train, frozen, astates, params, targets, x, y_t, it, key):
     ws = _merge(train, frozen)
-    wq, aq_all = hooks(ws, astates, wspecs, aspecs, soft=True, acts_on=True)
+    wq, aq_all = quantizers.hooks(ws, astates, wspecs, aspecs, soft=True, acts_on=True)
 
     def aq(name, h):
       if prob == 0.0:
@@ -141,12 +135,15 @@ def _weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
 
 
 @functools.lru_cache(maxsize=None)
-def _act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float, n: int):
+def act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float, n: int):
+  """``(optimizer, step)`` of the activation stage, as ``weight_step``:
+  ``step(astates, opt_state, wstates, params, xs, ys, key, it) -> (astates, opt_state,
+  loss)`` with hard weights."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
   opt = optax.adam(optax.cosine_decay_schedule(cfg.lr_a, max(cfg.act_iters, 1)))
 
   def loss_fn(astates, wstates, params, x, y_t):
-    wq, aq = hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
+    wq, aq = quantizers.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
     return objective.lp_loss(unit_apply(unit, params, x, wq, aq)[0], y_t, p)
 
   @jax.jit
@@ -170,7 +167,7 @@ def _cache_loss(unit: Unit, wspecs: tuple, aspecs: tuple, p: float, n: int):
 
   @jax.jit
   def loss(astates, wstates, params, xs, ys):
-    wq, aq = hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
+    wq, aq = quantizers.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
     chunks = -(-xs.shape[0] // CHOICE_ROWS)
     pad = chunks * CHOICE_ROWS - xs.shape[0]
 
@@ -271,8 +268,8 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
     if first >= last:
       continue
     keys = ("alpha", "v") if with_v else ("alpha",)
-    train, frozen = _split(wstates, keys)
-    opt, step = _weight_step(shape, ws_t, as_t, cfg, p, with_v, n)
+    train, frozen = split_states(wstates, keys)
+    opt, step = weight_step(shape, ws_t, as_t, cfg, p, with_v, n)
     opt_state = parallel.replicate(opt.init(train))
     for it in range(first, last):
       train, opt_state, rec = step(train, opt_state, frozen, astates, params, bn_targets,
@@ -292,7 +289,7 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
                                                reinit_alpha=cfg.reinit_alpha_on_harden)
                  for r, s in wstates.items()}
   if aspecs and cfg.act_iters:
-    opt, step = _act_step(shape, ws_t, as_t, cfg, p, n)
+    opt, step = act_step(shape, ws_t, as_t, cfg, p, n)
     opt_state = parallel.replicate(opt.init(astates))
     for it in range(cfg.act_iters):
       astates, opt_state, loss = step(astates, opt_state, wstates, params, xs, ys, ka, it)

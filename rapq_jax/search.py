@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from rapq_jax import objective
 from rapq_jax.network import Network, network_apply
-from rapq_jax.reconstruct import hooks
+from rapq_jax.quantizers import hooks
 
 
 class SearchResult(NamedTuple):

@@ -267,7 +267,7 @@ def block(tiny):
   specs = ptq.unit_specs(net, cfg)
   unit = net.units[1]
   params = net.params[unit.name]
-  init, hard, fp = ptq._fns(unit, specs, cfg)
+  init, hard, fp = ptq.unit_fns(unit, specs, cfg)
   x_in = jax.jit(lambda n, x: network_apply(n, x, until=1))(net, calib)
   y_fp = fp(params, x_in)
   w0, a0 = init(params, x_in)
