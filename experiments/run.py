@@ -10,10 +10,8 @@ config field can be overridden as `--config.<field>=<value>`.
 Starting the same command again with the same --workdir resumes a killed run: finished
 methods and finished reconstruction units are loaded from the run directory, and the
 results equal those of an uninterrupted run. Another config in that directory is refused.
+This module parses the flags; the job itself is ``experiments.job.run``.
 """
-import copy
-import functools
-import json
 import os
 import pathlib
 import re
@@ -24,13 +22,11 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import ml_collections
 from ml_collections import config_flags
 
 from experiments import configs
-from experiments import methods
+from experiments import job
 from experiments import pipeline
-from experiments import report
 from experiments import validate
 from rapq_jax import integrity
 from rapq_jax import resume
@@ -39,25 +35,12 @@ DEFAULT_SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared"
 MIN_BITS, MAX_BITS = 2, 8
 
 
-def run_fp(config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
-  """Accuracy of the pretrained full-precision model."""
-  model, variables = pipeline.load_model(config)
-  return pipeline.evaluate_model(model, variables, data, config, desc="fp")
-
-
-# Method name -> function(config, data) -> dict(top1, top5, n, ...). Quantized methods
-# run once per --bits pair, with config.wbits / config.abits set to it.
-METHODS = {"fp": run_fp, **{name: functools.partial(methods.run_method, method=name)
-                            for name in methods.QUANT_METHODS}}
-UNQUANTIZED = frozenset({"fp"})
-
-
 def parse_methods(text: str) -> tuple[str, ...]:
-  """'fp,rapq' -> ('fp', 'rapq'); every name must be a key of METHODS."""
+  """'fp,rapq' -> ('fp', 'rapq'); every name must be a key of ``job.METHODS``."""
   names = tuple(name.strip() for name in text.split(","))
   for name in names:
-    if name not in METHODS:
-      raise ValueError(f"unknown method {name!r}; accepted: {', '.join(METHODS)}")
+    if name not in job.METHODS:
+      raise ValueError(f"unknown method {name!r}; accepted: {', '.join(job.METHODS)}")
   return names
 
 
@@ -118,7 +101,7 @@ try:  # with a config file path, ml_collections applies the overrides of sys.arg
 except (AttributeError, KeyError) as _err:
   sys.exit(_unknown_field(_err, sys.argv))
 _METHODS = flags.DEFINE(_Parser(parse_methods), "methods", "naive,brecq,rapq",
-                        f"Comma-separated methods to run; accepted: {', '.join(METHODS)}.")
+                        f"Comma-separated methods to run; accepted: {', '.join(job.METHODS)}.")
 _BITS = flags.DEFINE(_Parser(parse_bits), "bits", "4/4,2/4",
                      "Comma-separated W/A bit widths of the quantized methods.")
 _DISTRIBUTED = flags.DEFINE(
@@ -153,62 +136,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(_unknown_field(e, argv))
 
 
-def format_result(result: dict) -> str:
-  """One line: method, bit widths, top-1 and top-5 accuracy."""
-  bits = "FP32" if result["wbits"] is None else f"W{result['wbits']}A{result['abits']}"
-  top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f} %"
-  return (f"{result['method']:<6} {bits:<5} top-1 {result['top1']:.2f} %  top-5 {top5}  "
-          f"(n={result['n']}, {result['wall_seconds']:.0f} s)")
-
-
-def _write_outputs(workdir: pathlib.Path, config, results: list[dict], env: dict) -> None:
-  """results.json (every figure, config, environment), results.md and the plots.
-  results.json is written last and atomically: its presence means the run finished."""
-  table = report.results_table(results)
-  integrity.atomic_write(workdir / "results.md", table)
-  report.plot_top1(results, workdir / "top1.png")
-  report.plot_exponents(results, workdir / "weight_exponents.png")
-  report.plot_losses(results, workdir / "reconstruction_loss.png")
-  record = dict(config=json.loads(config.to_json_best_effort()), results=results, **env)
-  integrity.atomic_write(workdir / "results.json", json.dumps(record, indent=1, default=float))
-  print("\n" + table + f"\nwrote {workdir}/results.json, results.md and plots", flush=True)
-
-
-def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-  """Binds ``workdir`` to ``config``: the first start writes config.json; a later start
-  (a resume) must bring the same config, else ``resume.ConfigMismatchError`` names the
-  differing fields."""
-  path = workdir / "config.json"
-  if path.exists():
-    resume.check_same_config(json.loads(path.read_text()),
-                             json.loads(config.to_json_best_effort()), f"run directory {workdir}",
-                             f"the config in {path} (to resume that run) or a new --workdir")
-  else:
-    integrity.atomic_write(path, config.to_json_best_effort(indent=2))
-
-
-def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int | None,
-             config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
-  """The record of one method at one bit width: loaded from ``workdir/results/`` if it
-  finished before (and its checksum matches), else computed (quantized units kept in
-  ``workdir/units/`` as they finish, so a killed run resumes after the last one) and
-  saved there atomically with its checksum."""
-  path = workdir / "results" / f"{methods.run_name(method, wbits, abits)}.json"
-  if path.exists():
-    try:
-      record = report.read_record(path)
-      print(f"loaded {path}", flush=True)
-      return record
-    except integrity.IntegrityError as err:   # never reported: computed again
-      print(f"{err}; computing it again", flush=True)
-  start = time.perf_counter()
-  kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models",
-                                             "store_dir": workdir / "units"}
-  result = METHODS[method](config, data, **kwargs)
-  result.setdefault("wall_seconds", time.perf_counter() - start)
-  return report.write_record(path, dict(method=method, wbits=wbits, abits=abits, **result))
-
-
 def _fail(err) -> None:
   """Stops the run with one line on stderr: the command, not the code, is wrong."""
   sys.exit(f"experiments.run: error: {err}")
@@ -225,41 +152,12 @@ def main(argv):
     jax.distributed.initialize(**_DISTRIBUTED.value)
   name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
   shared_dir = _SHARED_DIR.value or os.environ.get("RAPQ_SHARED_DIR", str(DEFAULT_SHARED_DIR))
-  config = pipeline.resolve_paths(_CONFIG.value, shared_dir)
-  names = _METHODS.value
-  if any(m not in UNQUANTIZED for m in names) and "fp" not in names:
-    names = ("fp",) + names  # every table reports the drop from FP
-  bits = _BITS.value
-  try:
-    jax.config.update("jax_default_matmul_precision", config.matmul_precision)
-  except ValueError as err:
-    _fail(f"config.matmul_precision={config.matmul_precision!r}: {err}")
-  runs = []
-  for method in names:
-    for wbits, abits in ([(None, None)] if method in UNQUANTIZED else bits):
-      method_config = config
-      if wbits is not None:
-        method_config = copy.deepcopy(config)
-        method_config.wbits, method_config.abits = wbits, abits
-      runs.append((method, wbits, abits, method_config))
-  try:  # every run, the data and the checkpoint are checked before anything is written
-    data = validate.prepare(config, [(m, c) for m, _, _, c in runs])
-  except validate.UserError as err:
-    _fail(err)
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-  workdir.mkdir(parents=True, exist_ok=True)
-  try:  # one run per directory: held until this process ends, dropped if it is killed
-    integrity.DirectoryLock(workdir).acquire()
-    open_workdir(workdir, config)
-  except (integrity.LockedError, resume.ConfigMismatchError) as err:
+  try:
+    job.run(pipeline.resolve_paths(_CONFIG.value, shared_dir), _METHODS.value, _BITS.value,
+            workdir)
+  except (validate.UserError, integrity.LockedError, resume.ConfigMismatchError) as err:
     _fail(err)
-
-  env = report.environment()  # the code as it was when the run started
-  results = []
-  for method, wbits, abits, method_config in runs:
-    results.append(run_once(workdir, method, wbits, abits, method_config, data))
-    print(format_result(results[-1]), flush=True)
-  _write_outputs(workdir, config, results, env)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""The quantization job behind ``python -m experiments.run``: every method at every bit
+width on one config, each run's record kept in the run directory as it finishes (so a
+killed job resumes after the last one), then the table, plots and results.json.
+
+``run(config, methods, bits, workdir)`` is the whole job; ``experiments.run`` parses the
+flags and calls it.
+"""
+import copy
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+
+from experiments import methods
+from experiments import pipeline
+from experiments import report
+from experiments import validate
+from rapq_jax import integrity
+from rapq_jax import resume
+
+
+def run_fp(config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
+  """Accuracy of the pretrained full-precision model."""
+  model, variables = pipeline.load_model(config)
+  return pipeline.evaluate_model(model, variables, data, config, desc="fp")
+
+
+# Method name -> function(config, data) -> dict(top1, top5, n, ...). Quantized methods
+# run once per --bits pair, with config.wbits / config.abits set to it.
+METHODS = {"fp": run_fp, **{name: functools.partial(methods.run_method, method=name)
+                            for name in methods.QUANT_METHODS}}
+UNQUANTIZED = frozenset({"fp"})
+
+
+def format_result(result: dict) -> str:
+  """One line: method, bit widths, top-1 and top-5 accuracy."""
+  bits = "FP32" if result["wbits"] is None else f"W{result['wbits']}A{result['abits']}"
+  top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f} %"
+  return (f"{result['method']:<6} {bits:<5} top-1 {result['top1']:.2f} %  top-5 {top5}  "
+          f"(n={result['n']}, {result['wall_seconds']:.0f} s)")
+
+
+def write_outputs(workdir: pathlib.Path, config, results: list[dict], env: dict) -> None:
+  """results.json (every figure, config, environment), results.md and the plots.
+  results.json is written last and atomically: its presence means the run finished."""
+  table = report.results_table(results)
+  integrity.atomic_write(workdir / "results.md", table)
+  report.plot_top1(results, workdir / "top1.png")
+  report.plot_exponents(results, workdir / "weight_exponents.png")
+  report.plot_losses(results, workdir / "reconstruction_loss.png")
+  record = dict(config=json.loads(config.to_json_best_effort()), results=results, **env)
+  integrity.atomic_write(workdir / "results.json", json.dumps(record, indent=1, default=float))
+  print("\n" + table + f"\nwrote {workdir}/results.json, results.md and plots", flush=True)
+
+
+def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Binds ``workdir`` to ``config``: the first start writes config.json; a later start
+  (a resume) must bring the same config, else ``resume.ConfigMismatchError`` names the
+  differing fields."""
+  path = workdir / "config.json"
+  if path.exists():
+    resume.check_same_config(json.loads(path.read_text()),
+                             json.loads(config.to_json_best_effort()), f"run directory {workdir}",
+                             f"the config in {path} (to resume that run) or a new --workdir")
+  else:
+    integrity.atomic_write(path, config.to_json_best_effort(indent=2))
+
+
+def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int | None,
+             config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
+  """The record of one method at one bit width: loaded from ``workdir/results/`` if it
+  finished before (and its checksum matches), else computed (quantized units kept in
+  ``workdir/units/`` as they finish, so a killed run resumes after the last one) and
+  saved there atomically with its checksum."""
+  path = workdir / "results" / f"{methods.run_name(method, wbits, abits)}.json"
+  if path.exists():
+    try:
+      record = report.read_record(path)
+      print(f"loaded {path}", flush=True)
+      return record
+    except integrity.IntegrityError as err:   # never reported: computed again
+      print(f"{err}; computing it again", flush=True)
+  start = time.perf_counter()
+  kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models",
+                                             "store_dir": workdir / "units"}
+  result = METHODS[method](config, data, **kwargs)
+  result.setdefault("wall_seconds", time.perf_counter() - start)
+  return report.write_record(path, dict(method=method, wbits=wbits, abits=abits, **result))
+
+
+def plan(config: ml_collections.ConfigDict, names, bits) -> list[tuple]:
+  """``[(method, wbits, abits, config)]``: ``fp`` first when anything is quantized (every
+  table reports the drop from FP), quantized methods once per ``bits`` pair with
+  ``config.wbits`` / ``config.abits`` set to it."""
+  if any(m not in UNQUANTIZED for m in names) and "fp" not in names:
+    names = ("fp",) + tuple(names)
+  runs = []
+  for method in names:
+    for wbits, abits in ([(None, None)] if method in UNQUANTIZED else bits):
+      method_config = config
+      if wbits is not None:
+        method_config = copy.deepcopy(config)
+        method_config.wbits, method_config.abits = wbits, abits
+      runs.append((method, wbits, abits, method_config))
+  return runs
+
+
+def run(config: ml_collections.ConfigDict, names, bits, workdir: pathlib.Path) -> list[dict]:
+  """Runs ``names`` at ``bits`` on ``config`` in ``workdir``; returns the records.
+
+  Everything is checked before anything is written; a problem the command can fix is a
+  ``validate.UserError``, a ``integrity.LockedError`` (another process holds ``workdir``)
+  or a ``resume.ConfigMismatchError`` (``workdir`` belongs to another config)."""
+  try:
+    jax.config.update("jax_default_matmul_precision", config.matmul_precision)
+  except ValueError as err:
+    raise validate.UserError(
+        f"config.matmul_precision={config.matmul_precision!r}: {err}") from None
+  runs = plan(config, names, bits)
+  data = validate.prepare(config, [(m, c) for m, _, _, c in runs])
+  workdir.mkdir(parents=True, exist_ok=True)
+  # One run per directory: held until the job ends, dropped if its process is killed.
+  with integrity.DirectoryLock(workdir):
+    open_workdir(workdir, config)
+    env = report.environment()  # the code as it was when the run started
+    results = []
+    for method, wbits, abits, method_config in runs:
+      results.append(run_once(workdir, method, wbits, abits, method_config, data))
+      print(format_result(results[-1]), flush=True)
+    write_outputs(workdir, config, results, env)
+  return results
