@@ -194,7 +194,8 @@ def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool):
 
 def _rounded(states: dict) -> dict:
   """Round-to-nearest view of quantizer states: no AdaRound logits, soft exponents
-  rounded (``e0 + (v >= 0)``), as the search before reconstruction evaluates them."""
+  rounded (``e0 + (v >= 0)``), as the search before reconstruction evaluates them and
+  as units never reconstructed (``frozen_units``) keep them."""
   out = {}
   for u, st in states.items():
     w = {}
