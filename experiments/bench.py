@@ -44,9 +44,9 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   """Compile seconds and seconds per iteration of the weight and activation steps."""
   wspecs, aspecs = specs
   xs = jax.random.normal(key, (_CACHE.value,) + tuple(shape[1:]), jnp.float32)
-  init, _, fp = ptq.unit_fns(unit, {unit.name: specs}, cfg)
-  ys = fp(params, xs)
-  wstates, astates = init(params, xs)
+  fns = ptq.unit_fns(unit, {unit.name: specs}, cfg)
+  ys = fns.fp(params, xs)
+  wstates, astates = fns.init(params, xs)
   n = xs.shape[0]  # real rows; placing pads them to a multiple of the device count
   xs, ys, (params, bn, wstates, astates) = reconstruct.place(
       xs, ys, (params, bn, wstates, astates))

@@ -34,6 +34,10 @@ QUANT_METHODS = {
     "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),
     "rapq_act_choice": ("rapq", {"act_exp_window": 2},
                         "RAPQ, activation exponents re-chosen within +-2 by each unit's loss"),
+    "rapq_official": ("rapq", {"protocol": "official"},
+                      "RAPQ under the official driver's protocol (PTQConfig.protocol)"),
+    "brecq_official": ("brecq", {"protocol": "official"},
+                       "Float BRECQ under the official driver's protocol (PTQConfig.protocol)"),
 }
 
 
@@ -130,8 +134,10 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
       wall_seconds=time.perf_counter() - start,
       seconds_per_iter={u: r["seconds"] / iters for u, r in units.items()} if iters else {},
       lp={u: r["p"] for u, r in units.items()},
+      lp_unrounded={u: r["p_unrounded"] for u, r in units.items()},
       loss_curves={u: r["history"] for u, r in units.items()},
       search=result.report["search"],
+      protocol=result.report["protocol"],
       weight_exponents=_weight_exponents(result),
       ptq=dict(cfg.__dict__),
   )

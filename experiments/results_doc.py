@@ -37,6 +37,12 @@ def _ptq(record: dict) -> dict:
   return ptq_config_lib.current_names(ptq)
 
 
+def _protocol(row: dict) -> str:
+  """The PTQ protocol a result row used (``PTQConfig.protocol``); rows recorded before
+  the field existed ran the only protocol there was, 'strict'."""
+  return (row.get("ptq") or {}).get("protocol", "strict")
+
+
 def _run_section(name: str, record: dict) -> str:
   cfg = record.get("config", {})
   env = record.get("machine", {})
@@ -62,6 +68,10 @@ def _run_section(name: str, record: dict) -> str:
            f"Machine: {machine}. Versions: " +
            ", ".join(f"{k} {v}" for k, v in (record.get("versions") or {}).items()) +
            f". Commit `{commit[:10]}`.", "", report.results_table(record["results"])]
+  official = list(dict.fromkeys(r["method"] for r in record["results"]
+                                if r["method"] != "fp" and _protocol(r) != "strict"))
+  lines += ([f"Protocol (README, 'Protocols'): {', '.join(official)} official, the others "
+             "strict.", ""] if official else ["Protocol: strict (README, 'Protocols').", ""])
   if record.get("note"):
     lines += [record["note"], ""]
   searches = [(r["method"], f"W{r['wbits']}A{r['abits']}", r["search"])
@@ -112,9 +122,11 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
   lines = [f"## Summary: {model}", "",
            "Top-1 % by method and bit width; details of each file in its own section below. "
            "A method name means that method as the file's commit implemented it: rows of one "
-           "method from different commits can differ in defaults (the file's section says how).",
-           "", "| method | " + " | ".join(bits) + " | iterations | device | commit | file |",
-           "|---|" + "---|" * (len(bits) + 4)]
+           "method from different commits can differ in defaults (the file's section says how). "
+           "Protocol: which units are reconstructed, in which order, on what inputs "
+           "(README, 'Protocols'; strict unless the row says official).",
+           "", "| method | " + " | ".join(bits) + " | protocol | iterations | device | commit | file |",
+           "|---|" + "---|" * (len(bits) + 5)]
   for name, rec in runs:
     env = rec.get("machine", {})
     device = env.get("device_kind") or ", ".join(env.get("devices", []))
@@ -123,9 +135,12 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
     commit = _commit(rec)[:7]
     methods = list(dict.fromkeys(r["method"] for r in rec["results"] if r["method"] != "fp"))
     for m in methods:
-      cells = [next((f"{r['top1']:.2f}" for r in rec["results"]
-                     if r["method"] == m and report.bits_label(r) == b), "") for b in bits]
-      lines.append(f"| {m} | " + " | ".join(cells) + f" | {iters} | {device} | `{commit}` | {name} |")
+      rows = [r for r in rec["results"] if r["method"] == m]
+      cells = [next((f"{r['top1']:.2f}" for r in rows if report.bits_label(r) == b), "")
+               for b in bits]
+      protocol = "/".join(dict.fromkeys(_protocol(r) for r in rows))
+      lines.append(f"| {m} | " + " | ".join(cells) + f" | {protocol} | {iters} | {device} | "
+                   f"`{commit}` | {name} |")
   return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ METHODS = tuple(PRESETS)
 # are read through ``current_names``.
 RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters"}
 SEARCH_MODES = ("none", "before", "after", "both")
+PROTOCOLS = ("strict", "official")
 # Float field -> (least value, whether the least value itself is allowed, greatest
 # value or None); every float field must also be finite.
 FLOAT_RANGES = {
@@ -58,6 +59,48 @@ class PTQConfig:
   weight_phase_act_quant: during the weight phase, the probability that an activation
     inside the unit is quantized (0: FP activations as in BRECQ's first stage, 1: all
     quantized, in between: QDrop's random mix), drawn per element and step.
+  lp_source, lp_coef, lp_digits: the unit's Lp exponent. ``'bn'``: RAPQ's
+    ``p = round(1 + lp_coef * sigmoid((sum(gamma) - 1) / C), lp_digits)`` from the unit's
+    last BN scale (``objective.bn_lp_exponent``), as in the official code. With its
+    ``lp_coef = 0.1, lp_digits = 1`` (the defaults) p is 1.1 for every unit whose BN
+    gammas sum above 1 and 1.0 below: one value for nearly every unit of a real network,
+    so the BN information barely reaches the objective. Reports record the unrounded
+    value beside p (``p_unrounded``). ``'fixed'``: ``lp_fixed`` for every unit. Units
+    without BN (the classifier) always get ``lp_fixed``.
+  protocol: which units are reconstructed, in which order and on what inputs (first and
+    last layers at ``first_last_bits``, 8 by default, in both):
+
+    =========================  ============================  =============================
+    what                       ``'strict'`` (the default)    ``'official'`` (the RAPQ and
+                                                             BRECQ ``main_imagenet.py``)
+    =========================  ============================  =============================
+    network input              quantized at 8 bits           float during calibration; the
+                                                             returned model quantizes it
+                                                             at 8 bits (see below)
+    stem (first unit)          reconstructed; output         not reconstructed: round-to-
+                               activation at ``abits``       nearest 8-bit weights; output
+                                                             activation at 8 bits, at its
+                                                             initial exponent
+    p of stem / classifier     BN-derived / ``lp_fixed``     ``lp_fixed`` (2) / ``lp_fixed``
+    order                      unit by unit: its weights,    every unit's weights in order,
+                               then its activations          then every unit's activations
+    inputs of a unit's         the network quantized so far  the network with quantized
+    weight phase               (weights and activations)     weights, float activations
+    activation quantizers      the unit's initial (soft,     the unit's reconstructed
+    initialised with           ~float) weights               weights
+    =========================  ============================  =============================
+
+    Both use a unit's p in its weight and activation phases (as RAPQ's fork does; BRECQ's
+    own driver uses p = 2.4 for activations), initialise a unit's activation quantizers on
+    its inputs from the network quantized so far (the official code: all of them in one
+    forward before the activation phase) and keep the classifier's input at 8 bits (the
+    official ``set_first_last_layer_to_8bit`` means to, but on ResNets the layer it
+    changes has its output quantizer disabled, so there the last block's output stays at
+    ``abits``). An integer model needs integer inputs, so under 'official' the returned
+    model, and every figure measured with it (``PTQResult.apply``), quantizes the input
+    at ``first_last_bits`` with the exponent ``quantizers.init_act`` chooses on the
+    calibration images, although calibration saw float inputs; ``report['protocol']``
+    says so.
   """
   wbits: int = 4
   abits: int = 4
@@ -97,6 +140,7 @@ class PTQConfig:
   search_objective: str = "kl"
   search_sweeps: int = 3
   search_samples: int = 256
+  protocol: str = "strict"
   seed: int = 1005
 
   def __post_init__(self):
@@ -128,6 +172,8 @@ class PTQConfig:
       raise ValueError(f"exp_init = {self.exp_init!r}: expected 'nearest' or 'lp'")
     if self.search not in SEARCH_MODES:
       raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
+    if self.protocol not in PROTOCOLS:
+      raise ValueError(f"protocol = {self.protocol!r}: expected one of {PROTOCOLS}")
     if self.search_objective not in ("kl", "mse"):
       raise ValueError(f"search_objective = {self.search_objective!r}: expected 'kl' or 'mse'")
     if self.learn_exponent and self.exp_warm_iters > self.weight_iters and self.reconstruct:

@@ -2,7 +2,11 @@
 integer exponents network-wide, reconstruct unit by unit, and return the result.
 
 Unit inputs during reconstruction come from the already-quantized network and targets
-from the FP network (BRECQ's setting); both are cached once per unit.
+from the FP network (BRECQ's setting); both are cached once per unit and pass. Which
+units are reconstructed, in which passes and on which inputs is ``cfg.protocol``
+(``PTQConfig``): 'strict' makes one pass (each unit's weights, then its activations),
+'official' two (every unit's weights, then every unit's activations) and leaves the
+stem at round to nearest.
 """
 import dataclasses
 import functools
@@ -39,10 +43,11 @@ class PTQResult(NamedTuple):
 
 def unit_specs(net: Network, cfg: PTQConfig) -> dict:
   """``{unit: (wspecs, aspecs)}``: first and last weight layers, the network input and
-  the activation feeding the classifier at ``first_last_bits``; the rest at
-  ``wbits`` / ``abits``."""
+  the activation feeding the classifier at ``first_last_bits`` (under the 'official'
+  protocol also the stem's output); the rest at ``wbits`` / ``abits``."""
   first, head = net.units[0].name, net.units[-1].name
   feeder = net.units[-2].name
+  eight_bit_outputs = {feeder} | ({first} if cfg.protocol == "official" else set())
   specs = {}
   for unit in net.units:
     wb = cfg.first_last_bits if unit.name in (first, head) else cfg.wbits
@@ -50,21 +55,49 @@ def unit_specs(net: Network, cfg: PTQConfig) -> dict:
               for l in unit.layers}
     aspecs = {}
     for a in unit.acts:
-      ab = cfg.first_last_bits if (a.name == "input" or (unit.name == feeder and a.name == "out")) \
-          else cfg.abits
+      ab = cfg.first_last_bits if (a.name == "input" or (
+          unit.name in eight_bit_outputs and a.name == "out")) else cfg.abits
       aspecs[a.name] = quantizers.ActSpec(ab, signed=a.signed, pot=cfg.pot_scales)
     specs[unit.name] = (wspecs, aspecs)
   return specs
 
 
-def unit_lp(net: Network, unit_name: str, cfg: PTQConfig) -> float:
-  """Lp exponent of a unit's reconstruction loss (BN-derived or fixed)."""
+def unit_lp(net: Network, unit_name: str, cfg: PTQConfig, *, rounded: bool = True) -> float:
+  """Lp exponent of a unit's reconstruction loss: BN-derived (``cfg.lp_source='bn'``,
+  rounded to ``cfg.lp_digits``, or not with ``rounded=False``: the ``p_unrounded`` of
+  the reports) or ``cfg.lp_fixed`` (``lp_source='fixed'``, units without BN, and under
+  the 'official' protocol the stem and the classifier, as the official driver's p = 2)."""
   unit = next(u for u in net.units if u.name == unit_name)
   role = unit.last_bn_layer
-  if cfg.lp_source == "fixed" or role is None or role not in net.bn[unit_name]:
+  edge = cfg.protocol == "official" and unit_name in (net.units[0].name, net.units[-1].name)
+  if cfg.lp_source == "fixed" or edge or role is None or role not in net.bn[unit_name]:
     return cfg.lp_fixed
   return objective.bn_lp_exponent(net.bn[unit_name][role]["gamma"], coef=cfg.lp_coef,
-                                  digits=cfg.lp_digits, default=cfg.lp_fixed)
+                                  digits=cfg.lp_digits if rounded else None,
+                                  default=cfg.lp_fixed)
+
+
+def calibration_network(net: Network, cfg: PTQConfig) -> Network:
+  """The network calibration sees: ``net``, or under the 'official' protocol ``net``
+  without its input quantizer (the first unit's ``'input'`` point; the official driver
+  never quantizes the network input)."""
+  first = net.units[0]
+  if cfg.protocol != "official" or not any(a.name == "input" for a in first.acts):
+    return net
+  stem = dataclasses.replace(first, acts=tuple(a for a in first.acts if a.name != "input"))
+  return Network((stem,) + net.units[1:], net.params, net.bn)
+
+
+def frozen_units(net: Network, cfg: PTQConfig) -> tuple[str, ...]:
+  """Units never reconstructed (their weights round to nearest, their activation
+  exponents stay at their initial values): the stem under the 'official' protocol."""
+  return (net.units[0].name,) if cfg.protocol == "official" and cfg.reconstruct else ()
+
+
+def reconstruction_passes(cfg: PTQConfig) -> tuple[tuple[str, ...], ...]:
+  """The stages of each pass over the units: 'strict' one pass, each unit's weights then
+  its activations; 'official' every unit's weights, then every unit's activations."""
+  return (("weights", "acts"),) if cfg.protocol == "strict" else (("weights",), ("acts",))
 
 
 def _batched(fn, x, batch: int = FORWARD_BATCH):
@@ -72,47 +105,64 @@ def _batched(fn, x, batch: int = FORWARD_BATCH):
   return parallel.map_rows(fn, x, batch)
 
 
+class UnitFns(NamedTuple):
+  """Jitted functions of one unit shape (``unit_fns``)."""
+  init: Callable
+  init_acts: Callable
+  hard: Callable
+  fp: Callable
+
+
 @functools.lru_cache(maxsize=None)
-def _unit_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
+def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
   """Jitted per-unit functions, shared by equally shaped units (see ``structural``):
-  init(params, x) -> (wstates, astates); hard(params, state, x) -> quantized output;
-  fp(params, x) -> FP output."""
+  init(params, x) -> (wstates, astates); init_acts(params, wstates, x) -> astates on
+  the hard weights ``wstates``; hard(params, state, x, acts_on=True) -> quantized output
+  (``acts_on=False``: weights only); fp(params, x) -> FP output."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
 
-  @jax.jit
-  def init(params, x):
-    # Lp-initialised weights, then activation states computed in order on ``x`` (each
-    # point sees the points before it already quantized).
-    wstates = {l.role: quantizers.init_weight(
-        params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.learns_exponent,
-        learn_rounding=cfg.reconstruct, p=cfg.init_p, exponent_choice=cfg.exp_init)
-        for l in unit.layers}
+  def act_states(params, wstates, x, soft):
+    # Activation states computed in order on ``x`` (each point sees the points before it
+    # already quantized).
     astates = {}
 
     def aq(name, h):
       astates[name] = quantizers.init_act(h, aspecs[name], p=cfg.init_p)
       return quantizers.act_fake_quant(h, astates[name], aspecs[name])
 
-    wq, _ = hooks(wstates, {}, wspecs, aspecs, soft=True, acts_on=False)
+    wq, _ = hooks(wstates, {}, wspecs, aspecs, soft=soft, acts_on=False)
     unit_apply(unit, params, x, wq, aq)
-    return wstates, astates
+    return astates
 
   @jax.jit
-  def hard(params, state, x):
-    wq, aq = hooks(state["w"], state["a"], wspecs, aspecs, soft=False, acts_on=True)
+  def init(params, x):
+    # Lp-initialised weights, then activation states with those weights (soft).
+    wstates = {l.role: quantizers.init_weight(
+        params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.learns_exponent,
+        learn_rounding=cfg.reconstruct, p=cfg.init_p, exponent_choice=cfg.exp_init)
+        for l in unit.layers}
+    return wstates, act_states(params, wstates, x, True)
+
+  @jax.jit
+  def init_acts(params, wstates, x):
+    return act_states(params, wstates, x, False)
+
+  @functools.partial(jax.jit, static_argnames="acts_on")
+  def hard(params, state, x, acts_on=True):
+    wq, aq = hooks(state["w"], state["a"], wspecs, aspecs, soft=False, acts_on=acts_on)
     return unit_apply(unit, params, x, wq, aq)[0]
 
   @jax.jit
   def fp(params, x):
     return unit_apply(unit, params, x, identity_hook, identity_hook)[0]
 
-  return init, hard, fp
+  return UnitFns(init, init_acts, hard, fp)
 
 
-def unit_fns(unit: Unit, specs: dict, cfg: PTQConfig):
-  """``(init, hard, fp)`` of ``_unit_fns`` for ``unit`` with its ``specs[unit.name]``."""
+def unit_fns(unit: Unit, specs: dict, cfg: PTQConfig) -> UnitFns:
+  """The jitted functions of ``unit`` under ``specs`` (``unit_specs``) and ``cfg``."""
   wspecs, aspecs = specs[unit.name]
-  return _unit_fns(structural(unit), tuple(sorted(wspecs.items())),
+  return _shape_fns(structural(unit), tuple(sorted(wspecs.items())),
                    tuple(sorted(aspecs.items())), cfg)
 
 
@@ -120,10 +170,10 @@ def _init_all(net, specs, x, cfg):
   """Initial states of every unit along the round-to-nearest quantized flow."""
   states = {}
   for unit in net.units:
-    init, hard, _ = unit_fns(unit, specs, cfg)
-    w, a = init(net.params[unit.name], x)
+    fns = unit_fns(unit, specs, cfg)
+    w, a = fns.init(net.params[unit.name], x)
     states[unit.name] = {"w": w, "a": a}
-    x = hard(net.params[unit.name], states[unit.name], x)
+    x = fns.hard(net.params[unit.name], states[unit.name], x)
   return states
 
 
@@ -145,7 +195,8 @@ def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool):
 
 def _rounded(states: dict) -> dict:
   """Round-to-nearest view of quantizer states: no AdaRound logits, soft exponents
-  rounded (``e0 + (v >= 0)``), as the search before reconstruction evaluates them."""
+  rounded (``e0 + (v >= 0)``), as the search before reconstruction evaluates them and
+  as units never reconstructed (``frozen_units``) keep them."""
   out = {}
   for u, st in states.items():
     w = {}
@@ -196,19 +247,107 @@ def _search_before(net, states, specs, x, fp_logits, cfg, store):
   return offsets, summary
 
 
-def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, progress):
-  """Reconstructs one unit from its weight states and fresh activation states on the
-  quantized inputs ``q_x``; returns its states and report entry (seconds, p, history)."""
+def _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x, *, final_weights: bool):
+  """Activation states of ``unit`` initialised on its quantized inputs ``q_x``, with its
+  initial (soft) weights, or with the hard ``wstates`` where they are ``final_weights``,
+  plus the search's ``act_offsets``."""
+  params, fns = net.params[unit.name], unit_fns(unit, specs, cfg)
+  x = q_x[:INIT_SAMPLES]
+  astates = fns.init_acts(params, wstates, x) if final_weights else fns.init(params, x)[1]
+  return {n: {"t": a["t"] + act_offsets.get((unit.name, n), 0)} for n, a in astates.items()}
+
+
+def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, progress,
+                 stages):
+  """Reconstructs the ``stages`` ('weights', 'acts') of one unit from its weight states
+  and fresh activation states on the quantized inputs ``q_x``; returns its states and
+  report entry (seconds, p and its unrounded value, history, activation moves)."""
   params, (wspecs, aspecs) = net.params[unit.name], specs[unit.name]
-  init, _, _ = unit_fns(unit, specs, cfg)
-  _, astates = init(params, q_x[:INIT_SAMPLES])
-  astates = {n: {"t": a["t"] + act_offsets.get((unit.name, n), 0)} for n, a in astates.items()}
+  astates = _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x,
+                        final_weights="weights" not in stages)
   p = unit_lp(net, unit.name, cfg)
   res = reconstruct_unit(unit, params, net.bn[unit.name], wstates, astates, wspecs, aspecs,
-                         q_x, fp_y, cfg, p, key, progress=progress)
-  return {"w": res.wstates, "a": res.astates}, {"seconds": res.seconds, "p": p,
-                                                "history": res.history,
-                                                "act_moves": res.act_moves}
+                         q_x, fp_y, cfg, p, key, progress=progress,
+                         weights="weights" in stages, acts="acts" in stages)
+  return {"w": res.wstates, "a": res.astates}, {
+      "seconds": res.seconds, "p": p, "p_unrounded": unit_lp(net, unit.name, cfg, rounded=False),
+      "history": res.history, "act_moves": res.act_moves}
+
+
+def _joined(entry: dict | None, later: dict) -> dict:
+  """One report entry for a unit reconstructed in two passes: seconds added, loss
+  curves and activation moves of both."""
+  if entry is None:
+    return later
+  return {**later, "seconds": entry["seconds"] + later["seconds"],
+          "history": {k: list(entry["history"][k]) + list(later["history"][k])
+                      for k in later["history"]},
+          "act_moves": {**entry["act_moves"], **later["act_moves"]}}
+
+
+def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, report,
+                     progress):
+  """Runs the protocol's passes over the units (``reconstruction_passes``); returns the
+  states and fills ``report['units']`` and ``report['protocol']['order']``. A unit's
+  stage in the last pass is stored as ``unit_<name>``, in the 'official' weight pass as
+  ``weights_<name>``; on resume both are loaded instead of computed, so a run killed in
+  either pass continues where it stopped."""
+  passes = reconstruction_passes(cfg)
+  frozen = frozen_units(net, cfg)
+  states = dict(states)
+  for k, stages in enumerate(passes):
+    acts_on = "acts" in stages
+    fp_x, q_x = calib, calib
+    for i, unit in enumerate(net.units):
+      params, fns = net.params[unit.name], unit_fns(unit, specs, cfg)
+      fp_y = _batched(functools.partial(fns.fp, params), fp_x)
+      # The stages this unit has in this pass (none for a frozen unit; a unit without
+      # activation quantizers, the classifier, has no activation stage).
+      todo = () if unit.name in frozen else tuple(
+          s for s in stages if s == "weights" or specs[unit.name][1])
+      if unit.name in frozen and acts_on:
+        states[unit.name] = {"w": states[unit.name]["w"], "a": _fresh_acts(
+            net, unit, specs, cfg, states[unit.name]["w"], act_offsets, q_x,
+            final_weights=True)}
+      if todo:
+        name = f"unit_{unit.name}" if k == len(passes) - 1 else f"{stages[0]}_{unit.name}"
+        loaded = _load(store, name)
+        if loaded is None:
+          states[unit.name], entry = _reconstruct(net, unit, specs, states[unit.name]["w"],
+                                                  act_offsets, q_x, fp_y, cfg,
+                                                  jax.random.fold_in(key, i), progress, todo)
+          entry = _joined(report["units"].get(unit.name), entry)
+          if store is not None:
+            store.save(name, entry, states[unit.name])
+        else:
+          entry, states[unit.name] = loaded
+          entry["history"] = {ph: [tuple(s) for s in v] for ph, v in entry["history"].items()}
+        report["units"][unit.name] = entry
+        report["protocol"]["order"].append([unit.name, "+".join(todo)])
+        if progress:
+          losses = entry["history"]["weights" if "weights" in todo else "acts"]
+          tqdm.write(f"  {unit.name:>14}{'' if len(passes) == 1 else ' ' + stages[0]}: "
+                     f"{entry['seconds']:6.1f} s  p={entry['p']:g}"
+                     + (f"  final loss {losses[-1][1]:.4g}" if losses else "")
+                     + "".join(f"  {a} {m:+d}" for a, m in entry["act_moves"].items() if m)
+                     + ("  (loaded)" if loaded else ""))
+      q_x = _batched(functools.partial(fns.hard, params, states[unit.name], acts_on=acts_on),
+                     q_x)
+      fp_x = fp_y
+  return states
+
+
+def _with_input_quantizer(net, states, specs, calib, cfg):
+  """``states`` plus the network input's quantizer where calibration ran without one
+  (the 'official' protocol): initialised on the calibration images like any activation
+  quantizer (``quantizers.init_act``), never learned."""
+  first = net.units[0].name
+  spec = specs[first][1].get("input")
+  if spec is None or "input" in states[first]["a"]:
+    return states
+  init = jax.jit(functools.partial(quantizers.init_act, spec=spec, p=cfg.init_p))
+  return {**states, first: {"w": states[first]["w"],
+                            "a": {"input": init(calib[:INIT_SAMPLES]), **states[first]["a"]}}}
 
 
 def input_channels(net: Network) -> int:
@@ -255,14 +394,28 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
       (``resume.ConfigMismatchError``).
   Returns:
     PTQResult; for power-of-two settings ``model`` holds integers and int32 exponents.
+    ``report['units'][unit]``: seconds, p, ``p_unrounded``, loss curves, activation
+    moves of each reconstructed unit; ``report['protocol']``: the protocol's ``name``,
+    the ``order`` of the unit stages run (``[unit, 'weights+acts' | 'weights' |
+    'acts']``), the units ``not_reconstructed`` and whether the ``input`` quantizer
+    (``bits``) was active during calibration (``in_calibration``).
   """
   calib = check_calibration(net, calib, cfg)
   integrity.check_finite(net.params, "network parameters")
   if store is not None:
     store.bind(dataclasses.asdict(cfg), upgrade=current_names)
   specs = unit_specs(net, cfg)
+  # Calibration (initialisation, the search before and reconstruction) runs on cal_net;
+  # the search after it and the returned model on net (the same but under 'official',
+  # whose calibration leaves the input float).
+  cal_net = calibration_network(net, cfg)
+  cal_specs = unit_specs(cal_net, cfg)
   key = jax.random.PRNGKey(cfg.seed)
-  report = {"units": {}, "search": {}}
+  input_spec = specs[net.units[0].name][1].get("input")
+  report = {"units": {}, "search": {}, "protocol": {
+      "name": cfg.protocol, "order": [], "not_reconstructed": list(frozen_units(net, cfg)),
+      "input": None if input_spec is None else {
+          "bits": input_spec.bits, "in_calibration": cal_net is net}}}
   sub = calib[:cfg.search_samples]
   fp_logits = None
   if cfg.search != "none":
@@ -272,45 +425,26 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     # count, moving the objective values in their last bits.
     fp_logits = network_apply(net, sub)
 
-  states = _init_all(net, specs, calib[:INIT_SAMPLES], cfg)
+  states = _init_all(cal_net, cal_specs, calib[:INIT_SAMPLES], cfg)
+  states.update(_rounded({u: states[u] for u in frozen_units(net, cfg)}))
   act_offsets = {}
   if cfg.search in ("before", "both"):
     # Weight exponents are searched on round-to-nearest weights; reconstruction then
     # starts from the moved grids, and activation offsets apply on top of each unit's
     # own initialisation.
-    offsets, report["search"]["before"] = _search_before(net, states, specs, sub, fp_logits,
-                                                         cfg, store)
+    offsets, report["search"]["before"] = _search_before(cal_net, states, cal_specs, sub,
+                                                         fp_logits, cfg, store)
     if cfg.reconstruct:
-      states = _shift_weights(net, states, specs, offsets)
+      states = _shift_weights(cal_net, states, cal_specs, offsets)
     else:
       states = search.shift_states(_rounded(states), tuple(offsets),
                                    jnp.asarray(list(offsets.values()), jnp.int32))
     act_offsets = {(u, n): o for (u, k, n), o in offsets.items() if k == "a"}
 
   if cfg.reconstruct:
-    fp_x, q_x = calib, calib
-    for i, unit in enumerate(net.units):
-      params = net.params[unit.name]
-      _, hard, fp = unit_fns(unit, specs, cfg)
-      fp_y = _batched(functools.partial(fp, params), fp_x)
-      loaded = _load(store, f"unit_{unit.name}")
-      if loaded is None:
-        states[unit.name], entry = _reconstruct(net, unit, specs, states[unit.name]["w"],
-                                                act_offsets, q_x, fp_y, cfg,
-                                                jax.random.fold_in(key, i), progress)
-        if store is not None:
-          store.save(f"unit_{unit.name}", entry, states[unit.name])
-      else:
-        entry, states[unit.name] = loaded
-        entry["history"] = {k: [tuple(s) for s in v] for k, v in entry["history"].items()}
-      q_x = _batched(functools.partial(hard, params, states[unit.name]), q_x)
-      fp_x = fp_y
-      report["units"][unit.name] = entry
-      if progress:
-        tqdm.write(f"  {unit.name:>14}: {entry['seconds']:6.1f} s  p={entry['p']:g}  "
-                   f"final loss {entry['history']['weights'][-1][1]:.4g}"
-                   + "".join(f"  {a} {k:+d}" for a, k in entry.get("act_moves", {}).items() if k)
-                   + ("  (loaded)" if loaded else ""))
+    states = _reconstruct_all(cal_net, cal_specs, states, act_offsets, calib, cfg, key, store,
+                              report, progress)
+  states = _with_input_quantizer(net, states, specs, calib, cfg)
 
   if cfg.search in ("after", "both"):
     # After AdaRound has learned a rounding for each grid only activations move.

@@ -230,8 +230,11 @@ def _check_finite(value: float, unit: str, phase: str, it: int):
 
 def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
                      astates: dict, wspecs: dict, aspecs: dict, xs, ys, cfg: PTQConfig,
-                     p: float, key, *, progress: bool = True) -> UnitResult:
-  """Reconstructs one unit.
+                     p: float, key, *, progress: bool = True, weights: bool = True,
+                     acts: bool = True) -> UnitResult:
+  """Reconstructs one unit: its weight stage, then its activation stage (``weights`` /
+  ``acts`` False skips one; ``ptq`` runs them in separate passes under the 'official'
+  protocol).
 
   Args:
     unit, params, bn_targets: the folded unit (``Network`` entries).
@@ -258,12 +261,15 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
   kw, ka = jax.random.split(key)
   learn_v = any("v" in s for s in wstates.values())
   phases = []
-  if learn_v:
-    phases.append(("exponent", 0, min(cfg.exp_warm_iters, cfg.weight_iters), True))
-  phases.append(("rounding", phases[0][2] if phases else 0, cfg.weight_iters, False))
-  bar = tqdm(total=cfg.weight_iters + (cfg.act_iters if aspecs else 0),
-             desc=f"{unit.name:>14}", leave=False, dynamic_ncols=True,
-             disable=None if progress else True)  # None: a bar on a terminal only
+  if weights:
+    if learn_v:
+      phases.append(("exponent", 0, min(cfg.exp_warm_iters, cfg.weight_iters), True))
+    phases.append(("rounding", phases[0][2] if phases else 0, cfg.weight_iters, False))
+  acts = acts and bool(aspecs)
+  done_w = cfg.weight_iters if weights else 0     # progress-bar steps before the activations
+  bar = tqdm(total=done_w + (cfg.act_iters if acts else 0), desc=f"{unit.name:>14}",
+             disable=None if progress else True,  # None: a bar on a terminal only
+             leave=False, dynamic_ncols=True)
   for phase, first, last, with_v in phases:
     if first >= last:
       continue
@@ -288,7 +294,7 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
       wstates = {r: quantizers.harden_exponent(params[r]["kernel"], s, wspecs[r],
                                                reinit_alpha=cfg.reinit_alpha_on_harden)
                  for r, s in wstates.items()}
-  if aspecs and cfg.act_iters:
+  if acts and cfg.act_iters:
     opt, step = act_step(shape, ws_t, as_t, cfg, p, n)
     opt_state = parallel.replicate(opt.init(astates))
     for it in range(cfg.act_iters):
@@ -298,9 +304,9 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
         _check_finite(value, unit.name, "activation", it)
         history["acts"].append((it + 1, value))
         bar.set_postfix({"loss": f"{value:.4g}", "phase": "activations"}, refresh=False)
-        bar.update(cfg.weight_iters + it + 1 - bar.n)
+        bar.update(done_w + it + 1 - bar.n)
   moves = {}
-  if aspecs and cfg.act_exp_window:
+  if acts and cfg.act_exp_window:
     loss = _cache_loss(shape, ws_t, as_t, p, n)
     astates, moves = choose_act_exponents(
         lambda a: loss(a, wstates, params, xs, ys), astates, aspecs, cfg.act_exp_window)

@@ -32,6 +32,11 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_bnstats", "bn_stats_weight", 1.0),
     ("rapq", "search", "after"),
     ("rapq_no_search", "search", "none"),
+    ("rapq", "protocol", "strict"),
+    ("rapq_official", "protocol", "official"),
+    ("rapq_official", "lp_source", "bn"),
+    ("brecq_official", "protocol", "official"),
+    ("brecq_official", "pot_scales", False),
 ])
 def test_method_presets(method, field, value):
   assert getattr(methods.ptq_config(base.get_base_config(), method), field) == value
@@ -138,6 +143,20 @@ def test_results_doc_reads_records_with_old_setting_names(tmp_path):
   text = results_doc.render(tmp_path)
   assert text.count("10/2 weight/activation iterations per unit") == 2
   assert text.count("| 10/2 |") == 2
+
+
+def test_results_doc_shows_each_rows_protocol(tmp_path):
+  """The summary says per row which protocol it used; a record from before the field
+  existed ran the only one there was, 'strict'."""
+  record = _record(78.5)
+  official = dict(record["results"][1], method="rapq_official", top1=77.0,
+                  ptq=dict(record["results"][1]["ptq"], protocol="official"))
+  record["results"].append(official)
+  (tmp_path / "a_run.json").write_text(json.dumps(record))
+  text = results_doc.render(tmp_path)
+  assert "| rapq | 78.50 | strict | 10/2 |" in text
+  assert "| rapq_official | 77.00 | official | 10/2 |" in text
+  assert "Protocol (README, 'Protocols'): rapq_official official, the others strict." in text
 
 
 def test_merge_results_joins_runs_split_across_processes(tmp_path):

@@ -31,6 +31,16 @@ def test_bn_lp_exponent_official_is_1_or_1_1(gamma):
   assert p == formula(gamma, 0.1, 1)
 
 
+@given(gamma=gammas)
+@HYPOTHESIS
+def test_bn_lp_exponent_official_is_1_1_whenever_the_gammas_sum_above_one(gamma):
+  """What the docs say of the official rounding: p carries one bit of BN information,
+  whether the gammas sum above 1 (1.1) or below (1.0), whatever their spread."""
+  total = float(np.sum(np.asarray(gamma, np.float64)))
+  if abs(total - 1.0) > 1e-6:          # at the boundary sigmoid(0) = 1/2 gives 1.05
+    assert objective.bn_lp_exponent(gamma) == (1.1 if total > 1.0 else 1.0)
+
+
 @given(gamma=gammas, coef=st.floats(0.01, 2.0), digits=st.integers(0, 4))
 @HYPOTHESIS
 def test_bn_lp_exponent_equals_formula(gamma, coef, digits):

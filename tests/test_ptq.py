@@ -97,6 +97,10 @@ def test_every_method_runs(tiny, run, method):
     assert info["after"] <= info["before"]
     for name, unit_info in result.report["units"].items():
       assert unit_info["p"] in ((2.0,) if name == "linear" else (1.0, 1.1))
+      # The value before rounding is reported too: p only says which side of 1.05 it is.
+      assert round(unit_info["p_unrounded"], 1) == unit_info["p"]
+      assert unit_info["p_unrounded"] == ptq.unit_lp(net, name, cfg, rounded=False)
+  assert result.report["protocol"]["name"] == "strict"
 
 
 def test_search_before_and_after_reconstruction(tiny):
@@ -257,6 +261,117 @@ def test_unit_specs_bit_widths(tiny):
   assert a["linear"] == {}
 
 
+# ------------------------------------------------------------------ official protocol
+
+OFFICIAL = config.for_method("rapq", protocol="official", search="none", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def official(tiny):
+  """The 'official' protocol's result, and the inputs each reconstruction stage got:
+  ``[(unit, 'weights' | 'acts', xs)]`` in call order."""
+  net, calib, _ = tiny
+  stages = []
+
+  def recording(unit, params, bn, wstates, astates, wspecs, aspecs, xs, *args, **kw):
+    stages.append((unit.name, "weights" if kw["weights"] else "acts", np.asarray(xs)))
+    assert kw["weights"] != kw["acts"]                   # one stage per pass
+    return reconstruct.reconstruct_unit(unit, params, bn, wstates, astates, wspecs, aspecs,
+                                        xs, *args, **kw)
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(ptq, "reconstruct_unit", recording)
+    result = ptq.quantize_network(net, calib, OFFICIAL, progress=False)
+  return result, stages
+
+
+def test_official_protocol_order_weights_then_activations(tiny, official):
+  """Every unit's weights in network order, then every unit's activations; the stem is
+  in neither, the classifier (no activation quantizer) has no activation stage."""
+  net, _, _ = tiny
+  result, stages = official
+  names = net.unit_names()
+  expected = [[u, "weights"] for u in names[1:]] + [[u, "acts"] for u in names[1:-1]]
+  assert [[u, s] for u, s, _ in stages] == expected
+  assert result.report["protocol"]["order"] == expected
+  assert result.report["protocol"]["not_reconstructed"] == [names[0]]
+  assert list(result.report["units"]) == names[1:]
+  for name, entry in result.report["units"].items():   # both stages' curves in one entry
+    assert entry["history"]["weights"][-1][0] == OFFICIAL.weight_iters
+    assert len(entry["history"]["acts"]) == (0 if name == names[-1] else 1)
+
+
+def test_official_protocol_stage_inputs(tiny, official):
+  """A weight stage's inputs come from the network with its weights quantized (the
+  units before reconstructed) and float activations; an activation stage's from the
+  network with every weight reconstructed and the activations before it quantized;
+  the network input is float in both."""
+  net, calib, _ = tiny
+  result, stages = official
+  cal_net = ptq.calibration_network(net, OFFICIAL)
+  assert [a.name for a in cal_net.units[0].acts] == ["out"]
+  hk = {u: quantizers.hooks(s["w"], {p: s["a"][p] for p in result.specs[u][1] if p != "input"},
+                             *result.specs[u], soft=False, acts_on=True)
+        for u, s in result.states.items()}
+  for i, (unit, stage, xs) in enumerate(stages):
+    until = net.unit_names().index(unit)
+    aq_for = (lambda u: hk[u][1]) if stage == "acts" else None
+    expected = network_apply(cal_net, calib, lambda u: hk[u][0], aq_for, until=until)
+    np.testing.assert_allclose(xs, expected, rtol=1e-5, atol=1e-5, err_msg=f"stage {i}")
+
+
+def test_official_protocol_stem_round_to_nearest_at_8_bits(tiny, official):
+  """The stem keeps round-to-nearest 8-bit weights; its output quantizer is 8-bit and
+  keeps the exponent initialised on the stem's output for float inputs; the input is
+  quantized (8-bit, signed) only in the returned model, as the report says."""
+  net, calib, _ = tiny
+  result, _ = official
+  stem = net.units[0].name
+  kernel = net.params[stem]["conv"]["kernel"]
+  wspec = result.specs[stem][0]["conv"]
+  rtn = quantizers.init_weight(kernel, wspec, learn_rounding=False, p=OFFICIAL.init_p,
+                               exponent_choice=OFFICIAL.exp_init)
+  for got, want in zip((result.model.weights[stem]["conv"][k] for k in ("q", "e", "zp")),
+                       quantizers.weight_integers(kernel, rtn, wspec)):
+    np.testing.assert_array_equal(got, want)
+  table = result.model.bit_table()
+  assert table[f"{stem}/conv"] == (8, False) and table[f"{stem}/@out"] == (8, False)
+  assert table[f"{stem}/@input"] == (8, True)
+  assert table["layer1_0/@out"] == (OFFICIAL.abits, False)
+  strict = ptq.unit_specs(net, config.for_method("rapq"))
+  assert strict[stem][1]["out"].bits == OFFICIAL.abits        # strict: the stem's output at abits
+  out_spec = result.specs[stem][1]["out"]
+  h = jax.nn.relu(jax.lax.conv_general_dilated(
+      calib[:ptq.INIT_SAMPLES], quantizers.weight_fake_quant(kernel, rtn, wspec, soft=False),
+      (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      + net.params[stem]["conv"]["bias"])
+  assert int(result.model.acts[stem]["out"]) == int(quantizers.act_exponent(
+      quantizers.init_act(h, out_spec, p=OFFICIAL.init_p), out_spec))
+  assert result.report["protocol"]["input"] == {"bits": 8, "in_calibration": False}
+
+
+def test_official_protocol_p_is_2_for_stem_and_classifier(tiny, official):
+  net, _, _ = tiny
+  result, _ = official
+  stem, head = net.units[0].name, net.units[-1].name
+  assert ptq.unit_lp(net, stem, OFFICIAL) == ptq.unit_lp(net, head, OFFICIAL) == 2.0
+  assert ptq.unit_lp(net, stem, config.for_method("rapq")) in (1.0, 1.1)   # strict: BN-derived
+  assert result.report["units"][head]["p"] == 2.0
+  assert {result.report["units"][u]["p"] for u in net.unit_names()[1:-1]} <= {1.0, 1.1}
+
+
+def test_official_protocol_model_is_integer_exact(tiny, official):
+  """The returned model (input quantized) is a power-of-two model whose simulation
+  equals the integer-only program bit for bit, as under 'strict'."""
+  _, _, x = tiny
+  result, _ = official
+  quantized.check_power_of_two(result.model)
+  program = integer.lower(result.model)
+  assert program.spec["checks"]["exact_float32"]
+  np.testing.assert_array_equal(np.asarray(result.apply(x)),
+                                np.asarray(integer.apply(program, x)))
+
+
 # ------------------------------------------------------------------ reconstruction
 
 @pytest.fixture(scope="module")
@@ -267,7 +382,7 @@ def block(tiny):
   specs = ptq.unit_specs(net, cfg)
   unit = net.units[1]
   params = net.params[unit.name]
-  init, hard, fp = ptq.unit_fns(unit, specs, cfg)
+  init, _, hard, fp = ptq.unit_fns(unit, specs, cfg)
   x_in = jax.jit(lambda n, x: network_apply(n, x, until=1))(net, calib)
   y_fp = fp(params, x_in)
   w0, a0 = init(params, x_in)

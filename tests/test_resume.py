@@ -110,6 +110,29 @@ def test_resumed_after_crash_equals_uninterrupted_run(tiny, reference, tmp_path,
   np.testing.assert_array_equal(resumed.apply(calib[:8]), reference.apply(calib[:8]))
 
 
+def test_official_protocol_resumes_in_its_activation_pass(tiny, tmp_path, monkeypatch):
+  """The 'official' protocol reconstructs every unit's weights, then every unit's
+  activations. Killed in the activation pass, a resumed run loads the whole weight pass
+  and the finished activation stages, computes the rest and ends bit-identical to an
+  uninterrupted run."""
+  net, calib = tiny
+  cfg = dataclasses.replace(CFG, protocol="official", search="none")
+  reference = ptq.quantize_network(net, calib, cfg, progress=False)
+  names = net.unit_names()                  # the stem is not reconstructed under 'official'
+  store = resume.Store(tmp_path)
+  with monkeypatch.context() as m:
+    _counting(m, fail_after=len(names))     # 4 weight stages, the first activation stage
+    with pytest.raises(KeyboardInterrupt):
+      ptq.quantize_network(net, calib, cfg, progress=False, store=store)
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      ["config", f"unit_{names[1]}"] + [f"weights_{u}" for u in names[1:]])
+  calls = _counting(monkeypatch)
+  resumed = ptq.quantize_network(net, calib, cfg, progress=False, store=store)
+  assert calls == {"units": names[2:-1], "search_before": 0}   # the classifier has no acts
+  _assert_same_result(reference, resumed)
+  assert resumed.report["protocol"] == reference.report["protocol"]
+
+
 def test_store_ignores_unfinished_entries(tmp_path):
   store = resume.Store(tmp_path)
   (tmp_path / "u.orbax-checkpoint-tmp").mkdir()
