@@ -235,13 +235,10 @@ def calibration_split(n: int, cfg: PTQConfig) -> tuple[slice, slice]:
   return slice(0, n), slice(0, min(cfg.search_samples, n))
 
 
-def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
-  """Validates calibration images (float NHWC, the first layer's channel count, at least
-  one batch left for reconstruction after the search's held-out rows, all finite:
-  ``integrity.check_images``) and returns them as float32 on every device (so the
-  states computed from them share one placement); ValueError names what is wrong."""
-  integrity.check_images(calib, "calibration images", channels=input_channels(net))
-  n = calib.shape[0]
+def check_calibration_size(n: int, cfg: PTQConfig) -> None:
+  """ValueError unless ``n`` calibration images hold one reconstruction batch and, after
+  the search's held-out rows, still one batch (one image without reconstruction) to fit
+  the quantizers on."""
   if cfg.reconstruct and n < cfg.batch_size:
     raise ValueError(f"calibration set has {n} images, fewer than the batch size "
                      f"{cfg.batch_size}")
@@ -251,6 +248,15 @@ def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
     raise ValueError(f"search_samples = {cfg.search_samples} held out of {n} calibration "
                      f"images leaves {max(fit.stop, 0)} to fit the quantizers, fewer than "
                      f"{need} (lower search_samples or set search_holdout=False)")
+
+
+def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
+  """Validates calibration images (float NHWC, the first layer's channel count, enough
+  of them: ``check_calibration_size``, all finite: ``integrity.check_images``) and
+  returns them as float32 on every device (so the states computed from them share one
+  placement); ValueError names what is wrong."""
+  integrity.check_images(calib, "calibration images", channels=input_channels(net))
+  check_calibration_size(calib.shape[0], cfg)
   return parallel.replicate(jnp.asarray(calib, jnp.float32))
 
 
