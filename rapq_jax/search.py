@@ -2,10 +2,10 @@
 
 Coordinate descent over one integer offset per quantizer: each weight layer's exponents
 (all channels shift together) and each activation exponent. A visit to quantizer ``q``
-evaluates ``offset[q] - 1`` and ``offset[q] + 1``; if the better one strictly lowers the
-objective it is taken and the walk continues in that direction one step at a time while
-each step strictly lowers it, up to ``reach`` steps in all (``reach=1``: a plain +-1
-move). The objective therefore never increases. Sweeps over all quantizers repeat until
+tries ``offset[q] + 1``, and ``offset[q] - 1`` if that does not strictly lower the
+objective; a step that does is taken and the walk continues in its direction one step
+at a time while each step strictly lowers it, up to ``reach`` steps in all
+(``reach=1``: a single +-1 move). The objective therefore never increases. Sweeps over all quantizers repeat until
 one changes nothing or ``max_sweeps``; a search stopped by ``max_sweeps`` after a sweep
 that still moved an exponent is ``capped`` (it had not converged). The whole search is
 one ``jax.lax`` program (forward passes only).
