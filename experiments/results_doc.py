@@ -81,10 +81,23 @@ def _run_section(name: str, record: dict) -> str:
     for method, bits, s in searches:
       for when, info in s.items():
         lines.append(f"- {method} {bits}, {when} reconstruction: {info['before']:.4f} -> "
-                     f"{info['after']:.4f} in {info['sweeps']} sweep(s), "
-                     f"{len(info['moved'])} exponent(s) moved, {info['seconds']:.1f} s")
+                     f"{info['after']:.4f} in {info['sweeps']} sweep(s)"
+                     + (" (stopped at its sweep limit, still moving)" if info.get("capped") else "")
+                     + f", {len(info['moved'])} exponent(s) moved, {info['seconds']:.1f} s"
+                     + _search_images(info.get("images")))
     lines.append("")
   return "\n".join(lines)
+
+
+def _search_images(images: dict | None) -> str:
+  """Which calibration images a search scored (records before issue 13 do not say)."""
+  if not images:
+    return ""
+  (start, stop), fit = images["rows"], images["reconstruction_rows"]
+  if images["held_out"]:
+    return (f"; scored on {stop - start} held-out calibration images (rows {start}-{stop - 1}; "
+            f"reconstruction used rows {fit[0]}-{fit[1] - 1})")
+  return f"; scored on calibration rows {start}-{stop - 1}, which reconstruction also used"
 
 
 def _bench_section(name: str, record: dict) -> str:

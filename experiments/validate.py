@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from experiments import methods, pipeline
-from rapq_jax import integrity, models
+from rapq_jax import integrity, models, ptq
 
 
 CHECK_BATCH = 1024
@@ -47,6 +47,10 @@ def check_config(config: ml_collections.ConfigDict, runs) -> None:
     if cfg.reconstruct and config.calibration_size < cfg.batch_size:
       raise UserError(f"config.calibration_size = {config.calibration_size}: fewer images than "
                       f"one reconstruction batch (config.batch_size = {cfg.batch_size})")
+    try:
+      ptq.check_calibration_size(config.calibration_size, cfg)
+    except ValueError as err:
+      raise UserError(f"config.calibration_size = {config.calibration_size}: {err}") from None
   _positive_int(config, "test_size", optional=True)
   if config.model not in models.MODEL_NAMES:
     raise UserError(f"config.model = {config.model!r}: expected one of "

@@ -10,6 +10,7 @@ stem at round to nearest.
 """
 import dataclasses
 import functools
+import logging
 import time
 import warnings
 from typing import Callable, NamedTuple
@@ -177,19 +178,25 @@ def _init_all(net, specs, x, cfg):
   return states
 
 
-def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool):
-  """Runs the search; returns its result and a JSON-able summary."""
+def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool, when: str,
+                images: dict):
+  """Runs the search; returns its result and a JSON-able summary (``images``: which
+  calibration rows it scored). A search stopped at its sweep limit while still moving
+  exponents logs one warning."""
   t0 = time.perf_counter()
   # The first/last-layer quantizers (first_last_bits) keep their exponents: on the shared
   # ResNet-20 W2A4 the search's one move there (the classifier input) cost 1.0 top-1
   # point while its moves on low-bit quantizers gained.
   res = search.search_exponents(net, states, specs, x, fp_logits, weights=weights, acts=True,
                                 kind=cfg.search_objective, max_sweeps=cfg.search_sweeps,
-                                below_bits=cfg.first_last_bits)
+                                reach=cfg.search_reach, below_bits=cfg.first_last_bits)
   moved = [f"{u}/{k}:{n}{int(o):+d}" for (u, k, n), o in zip(res.names, np.asarray(res.offsets))
            if o]
-  info = dict(before=res.before, after=res.after, sweeps=res.sweeps, moved=moved,
-              seconds=time.perf_counter() - t0)
+  if res.capped:
+    logging.warning("exponent search %s reconstruction stopped at search_sweeps = %d with "
+                    "exponents still moving (%d moved)", when, cfg.search_sweeps, len(moved))
+  info = dict(before=res.before, after=res.after, sweeps=res.sweeps, capped=res.capped,
+              moved=moved, images=images, seconds=time.perf_counter() - t0)
   return res, info
 
 
@@ -232,14 +239,15 @@ def _load(store: resume.Store | None, name: str):
     return None
 
 
-def _search_before(net, states, specs, x, fp_logits, cfg, store):
+def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
   """The search before reconstruction, or its stored outcome: offsets
   ``{(unit, 'w'|'a', name): int}`` and the JSON-able summary."""
   loaded = _load(store, "search_before")
   if loaded is not None:
     info, _ = loaded
     return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
-  res, summary = _run_search(net, _rounded(states), specs, x, fp_logits, cfg, weights=True)
+  res, summary = _run_search(net, _rounded(states), specs, x, fp_logits, cfg, weights=True,
+                             when="before", images=images)
   offsets = dict(zip(res.names, np.asarray(res.offsets).tolist()))
   if store is not None:
     store.save("search_before", {"offsets": [[list(n), o] for n, o in offsets.items()],
@@ -356,15 +364,40 @@ def input_channels(net: Network) -> int:
   return net.params[net.units[0].name][first.role]["kernel"].shape[-2] * first.groups
 
 
-def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
-  """Validates calibration images (float NHWC, the first layer's channel count, at least
-  one batch, all finite: ``integrity.check_images``) and returns them as float32 on
-  every device (so the states computed from them share one placement); ValueError
-  names what is wrong."""
-  integrity.check_images(calib, "calibration images", channels=input_channels(net))
-  if cfg.reconstruct and calib.shape[0] < cfg.batch_size:
-    raise ValueError(f"calibration set has {calib.shape[0]} images, fewer than the batch size "
+def calibration_split(n: int, cfg: PTQConfig) -> tuple[slice, slice]:
+  """(rows the quantizers are initialised and reconstructed on, rows the search scores)
+  of ``n`` calibration images. With ``search_holdout`` the last ``search_samples`` rows
+  are the search's alone; without it the search scores the first ``search_samples``,
+  which reconstruction also uses; without a search every row is fitted."""
+  if cfg.search == "none":
+    return slice(0, n), slice(0, 0)
+  if cfg.search_holdout:
+    return slice(0, n - cfg.search_samples), slice(n - cfg.search_samples, n)
+  return slice(0, n), slice(0, min(cfg.search_samples, n))
+
+
+def check_calibration_size(n: int, cfg: PTQConfig) -> None:
+  """ValueError unless ``n`` calibration images hold one reconstruction batch and, after
+  the search's held-out rows, still one batch (one image without reconstruction) to fit
+  the quantizers on."""
+  if cfg.reconstruct and n < cfg.batch_size:
+    raise ValueError(f"calibration set has {n} images, fewer than the batch size "
                      f"{cfg.batch_size}")
+  fit, _ = calibration_split(n, cfg)
+  need = cfg.batch_size if cfg.reconstruct else 1
+  if fit.stop < need:
+    raise ValueError(f"search_samples = {cfg.search_samples} held out of {n} calibration "
+                     f"images leaves {max(fit.stop, 0)} to fit the quantizers, fewer than "
+                     f"{need} (lower search_samples or set search_holdout=False)")
+
+
+def check_calibration(net: Network, calib, cfg: PTQConfig) -> jax.Array:
+  """Validates calibration images (float NHWC, the first layer's channel count, enough
+  of them: ``check_calibration_size``, all finite: ``integrity.check_images``) and
+  returns them as float32 on every device (so the states computed from them share one
+  placement); ValueError names what is wrong."""
+  integrity.check_images(calib, "calibration images", channels=input_channels(net))
+  check_calibration_size(calib.shape[0], cfg)
   return parallel.replicate(jnp.asarray(calib, jnp.float32))
 
 
@@ -385,7 +418,8 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
 
   Args:
     net: from ``rapq_jax.fold.build_network``.
-    calib: float32 [N, H, W, C] preprocessed calibration images (N >= batch size).
+    calib: float32 [N, H, W, C] preprocessed calibration images (N >= batch size, plus
+      the search's held-out ``search_samples`` with ``search_holdout``).
     cfg: method settings (``rapq_jax.config.for_method``).
     metadata: extra JSON-serialisable facts stored in the result (config, versions...).
     store: where each finished unit (and the search before reconstruction) is saved and,
@@ -416,7 +450,11 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
       "name": cfg.protocol, "order": [], "not_reconstructed": list(frozen_units(net, cfg)),
       "input": None if input_spec is None else {
           "bits": input_spec.bits, "in_calibration": cal_net is net}}}
-  sub = calib[:cfg.search_samples]
+  fit_rows, search_rows = calibration_split(calib.shape[0], cfg)
+  images = dict(rows=[search_rows.start, search_rows.stop],
+                reconstruction_rows=[fit_rows.start, fit_rows.stop],
+                held_out=search_rows.start >= fit_rows.stop)
+  fit, sub = calib[fit_rows], calib[search_rows]
   fp_logits = None
   if cfg.search != "none":
     # The search's FP reference logits are computed like the search itself, on the
@@ -425,7 +463,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     # count, moving the objective values in their last bits.
     fp_logits = network_apply(net, sub)
 
-  states = _init_all(cal_net, cal_specs, calib[:INIT_SAMPLES], cfg)
+  states = _init_all(cal_net, cal_specs, fit[:INIT_SAMPLES], cfg)
   states.update(_rounded({u: states[u] for u in frozen_units(net, cfg)}))
   act_offsets = {}
   if cfg.search in ("before", "both"):
@@ -433,7 +471,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     # starts from the moved grids, and activation offsets apply on top of each unit's
     # own initialisation.
     offsets, report["search"]["before"] = _search_before(cal_net, states, cal_specs, sub,
-                                                         fp_logits, cfg, store)
+                                                         fp_logits, cfg, store, images)
     if cfg.reconstruct:
       states = _shift_weights(cal_net, states, cal_specs, offsets)
     else:
@@ -442,14 +480,15 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     act_offsets = {(u, n): o for (u, k, n), o in offsets.items() if k == "a"}
 
   if cfg.reconstruct:
-    states = _reconstruct_all(cal_net, cal_specs, states, act_offsets, calib, cfg, key, store,
+    states = _reconstruct_all(cal_net, cal_specs, states, act_offsets, fit, cfg, key, store,
                               report, progress)
-  states = _with_input_quantizer(net, states, specs, calib, cfg)
+  states = _with_input_quantizer(net, states, specs, fit, cfg)
 
   if cfg.search in ("after", "both"):
     # After AdaRound has learned a rounding for each grid only activations move.
     res, report["search"]["after"] = _run_search(net, states, specs, sub, fp_logits, cfg,
-                                                 weights=not cfg.reconstruct)
+                                                 weights=not cfg.reconstruct, when="after",
+                                                 images=images)
     states = res.states
 
   model = None

@@ -1,34 +1,48 @@
 """Network-wide search over integer exponents (RAPQ's global PoT adjustment).
 
 Coordinate descent over one integer offset per quantizer: each weight layer's exponents
-(all channels shift together) and each activation exponent. For quantizer ``q`` the
-candidates ``offset[q] - 1`` and ``offset[q] + 1`` are evaluated in one compiled
-function and the best replaces the current one only if it strictly lowers the
-objective, so a sweep never increases it. Sweeps repeat until one changes nothing or
-``max_sweeps``. The whole search is one ``jax.lax`` program (forward passes only).
+(all channels shift together) and each activation exponent. A visit to quantizer ``q``
+tries ``offset[q] + 1``, and ``offset[q] - 1`` if that does not strictly lower the
+objective; a step that does is taken and the walk continues in its direction one step
+at a time while each step strictly lowers it, up to ``reach`` steps in all
+(``reach=1``: a single +-1 move). The objective therefore never increases. Sweeps over all quantizers repeat until
+one changes nothing or ``max_sweeps``; a search stopped by ``max_sweeps`` after a sweep
+that still moved an exponent is ``capped`` (it had not converged). The whole search is
+one ``jax.lax`` program (forward passes only).
+
+Candidates are scored on the logits of the deployed integer model (``deployed_logits``:
+``quantized.from_states`` then ``quantized.apply``: round-half-up requantization, biases
+on the accumulator grid, aligned residual sums), not on the reconstruction's fake-quant
+forward, so the final objective is that of the model the search returns.
 
 Weight offsets are only meaningful for round-to-nearest weights (before AdaRound has
-learned a rounding for a grid); after reconstruction only activations are searched.
+learned a rounding for a grid: a learned rounding is a choice between the floor and
+ceil of ``w / 2**e`` on one grid and means nothing on another); after reconstruction
+only activations are searched.
 """
+import functools
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
-from rapq_jax import objective
+from rapq_jax import objective, quantized
 from rapq_jax.network import Network, network_apply
 from rapq_jax.quantizers import hooks
 
 
 class SearchResult(NamedTuple):
   """states: updated quantizer states; offsets: int32 [Q] applied per quantizer
-  (``names[i]`` = (unit, 'w'|'a', role or point)); objective before and after; sweeps run."""
+  (``names[i]`` = (unit, 'w'|'a', role or point)); objective before and after; sweeps
+  run; capped: stopped at ``max_sweeps`` while its last sweep still moved an exponent."""
   states: dict
   offsets: jax.Array
   names: tuple
   before: float
   after: float
   sweeps: int
+  capped: bool
 
 
 def quantizer_names(net: Network, states: dict, *, weights: bool, acts: bool,
@@ -64,56 +78,93 @@ def quantized_logits(net: Network, states: dict, specs: dict, x):
   return network_apply(net, x, lambda u: hk[u][0], lambda u: hk[u][1])
 
 
+def deployed_logits(net: Network, states: dict, specs: dict, x):
+  """Logits of the deployed integer model of hard power-of-two states:
+  ``quantized.apply(quantized.from_states(...), x)`` (jit-able, states may be traced)."""
+  return quantized.apply(quantized.from_states(net, states, specs, {}), x)
+
+
+def _spec_items(specs: dict) -> tuple:
+  """Hashable form of ``specs`` (``{unit: (wspecs, aspecs)}``)."""
+  return tuple((u, tuple(sorted(w.items())), tuple(sorted(a.items())))
+               for u, (w, a) in sorted(specs.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _program(names: tuple, spec_items: tuple, kind: str):
+  """The jitted search ``(net, states, x, fp_logits, max_sweeps, reach) -> (offsets,
+  before, after, sweeps, capped)``. It is one ``while_loop`` that evaluates one
+  candidate per step, so the network appears once in the compiled program."""
+  specs = {u: (dict(w), dict(a)) for u, w, a in spec_items}
+  n = len(names)
+
+  def value(net, states, x, fp_logits, offsets):
+    logits = deployed_logits(net, shift_states(states, names, offsets), specs, x)
+    return objective.logits_disagreement(logits, fp_logits, kind)
+
+  # Carry: offsets, best objective, objective before, quantizer q, step (0: the first
+  # evaluation, of the offsets as given; else +1 or -1), steps taken at q, completed
+  # sweeps, whether this sweep moved, done, capped.
+  def probe(net, states, x, fp_logits, max_sweeps, reach, c):
+    offsets, best, before, q, step, k, sweeps, changed, _, _ = c
+    cand = offsets + step * jax.nn.one_hot(q, n, dtype=jnp.int32)
+    v = value(net, states, x, fp_logits, cand)
+    first = step == 0
+    before = jnp.where(first, v, before)
+    better = (v < best) & ~first
+    offsets, best = jnp.where(better, cand, offsets), jnp.where(better | first, v, best)
+    k = k + better
+    walk_on = better & (k < reach)
+    try_down = ~better & ~first & (k == 0) & (step == 1)
+    leave = ~(walk_on | try_down | first)
+    step = jnp.where(try_down, -1, jnp.where(leave | first, 1, step))
+    changed = changed | better
+    q, k = jnp.where(leave, q + 1, q), jnp.where(leave, 0, k)
+    wrap = leave & (q == n)
+    sweeps = sweeps + wrap
+    done = wrap & (~changed | (sweeps >= max_sweeps))
+    capped = done & changed
+    return (offsets, best, before, jnp.where(wrap, 0, q), step, k, sweeps,
+            changed & ~wrap, done | (first & (max_sweeps == 0)), capped)
+
+  @jax.jit
+  def run(net, states, x, fp_logits, max_sweeps, reach):
+    zero = jnp.int32(0)
+    c = (jnp.zeros((n,), jnp.int32), jnp.float32(jnp.inf), jnp.float32(jnp.inf), zero, zero,
+         zero, zero, jnp.bool_(False), jnp.bool_(False), jnp.bool_(False))
+    step = functools.partial(probe, net, states, x, fp_logits, max_sweeps, reach)
+    c = jax.lax.while_loop(lambda c: ~c[8], step, c)
+    offsets, best, before, _, _, _, sweeps, _, _, capped = c
+    return offsets, before, best, sweeps, capped
+
+  return run
+
+
 def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
-                     weights: bool, acts: bool, kind: str = "kl",
-                     max_sweeps: int = 3, below_bits: int | None = None) -> SearchResult:
+                     weights: bool, acts: bool, kind: str = "kl", max_sweeps: int = 3,
+                     reach: int = 1, below_bits: int | None = None) -> SearchResult:
   """Runs the coordinate descent.
 
   Args:
-    net: folded network. states / specs: per unit ``{'w': ..., 'a': ...}`` quantizer
-      states and ``(wspecs, aspecs)``; exponents must be integral (hard).
-    x: float32 [N, H, W, C] calibration inputs; fp_logits: [N, classes] FP outputs.
+    net: folded network. states / specs: per unit ``{'w': ..., 'a': ...}`` power-of-two
+      quantizer states and ``(wspecs, aspecs)``; exponents must be integral (hard).
+    x: float32 [N, H, W, C] images to score on; fp_logits: [N, classes] FP outputs.
     weights / acts: which quantizers to search. kind: 'kl' or 'mse'.
+    reach: most steps one visit walks a quantizer's offset (>= 1).
     below_bits: search only quantizers with fewer bits (None: all).
   """
+  if reach < 1:
+    raise ValueError(f"reach = {reach!r}: expected an integer >= 1")
   names = quantizer_names(net, states, weights=weights, acts=acts, specs=specs,
                           below_bits=below_bits)
-  n = len(names)
-
+  chex.assert_rank(x, 4)
+  chex.assert_shape(fp_logits, (x.shape[0], None))
   # The network, states and images are arguments, not closed-over constants: XLA would
   # otherwise fold convolutions over them at compile time (seconds per conv), and equal
-  # architectures would not share compiled programs.
-  @jax.jit
-  def run(offsets0, net, states, x, fp_logits):
-    def value(offsets):
-      return objective.logits_disagreement(
-          quantized_logits(net, shift_states(states, names, offsets), specs, x), fp_logits,
-          kind)
-
-    best0 = value(offsets0)
-
-    def visit(q, carry):
-      offsets, best, changed = carry
-      cands = offsets[None, :] + jnp.array([-1, 1], jnp.int32)[:, None] * jax.nn.one_hot(
-          q, n, dtype=jnp.int32)[None, :]
-      vals = jax.lax.map(value, cands)
-      i = jnp.argmin(vals)
-      better = vals[i] < best
-      return (jnp.where(better, cands[i], offsets), jnp.where(better, vals[i], best),
-              changed | better)
-
-    def sweep(carry):
-      offsets, best, _, sweeps = carry
-      offsets, best, changed = jax.lax.fori_loop(0, n, visit, (offsets, best, False))
-      return offsets, best, changed, sweeps + 1
-
-    def more(carry):
-      return carry[2] & (carry[3] < max_sweeps)
-
-    offsets, best, _, sweeps = jax.lax.while_loop(
-        more, sweep, (offsets0, best0, jnp.bool_(n > 0), jnp.int32(0)))
-    return offsets, best0, best, sweeps
-
-  offsets, before, after, sweeps = run(jnp.zeros((n,), jnp.int32), net, states, x, fp_logits)
+  # architectures share compiled programs.
+  run = _program(names, _spec_items(specs), kind)
+  offsets, before, after, sweeps, capped = run(net, states, x, fp_logits,
+                                               jnp.int32(max_sweeps if names else 0),
+                                               jnp.int32(reach))
   return SearchResult(shift_states(states, names, offsets), offsets, names,
-                      float(before), float(after), int(sweeps))
+                      float(before), float(after), int(sweeps), bool(capped))

@@ -159,6 +159,17 @@ def test_results_doc_shows_each_rows_protocol(tmp_path):
   assert "Protocol (README, 'Protocols'): rapq_official official, the others strict." in text
 
 
+def test_results_doc_says_which_images_the_search_scored(tmp_path):
+  record = _record(78.5)
+  record["results"][1]["search"]["after"].update(
+      capped=True, images=dict(rows=[48, 64], reconstruction_rows=[0, 48], held_out=True))
+  (tmp_path / "a_run.json").write_text(json.dumps(record))
+  assert ("- rapq W4A4, after reconstruction: 0.3000 -> 0.2000 in 2 sweep(s) (stopped at its "
+          "sweep limit, still moving), 1 exponent(s) moved, 1.0 s; scored on 16 held-out "
+          "calibration images (rows 48-63; reconstruction used rows 0-47)"
+          in results_doc.render(tmp_path))
+
+
 def test_merge_results_joins_runs_split_across_processes(tmp_path):
   w4, w2 = _record(78.5), _record(70.0)
   w2["results"][1].update(wbits=2)

@@ -18,7 +18,8 @@ import pytest
 
 from nets import random_variables
 
-from rapq_jax import config, fold, integer, objective, pot, ptq, quantized, quantizers, reconstruct
+from rapq_jax import (config, fold, integer, objective, pot, ptq, quantized, quantizers, reconstruct,
+                      search)
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import Network, network_apply
 
@@ -101,6 +102,46 @@ def test_every_method_runs(tiny, run, method):
       assert round(unit_info["p_unrounded"], 1) == unit_info["p"]
       assert unit_info["p_unrounded"] == ptq.unit_lp(net, name, cfg, rounded=False)
   assert result.report["protocol"]["name"] == "strict"
+
+
+def test_search_scores_held_out_images_in_deployed_arithmetic(tiny, monkeypatch):
+  """rapq (search after reconstruction, search_holdout): the quantizers are initialised
+  and every unit reconstructed on the first 32 of the 64 calibration images only, and
+  the search scores the other 32 (as the report says); the search's final objective is
+  the KL of the returned model's ``quantized.apply`` logits on those images (rtol 1e-5:
+  identical logits, the KL's float32 reduction fused differently, see
+  tests/test_search.py)."""
+  net, calib, _ = tiny
+  seen = {"init": [], "units": [], "search": []}
+  init_all, reconstruct, search_exponents = ptq._init_all, ptq.reconstruct_unit, search.search_exponents
+
+  def record(key, fn, position):
+    def wrapped(*args, **kw):
+      seen[key].append(np.asarray(args[position]))
+      return fn(*args, **kw)
+    return wrapped
+
+  monkeypatch.setattr(ptq, "_init_all", record("init", init_all, 2))
+  monkeypatch.setattr(ptq, "reconstruct_unit", record("units", reconstruct, 7))
+  monkeypatch.setattr(search, "search_exponents", record("search", search_exponents, 3))
+  result = ptq.quantize_network(net, calib, config.for_method("rapq", **SMALL), progress=False)
+  n, held = N_CALIB, SMALL["search_samples"]
+  info = result.report["search"]["after"]
+  assert info["images"] == dict(rows=[n - held, n], reconstruction_rows=[0, n - held],
+                                held_out=True)
+  fit, scored = np.asarray(calib[:n - held]), np.asarray(calib[n - held:])
+  (init_x,), (search_x,) = seen["init"], seen["search"]
+  np.testing.assert_array_equal(init_x, fit)
+  np.testing.assert_array_equal(seen["units"][0], fit)          # the first unit's input
+  assert len(seen["units"]) == len(net.units)
+  assert all(x.shape[0] == n - held for x in seen["units"])
+  np.testing.assert_array_equal(search_x, scored)
+  assert not {r.tobytes() for r in fit} & {r.tobytes() for r in scored}   # disjoint rows
+  x = calib[n - held:]
+  deployed = objective.logits_disagreement(jax.jit(quantized.apply)(result.model, x),
+                                           network_apply(net, x), "kl")
+  np.testing.assert_allclose(info["after"], deployed, rtol=1e-5)
+  assert info["after"] <= info["before"] and isinstance(info["capped"], bool)
 
 
 def test_search_before_and_after_reconstruction(tiny):
@@ -474,6 +515,23 @@ def test_too_few_calibration_images(tiny):
   net, calib, _ = tiny
   with pytest.raises(ValueError, match="batch size 8"):
     ptq.quantize_network(net, calib[:4], config.for_method("brecq_pot", **SMALL), progress=False)
+  with pytest.raises(ValueError, match=r"search_samples = 60 held out of 64 calibration images "
+                                       r"leaves 4 to fit the quantizers, fewer than 8"):
+    ptq.quantize_network(net, calib, config.for_method("rapq", **{**SMALL, "search_samples": 60}),
+                         progress=False)
+
+
+@pytest.mark.parametrize("overrides, fit, scored", [
+    (dict(search_samples=16), (0, 48), (48, 64)),
+    (dict(search_samples=16, search_holdout=False), (0, 64), (0, 16)),
+    (dict(search_samples=100, search_holdout=False), (0, 64), (0, 64)),
+    (dict(search_samples=16, search="none"), (0, 64), (0, 0)),
+])
+def test_calibration_split(overrides, fit, scored):
+  """Rows fitted and rows the search scores: held out (the default), shared with
+  reconstruction (search_holdout=False), or none without a search."""
+  split = ptq.calibration_split(64, config.for_method("rapq", **overrides))
+  assert [(s.start, s.stop) for s in split] == [fit, scored]
 
 
 # ------------------------------------------------------------------ config
@@ -504,6 +562,8 @@ def test_method_presets(method, expected):
     (lambda: config.for_method("rapq", batch_size=0), "batch_size", "0"),
     (lambda: config.for_method("rapq", search="x"), "search", "'x'"),
     (lambda: config.for_method("rapq", search_objective="l1"), "search_objective", "'l1'"),
+    (lambda: config.for_method("rapq", search_reach=0), "search_reach", "0"),
+    (lambda: config.for_method("rapq", search_holdout=1), "search_holdout", "1"),
     (lambda: config.for_method("rapq", lp_source="gamma"), "lp_source", "'gamma'"),
     (lambda: config.for_method("rapq", learn_exponent=True, weight_iters=100, exp_warm_iters=101),
      "exp_warm_iters", "101"),

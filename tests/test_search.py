@@ -1,6 +1,11 @@
 """Specification of rapq_jax.search: network-wide coordinate descent over integer
-exponent offsets. A search never increases its objective, keeps every exponent an
-integer, and is deterministic; ``shift_states`` adds the offsets exactly."""
+exponent offsets. A search never increases its objective, which is that of the deployed
+integer model (``quantized.apply``), keeps every exponent an integer, is deterministic,
+walks an exponent several steps in one visit and reports a search stopped at its sweep
+limit; ``shift_states`` adds the offsets exactly."""
+import dataclasses
+import logging
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +14,7 @@ import pytest
 
 from nets import random_variables
 
-from rapq_jax import config, fold, objective, ptq, search
+from rapq_jax import config, fold, objective, ptq, quantized, search
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import network_apply
 
@@ -34,8 +39,13 @@ def problem():
   return net, states, specs, x, fp_logits, result
 
 
+def deployed(net, states, specs):
+  """The deployed model of hard states, as ``rapq_jax.ptq`` builds it."""
+  return quantized.from_states(net, states, specs, {"test": True})
+
+
 def objective_of(net, states, specs, x, fp_logits):
-  logits = jax.jit(lambda n, s: search.quantized_logits(n, s, specs, x))(net, states)
+  logits = jax.jit(quantized.apply)(deployed(net, states, specs), x)
   return float(objective.logits_disagreement(logits, fp_logits, "kl"))
 
 
@@ -54,11 +64,22 @@ def test_search_never_increases_objective(problem):
   assert result.after <= result.before
   assert result.after < result.before             # naive states leave room to improve
   assert 1 <= result.sweeps <= 3
-  # The reported values are the objective of the states before and after.
-  np.testing.assert_allclose(result.before, objective_of(net, states, specs, x, fp_logits),
-                             rtol=1e-4)
-  np.testing.assert_allclose(result.after, objective_of(net, result.states, specs, x, fp_logits),
-                             rtol=1e-4)
+
+
+def test_objective_is_the_deployed_models(problem):
+  """The reported objectives are those of the deployed integer models of the states
+  before and after (``quantized.apply`` of ``quantized.from_states``). Their logits are
+  exact (integers times powers of two), so the search's logits equal the model's bit
+  for bit. The KL of those identical logits is then computed in two XLA programs whose
+  log-softmax, exp and sums are fused and reduced in different orders (measured: 16
+  float32 ulps apart), hence rtol 1e-5, about 100 ulps; a changed exponent moves the
+  objective by far more (percent)."""
+  net, states, specs, x, fp_logits, result = problem
+  for st, value in ((states, result.before), (result.states, result.after)):
+    np.testing.assert_array_equal(
+        jax.jit(lambda n, s: search.deployed_logits(n, s, specs, x))(net, st),
+        jax.jit(quantized.apply)(deployed(net, st, specs), x))
+    np.testing.assert_allclose(value, objective_of(net, st, specs, x, fp_logits), rtol=1e-5)
 
 
 def test_search_returns_integral_exponents(problem):
@@ -122,3 +143,64 @@ def test_below_bits_keeps_first_and_last_quantizers_out(problem):
   bits = {n: specs[n[0]][0 if n[1] == "w" else 1][n[2]].bits for n in every}
   assert low == tuple(n for n in every if bits[n] < 8)
   assert 0 < len(low) < len(every)
+
+
+def only(specs, keep):
+  """``specs`` with every quantizer but ``keep`` ((unit, kind, name)) at 8 bits."""
+  out = {}
+  for u, (w, a) in specs.items():
+    out[u] = tuple({n: sp if (u, kind, n) == keep else dataclasses.replace(sp, bits=8)
+                    for n, sp in d.items()} for kind, d in (("w", w), ("a", a)))
+  return out
+
+
+@pytest.mark.parametrize("reach", [1, 8])
+def test_walk_reaches_an_exponent_several_steps_away(problem, reach):
+  """The stem's output activation started 4 steps too fine (heavy clipping) with every
+  other quantizer at 8 bits: the objective falls at each step back towards a minimum
+  several steps away. One sweep with reach 8 walks all the way to it; a +-1 move
+  (reach 1) gets one step."""
+  net, states, specs, x, fp_logits, _ = problem
+  name = ("conv1", "a", "out")
+  specs = only(specs, name)
+  start = search.shift_states(states, (name,), jnp.array([-4], jnp.int32))
+  profile = [objective_of(net, search.shift_states(start, (name,), jnp.array([k], jnp.int32)),
+                          specs, x, fp_logits) for k in range(9)]
+  best = int(np.argmin(profile))
+  assert best >= 2 and np.all(np.diff(profile[:best + 1]) < 0), profile   # the case holds
+  result = search.search_exponents(net, start, specs, x, fp_logits, weights=True, acts=True,
+                                   max_sweeps=1, reach=reach, below_bits=8)
+  assert result.names == (name,)
+  np.testing.assert_array_equal(result.offsets, [min(best, reach)])
+  np.testing.assert_allclose(result.after, profile[min(best, reach)], rtol=1e-5)
+  assert result.sweeps == 1 and result.capped
+
+
+def test_sweep_limit_is_reported(problem):
+  """A search stopped by max_sweeps after a sweep that moved an exponent is capped; one
+  that ran to convergence is not, and a further sweep from its result moves nothing."""
+  net, states, specs, x, fp_logits, result = problem
+  assert result.sweeps == 3 and result.capped
+  converged = search.search_exponents(net, states, specs, x, fp_logits, weights=True,
+                                      acts=True, max_sweeps=50)
+  assert converged.sweeps < 50 and not converged.capped
+  assert converged.after <= result.after
+  again = search.search_exponents(net, converged.states, specs, x, fp_logits, weights=True,
+                                  acts=True, max_sweeps=1)
+  assert again.sweeps == 1 and not again.capped and not np.any(again.offsets)
+  assert again.after == again.before == converged.after
+
+
+def test_run_search_warns_once_when_capped(problem, caplog):
+  """The pipeline's search summary says whether the search was capped, and a capped
+  search logs one warning line."""
+  net, states, specs, x, fp_logits, _ = problem
+  cfg = config.for_method("rapq", search_sweeps=1, search_samples=x.shape[0])
+  images = dict(rows=[0, x.shape[0]], reconstruction_rows=[0, 0], held_out=True)
+  with caplog.at_level(logging.WARNING):
+    _, info = ptq._run_search(net, states, specs, x, fp_logits, cfg, weights=True,
+                              when="after", images=images)
+  assert info["capped"] and info["sweeps"] == 1 and info["images"] == images
+  assert [r.getMessage() for r in caplog.records] == [
+      f"exponent search after reconstruction stopped at search_sweeps = 1 with exponents "
+      f"still moving ({len(info['moved'])} moved)"]
