@@ -331,7 +331,7 @@ def test_official_protocol_order_weights_then_activations(tiny, official):
   in neither, the classifier (no activation quantizer) has no activation stage."""
   net, _, _ = tiny
   result, stages = official
-  names = net.unit_names()
+  names = [u.name for u in net.units]
   expected = [[u, "weights"] for u in names[1:]] + [[u, "acts"] for u in names[1:-1]]
   assert [[u, s] for u, s, _ in stages] == expected
   assert result.report["protocol"]["order"] == expected
@@ -355,7 +355,7 @@ def test_official_protocol_stage_inputs(tiny, official):
                              *result.specs[u], soft=False, acts_on=True)
         for u, s in result.states.items()}
   for i, (unit, stage, xs) in enumerate(stages):
-    until = net.unit_names().index(unit)
+    until = [u.name for u in net.units].index(unit)
     aq_for = (lambda u: hk[u][1]) if stage == "acts" else None
     expected = network_apply(cal_net, calib, lambda u: hk[u][0], aq_for, until=until)
     np.testing.assert_allclose(xs, expected, rtol=1e-5, atol=1e-5, err_msg=f"stage {i}")
@@ -398,7 +398,7 @@ def test_official_protocol_p_is_2_for_stem_and_classifier(tiny, official):
   assert ptq.unit_lp(net, stem, OFFICIAL) == ptq.unit_lp(net, head, OFFICIAL) == 2.0
   assert ptq.unit_lp(net, stem, config.for_method("rapq")) in (1.0, 1.1)   # strict: BN-derived
   assert result.report["units"][head]["p"] == 2.0
-  assert {result.report["units"][u]["p"] for u in net.unit_names()[1:-1]} <= {1.0, 1.1}
+  assert {result.report["units"][u]["p"] for u in [u.name for u in net.units][1:-1]} <= {1.0, 1.1}
 
 
 def test_official_protocol_model_is_integer_exact(tiny, official):
