@@ -47,7 +47,6 @@ def _set(config, field: str, value):
     ("rapq", "ptq.lr_w", 0.0, "lr_w = 0.0: expected a finite number > 0"),
     ("rapq", "ptq.b_end", math.inf, "b_end = inf: expected a finite number > 0"),
     ("rapq", "ptq.warmup", 1.5, r"warmup = 1.5: expected a finite number >= 0 and <= 1"),
-    ("rapq", "ptq.lp_fixed", "two", "lp_fixed = 'two': expected a number"),
     ("naive", "eval_batch_size", 0, "config.eval_batch_size = 0: expected an integer >= 1"),
     ("naive", "calibration_size", 0, "config.calibration_size = 0: expected an integer >= 1"),
     ("naive", "test_size", 0, r"config.test_size = 0: expected an integer >= 1 \(or None"),
@@ -67,6 +66,13 @@ def test_bad_config_fields_are_named_before_any_data_is_read(method, field, valu
   monkeypatch.setattr(validate.pipeline, "load_data", lambda c: pytest.fail("data read"))
   with pytest.raises(validate.UserError, match=message):
     validate.prepare(config, [("fp", config), (method, config)])
+
+
+def test_config_ptq_fields_refuse_a_value_of_another_type():
+  """``config.ptq`` fields are typed placeholders: a string for a float is refused when it
+  is set, naming the field, before any run starts."""
+  with pytest.raises(TypeError, match="lp_fixed"):
+    _set(fmnist_config(), "ptq.lp_fixed", "two")
 
 
 def test_library_config_checks_every_float_field():
