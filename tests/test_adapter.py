@@ -350,8 +350,9 @@ def test_readme_example_runs(example):
   text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
   section = text.split("## Quantize your own Flax model", 1)[1].split("\n## ", 1)[0]
   code = section.split("```python\n")[1 + example].split("```", 1)[0]
-  smaller = {"weight_iters=2000, act_iters=500": "weight_iters=20, act_iters=5, exp_warm_iters=5",
-             "(256, 32, 32, 3)": "(32, 16, 16, 3)"}
+  smaller = {"weight_iters=2000, act_iters=500":
+                 "weight_iters=20, act_iters=5, exp_warm_iters=5, search_samples=8",
+             "(512, 32, 32, 3)": "(40, 16, 16, 3)"}
   for verbatim, small in smaller.items():
     assert verbatim in code
     code = code.replace(verbatim, small)

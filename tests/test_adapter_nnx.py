@@ -22,10 +22,10 @@ from rapq_jax import adapter, config, quantized
 from rapq_jax.network import network_apply
 
 HW = 8
-SMALL = dict(weight_iters=10, act_iters=5, exp_warm_iters=5, batch_size=8, search_samples=16)
+SMALL = dict(weight_iters=10, act_iters=5, exp_warm_iters=5, batch_size=8, search_samples=8)
 
 
-def _images(n=16):
+def _images(n=24):
   return jnp.asarray(np.random.default_rng(1).normal(size=(n, HW, HW, 3)), jnp.float32)
 
 
