@@ -9,8 +9,18 @@ The session shares one XLA compilation cache (a temporary directory, unless
 ``JAX_COMPILATION_CACHE_DIR`` is set) with the subprocesses its tests start, so a
 computation that several tests or processes build (the same step of a tiny model,
 ``experiments.run`` started again to resume) compiles once.
+
+The suite runs in two worker processes (pytest-xdist, ``-n 2 --dist loadfile`` in
+setup.cfg: a file's tests share one process and its module fixtures). Every XLA CPU
+executable holds its own memory mappings, and a process that keeps thousands alive runs
+into the kernel's limit on mappings (``vm.max_map_count``, 65530 by default), where the
+next compilation crashes the interpreter (seen in CI as SIGABRT / SIGSEGV inside XLA's
+compiler). So after a test module, when the process holds more than half that many
+mappings, its in-memory compiled programs are dropped (``jax.clear_caches``; the
+persistent cache above still serves them).
 """
 import atexit
+import gc
 import os
 import pathlib
 import shutil
@@ -28,6 +38,21 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+_MAX_MAPPINGS = 65530   # Linux's default vm.max_map_count
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drops the in-memory compiled programs after a module if mappings run high."""
+  yield
+  maps = pathlib.Path("/proc/self/maps")
+  if not maps.is_file() or len(maps.read_bytes().splitlines()) < _MAX_MAPPINGS // 2:
+    return
+  import jax  # pylint: disable=import-outside-toplevel  (after the cache settings above)
+  jax.clear_caches()
+  gc.collect()
 
 
 def _missing(what: str):

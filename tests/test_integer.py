@@ -163,17 +163,18 @@ def test_jit_matches_eager_and_batches_independently(nets):
 
 @pytest.mark.shared
 @pytest.mark.slow
-@pytest.mark.parametrize("wbits", [4, 2])
-def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir, wbits):
-  """A short RAPQ run of the pretrained ResNet-20 (W4A4 / W2A4): on the first 1000
+def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
+  """A short RAPQ run of the pretrained ResNet-20 at W2A4 (the widest integer ranges
+  of 4-bit codes are checked on the tiny nets above and on ResNet-18 in
+  tests/test_export.py; W2 is the case far from them): on the first 1000
   CIFAR-10 test images the integer path's top-1 predictions are identical to the
   simulation's and its dequantized logits differ by at most the documented bound, 0.
   The claim is equality, so the budget is small (every mechanism still runs: learned
   rounding, the exponent choice, the search), large enough that the model is far from
-  constant (W2 needs more steps); docs/INTEGER.md has the full test set."""
+  constant; docs/INTEGER.md has the full test set."""
   cfg = load_config("cifar10_resnet20", shared_dir)
-  cfg.wbits, cfg.abits = wbits, 4
-  cfg.weight_iters, cfg.act_iters = (10, 4) if wbits == 4 else (100, 20)
+  cfg.wbits, cfg.abits = 2, 4
+  cfg.weight_iters, cfg.act_iters = 100, 20
   cfg.calibration_size, cfg.test_size = 128, 1000
   cfg.ptq.search_samples = 32     # held out of the 128; 96 reconstructed on
   data = pipeline.load_data(cfg)
