@@ -34,6 +34,9 @@ QUANT_METHODS = {
     "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),
     "rapq_act_choice": ("rapq", {"act_exp_window": 2},
                         "RAPQ, activation exponents re-chosen within +-2 by each unit's loss"),
+    "rapq_weight_choice": ("rapq", {"weight_exp_window": 1},
+                           "RAPQ, weight exponents re-chosen within +-1 per channel by layer-"
+                           "output error a quarter into reconstruction"),
     "rapq_official": ("rapq", {"protocol": "official"},
                       "RAPQ under the official driver's protocol (PTQConfig.protocol)"),
     "brecq_official": ("brecq", {"protocol": "official"},
@@ -135,6 +138,7 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
       seconds_per_iter={u: r["seconds"] / iters for u, r in units.items()} if iters else {},
       lp={u: r["p"] for u, r in units.items()},
       lp_unrounded={u: r["p_unrounded"] for u, r in units.items()},
+      weight_moves={u: r.get("weight_moves", {}) for u, r in units.items()},
       loss_curves={u: r["history"] for u, r in units.items()},
       search=result.report["search"],
       protocol=result.report["protocol"],

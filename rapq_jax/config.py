@@ -30,6 +30,7 @@ FLOAT_RANGES = {
     "lp_fixed": (0.0, False, None), "init_p": (0.0, False, None),   # Lp exponents p > 0
     "bn_stats_weight": (0.0, True, None),
     "weight_phase_act_quant": (0.0, True, 1.0),
+    "weight_exp_at": (0.0, True, 1.0),
 }
 BOOL_FIELDS = ("weight_signed", "pot_scales", "reconstruct", "learn_exponent",
                "reinit_alpha_on_harden", "search_holdout")
@@ -130,6 +131,11 @@ class PTQConfig:
   bn_stats_weight: float = 0.0
   init_p: float = 2.4
   weight_phase_act_quant: float = 0.0
+  # Part-way through the weight stage (after weight_exp_at of its rounding steps), move
+  # each PoT weight channel's exponent to whichever of e + k, |k| <= weight_exp_window,
+  # gives its layer output the least Lp error on the unit's calibration cache (0: off).
+  weight_exp_window: int = 0
+  weight_exp_at: float = 0.25
   # After the activation phase, re-choose each PoT activation exponent among round(t) + k,
   # |k| <= act_exp_window, by the unit's loss over its calibration cache (0: off).
   act_exp_window: int = 0
@@ -171,7 +177,7 @@ class PTQConfig:
       except ValueError as err:
         raise ValueError(f"{name}: {err}") from None
     for name in ("weight_iters", "act_iters", "search_sweeps", "exp_warm_iters",
-                 "act_exp_window"):
+                 "act_exp_window", "weight_exp_window"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 0")
     for name in ("batch_size", "search_samples", "search_reach"):
@@ -190,6 +196,9 @@ class PTQConfig:
     if self.learn_exponent and self.exp_warm_iters > self.weight_iters and self.reconstruct:
       raise ValueError(f"exp_warm_iters = {self.exp_warm_iters} exceeds weight_iters = "
                        f"{self.weight_iters}: the exponent must be hardened before the end")
+    if self.weight_exp_window and (self.learn_exponent or not self.pot_scales):
+      raise ValueError(f"weight_exp_window = {self.weight_exp_window} moves fixed power-of-two "
+                       "exponents: it needs pot_scales=True and learn_exponent=False")
     if not self.pot_scales and (self.learn_exponent or self.search != "none"):
       raise ValueError("float scales (pot_scales=False) need learn_exponent=False and "
                        "search='none'")

@@ -269,7 +269,8 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
                  stages):
   """Reconstructs the ``stages`` ('weights', 'acts') of one unit from its weight states
   and fresh activation states on the quantized inputs ``q_x``; returns its states and
-  report entry (seconds, p and its unrounded value, history, activation moves)."""
+  report entry (seconds, p and its unrounded value, history, activation and weight
+  exponent moves)."""
   params, (wspecs, aspecs) = net.params[unit.name], specs[unit.name]
   astates = _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x,
                         final_weights="weights" not in stages)
@@ -279,7 +280,7 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
                          weights="weights" in stages, acts="acts" in stages)
   return {"w": res.wstates, "a": res.astates}, {
       "seconds": res.seconds, "p": p, "p_unrounded": unit_lp(net, unit.name, cfg, rounded=False),
-      "history": res.history, "act_moves": res.act_moves}
+      "history": res.history, "act_moves": res.act_moves, "weight_moves": res.weight_moves}
 
 
 def _joined(entry: dict | None, later: dict) -> dict:
@@ -290,7 +291,8 @@ def _joined(entry: dict | None, later: dict) -> dict:
   return {**later, "seconds": entry["seconds"] + later["seconds"],
           "history": {k: list(entry["history"][k]) + list(later["history"][k])
                       for k in later["history"]},
-          "act_moves": {**entry["act_moves"], **later["act_moves"]}}
+          "act_moves": {**entry["act_moves"], **later["act_moves"]},
+          "weight_moves": {**entry.get("weight_moves", {}), **later["weight_moves"]}}
 
 
 def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, report,
@@ -338,6 +340,8 @@ def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, re
                      f"{entry['seconds']:6.1f} s  p={entry['p']:g}"
                      + (f"  final loss {losses[-1][1]:.4g}" if losses else "")
                      + "".join(f"  {a} {m:+d}" for a, m in entry["act_moves"].items() if m)
+                     + "".join(f"  {r} {m} ch moved" for r, m in
+                               entry.get("weight_moves", {}).items() if m)
                      + ("  (loaded)" if loaded else ""))
       q_x = _batched(functools.partial(fns.hard, params, states[unit.name], acts_on=acts_on),
                      q_x)

@@ -97,6 +97,19 @@ def reset_rounding(w: chex.Array, state: dict, spec: WeightSpec) -> dict:
   return {**state, "alpha": _alpha_for(w, weight_scale(state, spec))}
 
 
+def move_exponents(w: chex.Array, state: dict, spec: WeightSpec, moves: chex.Array) -> dict:
+  """The integer exponents of a PoT weight quantizer moved by ``moves`` (int [O], kept
+  in ``[EXP_MIN, EXP_MAX]``); the AdaRound logits of the channels that moved restart
+  on their new grid (``reset_rounding``), the others keep what they learned."""
+  chex.assert_shape(moves, state["log2s"].shape)
+  new = {**state, "log2s": pot.clip_exponent(state["log2s"] + moves).astype(jnp.float32)}
+  if "alpha" not in state:
+    return new
+  moved = new["log2s"] != state["log2s"]
+  new["alpha"] = jnp.where(moved, _alpha_for(w, weight_scale(new, spec)), state["alpha"])
+  return new
+
+
 def weight_scale(state: dict, spec: WeightSpec) -> chex.Array:
   """Per-channel step size [O]: ``2**(e0 + h(v))`` while the exponent is soft, exactly
   ``2**e`` once it is an integer, ``2**log2s`` for float scales."""

@@ -15,6 +15,12 @@ Phases of a unit's weight stage (``weight_iters`` steps in all):
    ``b`` annealed from ``b_start`` to ``b_end`` over the phase);
 2. the exponent is hardened to an exact integer and frozen, ``alpha`` restarts on the
    new grid (``reinit_alpha_on_harden``) and anneals as AdaRound for the rest.
+Fixed exponents (no ``v``) respond to reconstruction with ``weight_exp_window`` > 0:
+after ``weight_exp_at`` of the rounding steps, each output channel of each PoT layer
+takes whichever of ``e + k`` (``|k| <= weight_exp_window``) gives its layer output the
+smallest Lp error over the unit's whole calibration cache, the other layers at their
+learned rounding (``choose_weight_exponents``); a channel that moves restarts its
+rounding on the new grid, and AdaRound goes on for the remaining steps.
 Then ``act_iters`` steps learn the unit's activation exponents with hard weights. A
 power-of-two exponent uses ``round(t)``, and Adam at ``lr_a`` rarely carries ``t`` across
 a rounding boundary, so with ``act_exp_window`` > 0 each PoT activation exponent is then
@@ -40,13 +46,16 @@ REPORT_EVERY = 100
 
 
 class UnitResult(NamedTuple):
-  """Learned states of one unit, its loss curves (``{phase: [(step, loss)]}``) and the
-  moves of its activation exponents chosen by loss (``{point: k}``, empty when off)."""
+  """Learned states of one unit, its loss curves (``{phase: [(step, loss)]}``), the
+  moves of its activation exponents chosen by loss (``{point: k}``) and how many output
+  channels of each layer moved their weight exponent (``{role: count}``); the moves are
+  empty when their choice is off."""
   wstates: dict
   astates: dict
   history: dict
   seconds: float
   act_moves: dict
+  weight_moves: dict
 
 
 def structural(unit: Unit) -> Unit:
@@ -215,6 +224,75 @@ def choose_act_exponents(loss_fn, astates: dict, aspecs: dict, window: int,
   return current, moves
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_errors(unit: Unit, wspecs: tuple, aspecs: tuple, role: str, p: float, n: int,
+                    acts_on: bool, window: int):
+  """Jitted: ``errors(wstates, astates, params, xs) -> [2 * window + 1, O]``, for each
+  exponent offset ``k = -window .. window`` of layer ``role`` (round to nearest on that
+  grid) the Lp error of each of its output channels, before the activation, against
+  its FP kernel on the same input, summed over the first ``n`` rows of the cache. The
+  other layers use their hard states; activations are quantized when ``acts_on``."""
+  wspecs, aspecs = dict(wspecs), dict(aspecs)
+
+  @jax.jit
+  def errors(wstates, astates, params, xs):
+    kernel = params[role]["kernel"]
+    nearest = {k: v for k, v in wstates[role].items() if k != "alpha"}
+    kernels = [kernel] + [quantizers.weight_fake_quant(
+        kernel, {**nearest, "log2s": nearest["log2s"] + k}, wspecs[role], soft=False)
+        for k in range(-window, window + 1)]
+    _, aq = quantizers.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=acts_on)
+
+    def output(x, own):
+      def wq(r, k):
+        return own if r == role else quantizers.weight_fake_quant(k, wstates[r], wspecs[r],
+                                                                 soft=False)
+      return unit_apply(unit, params, x, wq, aq)[1][role]
+
+    chunks = -(-xs.shape[0] // CHOICE_ROWS)
+    pad = chunks * CHOICE_ROWS - xs.shape[0]
+    rows = jnp.pad(xs, [(0, pad)] + [(0, 0)] * (xs.ndim - 1))
+    rows = rows.reshape((chunks, CHOICE_ROWS) + xs.shape[1:])
+    mask = (jnp.arange(chunks * CHOICE_ROWS) < n).reshape(chunks, CHOICE_ROWS)
+
+    def chunk_errors(args):
+      x, m = args
+      ref = output(x, kernels[0])
+      m = m.reshape((-1,) + (1,) * (ref.ndim - 1))
+      return jnp.stack([jnp.sum(jnp.abs(output(x, k) - ref) ** p * m,
+                                axis=tuple(range(ref.ndim - 1))) for k in kernels[1:]])
+
+    return jnp.sum(jax.lax.map(chunk_errors, (rows, mask)), axis=0)
+
+  return errors
+
+
+def choose_weight_exponents(unit: Unit, errors_for, params: dict, wstates: dict,
+                            wspecs: dict, window: int) -> tuple[dict, dict]:
+  """Per output channel, the weight exponent ``e + k`` (``|k| <= window``) with the
+  smallest ``errors_for(role, wstates)[k + window, channel]``, a strict improvement on
+  ``k = 0`` needed to move; the PoT layers in the unit's order, each scored with the
+  choices of the layers before it. Moved channels restart their rounding
+  (``quantizers.move_exponents``).
+
+  Returns:
+    (weight states, {role: number of channels moved}).
+  """
+  moved = {}
+  for layer in unit.layers:
+    spec = wspecs[layer.role]
+    if not spec.pot or "v" in wstates[layer.role]:
+      continue
+    err = errors_for(layer.role, wstates)
+    best = jnp.argmin(err, axis=0)
+    moves = jnp.where(jnp.min(err, axis=0) < err[window], best - window, 0)
+    state = quantizers.move_exponents(params[layer.role]["kernel"], wstates[layer.role],
+                                      spec, moves)
+    moved[layer.role] = int(jnp.sum(state["log2s"] != wstates[layer.role]["log2s"]))
+    wstates = {**wstates, layer.role: state}
+  return wstates, moved
+
+
 def _exponent_state(train) -> str:
   """Progress text: share of exponent logits already saturated to 0 or 1."""
   h = np.concatenate([np.asarray(rounding.rectified_sigmoid(s["v"])) for s in train.values()])
@@ -260,17 +338,32 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
   history = {"weights": [], "acts": []}
   kw, ka = jax.random.split(key)
   learn_v = any("v" in s for s in wstates.values())
-  phases = []
+  phases = []   # (name, first step, last step, learns v)
+  choose_at = None
   if weights:
     if learn_v:
       phases.append(("exponent", 0, min(cfg.exp_warm_iters, cfg.weight_iters), True))
-    phases.append(("rounding", phases[0][2] if phases else 0, cfg.weight_iters, False))
+    first = phases[0][2] if phases else 0
+    if cfg.weight_exp_window and not learn_v:
+      choose_at = first + round(cfg.weight_exp_at * (cfg.weight_iters - first))
+      phases.append(("rounding", first, choose_at, False))
+      first = choose_at
+    phases.append(("rounding", first, cfg.weight_iters, False))
   acts = acts and bool(aspecs)
   done_w = cfg.weight_iters if weights else 0     # progress-bar steps before the activations
   bar = tqdm(total=done_w + (cfg.act_iters if acts else 0), desc=f"{unit.name:>14}",
              disable=None if progress else True,  # None: a bar on a terminal only
              leave=False, dynamic_ncols=True)
+  weight_moves = {}
   for phase, first, last, with_v in phases:
+    if first == choose_at:
+      errors = {role: _channel_errors(shape, ws_t, as_t, role, p, n,
+                                      cfg.weight_phase_act_quant > 0, cfg.weight_exp_window)
+                for role in wspecs}
+      wstates, weight_moves = choose_weight_exponents(
+          unit, lambda role, ws: errors[role](ws, astates, params, xs), params, wstates,
+          wspecs, cfg.weight_exp_window)
+      choose_at = None                            # once, also when it is step 0
     if first >= last:
       continue
     keys = ("alpha", "v") if with_v else ("alpha",)
@@ -311,4 +404,5 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
     astates, moves = choose_act_exponents(
         lambda a: loss(a, wstates, params, xs, ys), astates, aspecs, cfg.act_exp_window)
   bar.close()
-  return UnitResult(wstates, astates, history, time.perf_counter() - start, moves)
+  return UnitResult(wstates, astates, history, time.perf_counter() - start, moves,
+                    weight_moves)

@@ -21,7 +21,7 @@ from nets import random_variables
 from rapq_jax import (config, fold, integer, objective, pot, ptq, quantized, quantizers, reconstruct,
                       search)
 from rapq_jax.models.cifar_resnet import CifarResNet
-from rapq_jax.network import Network, network_apply
+from rapq_jax.network import Layer, Network, Unit, network_apply
 
 HW, N_CALIB = 16, 64
 SMALL = dict(weight_iters=30, act_iters=10, exp_warm_iters=10, batch_size=8, search_samples=32)
@@ -498,6 +498,59 @@ def test_reconstruction_chooses_a_better_activation_exponent(block):
   assert loss[2] < 0.9 * loss[0], loss
   for state in results[2].astates.values():
     assert float(state["t"]) == round(float(state["t"]))
+
+
+def test_weight_exponent_choice_takes_each_channels_least_error():
+  """Per channel the offset with the least error, a strict improvement on 0 needed (ties
+  stay); layers in order, each scored with the choices made before it; a float-scale
+  layer does not move."""
+  unit = Unit("stub", "conv", tuple(Layer(r, r) for r in ("a", "b", "f")), ())
+  specs = {"a": quantizers.WeightSpec(4), "b": quantizers.WeightSpec(4),
+           "f": quantizers.WeightSpec(4, pot=False)}
+  params = {r: {"kernel": jnp.ones((1, 1, 1, 3)), "bias": jnp.zeros(3)} for r in specs}
+  states = {r: {"log2s": jnp.zeros(3), "lo": jnp.zeros(3)} for r in specs}
+  seen = []
+
+  def errors_for(role, ws):
+    seen.append((role, np.asarray(ws["a"]["log2s"]).tolist()))
+    # rows: offsets -1, 0, +1; columns: channels
+    return {"a": jnp.asarray([[0.5, 2.0, 1.0], [1.0, 1.0, 1.0], [2.0, 0.1, 1.0]]),
+            "b": jnp.asarray([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.9]])}[role]
+
+  chosen, moved = reconstruct.choose_weight_exponents(unit, errors_for, params, states,
+                                                      specs, window=1)
+  np.testing.assert_array_equal(chosen["a"]["log2s"], [-1.0, 1.0, 0.0])
+  np.testing.assert_array_equal(chosen["b"]["log2s"], [0.0, 0.0, 1.0])
+  assert chosen["f"] is states["f"]
+  assert moved == {"a": 2, "b": 1}
+  assert seen == [("a", [0.0, 0.0, 0.0]), ("b", [-1.0, 1.0, 0.0])]
+
+
+def test_reconstruction_moves_weight_exponents_to_a_better_grid(block):
+  """A block whose first conv starts two exponents too coarse in every channel: with
+  the weight exponent choice on, reconstruction moves channels to finer grids part-way
+  through and ends with a lower unit loss than the same reconstruction keeping them;
+  every exponent stays an exact integer."""
+  net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, start = block
+  coarse = {**start["w"], "conv1": quantizers.move_exponents(
+      params["conv1"]["kernel"], start["w"]["conv1"], wspecs["conv1"],
+      jnp.full(start["w"]["conv1"]["log2s"].shape, 2, jnp.int32))}
+  results = {}
+  for window in (0, 2):
+    c = dataclasses.replace(cfg, weight_iters=40, weight_exp_window=window, weight_exp_at=0.5)
+    results[window] = reconstruct.reconstruct_unit(
+        unit, params, net.bn[unit.name], coarse, start["a"], wspecs, aspecs, x_in, y_fp, c,
+        2.0, jax.random.PRNGKey(3), progress=False)
+  assert results[0].weight_moves == {}
+  assert results[2].weight_moves["conv1"] > 0
+  assert set(results[2].weight_moves) == {"conv1", "conv2"}
+  finer = np.asarray(results[2].wstates["conv1"]["log2s"]) < np.asarray(coarse["conv1"]["log2s"])
+  assert finer.sum() == results[2].weight_moves["conv1"]    # every move is to a finer grid
+  loss = {w: float(objective.lp_loss(hard(params, {"w": r.wstates, "a": start["a"]}, x_in),
+                                     y_fp, 2.0)) for w, r in results.items()}
+  assert loss[2] < 0.9 * loss[0], loss
+  for state in results[2].wstates.values():
+    np.testing.assert_array_equal(state["log2s"], np.round(state["log2s"]))
 
 
 def test_nan_calibration_is_rejected(tiny):

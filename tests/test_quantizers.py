@@ -220,6 +220,32 @@ def test_harden_exponent(shape, spec):
 
 
 @CASES
+def test_move_exponents_restarts_only_the_moved_channels(shape, spec):
+  """Exponents move by the given integers (saturated to the exponent range); a moved
+  channel's rounding restarts on its new grid (soft rounding reproduces w there), an
+  unmoved channel keeps its learned logits."""
+  w = kernel(shape, seed=6)
+  state = init_weight(w, spec)
+  state["alpha"] = state["alpha"] + jnp.asarray(
+      np.random.default_rng(2).normal(size=shape), jnp.float32)
+  moves = jnp.asarray(np.arange(shape[-1]) % 3 - 1, jnp.int32)        # -1, 0, +1, ...
+  moved = quantizers.move_exponents(w, state, spec, moves)
+  np.testing.assert_array_equal(moved["log2s"], np.asarray(state["log2s"]) + np.asarray(moves))
+  chex.assert_type(moved["log2s"], jnp.float32)
+  np.testing.assert_array_equal(moved["lo"], state["lo"])
+  same = np.asarray(moves) == 0
+  np.testing.assert_array_equal(np.asarray(moved["alpha"])[..., same],
+                                np.asarray(state["alpha"])[..., same])
+  fresh = quantizers.reset_rounding(w, {**state, "log2s": moved["log2s"]}, spec)
+  np.testing.assert_array_equal(np.asarray(moved["alpha"])[..., ~same],
+                                np.asarray(fresh["alpha"])[..., ~same])
+  low = quantizers.move_exponents(w, state, spec, jnp.full(shape[-1], -100, jnp.int32))
+  np.testing.assert_array_equal(low["log2s"], np.full(shape[-1], pot.EXP_MIN, np.float32))
+  with pytest.raises(AssertionError):
+    quantizers.move_exponents(w, state, spec, moves[:-1])
+
+
+@CASES
 @pytest.mark.parametrize("learn", ["none", "rounding", "exponent"])
 def test_weight_integers(shape, spec, learn):
   w = kernel(shape, seed=5)
