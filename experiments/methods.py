@@ -27,6 +27,10 @@ QUANT_METHODS = {
     "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp, exponent search"),
     "rapq_learned_exp": ("rapq", {"learn_exponent": True},
                          "RAPQ with the paper's learned floor/ceil exponent relaxation"),
+    "rapq_learned_exp_official": (
+        "rapq", {"learn_exponent": True, "exp_b_hold": True, "reinit_alpha_on_harden": False},
+        "the learned relaxation on the official schedule: b held at b_start in the exponent "
+        "phase, rounding not restarted (set its length with ptq.exp_warm_iters)"),
     "rapq_nearest_exp": ("rapq", {"exp_init": "nearest"},
                          "RAPQ with nearest (log-domain) exponents instead of the Lp choice"),
     "rapq_no_bnp": ("rapq", {"lp_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),

@@ -33,7 +33,7 @@ FLOAT_RANGES = {
     "weight_exp_at": (0.0, True, 1.0),
 }
 BOOL_FIELDS = ("weight_signed", "pot_scales", "reconstruct", "learn_exponent",
-               "reinit_alpha_on_harden", "search_holdout")
+               "reinit_alpha_on_harden", "exp_b_hold", "search_holdout")
 
 
 def _check_float(name: str, value, lo: float, lo_ok: bool, hi: float | None) -> None:
@@ -124,6 +124,9 @@ class PTQConfig:
   exp_warm_iters: int = 500
   exp_reg_factor: float = 10.0
   reinit_alpha_on_harden: bool = True
+  # The temperature of v's regulariser in the exponent phase: annealed b_start -> b_end
+  # over it (False) or held at b_start (True, the official code's schedule).
+  exp_b_hold: bool = False
   lp_source: str = "bn"
   lp_coef: float = 0.1
   lp_digits: int | None = 1

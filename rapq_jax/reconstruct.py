@@ -12,7 +12,8 @@ the gradient across devices.
 Phases of a unit's weight stage (``weight_iters`` steps in all):
 1. (RAPQ) ``exp_warm_iters`` steps learning ``alpha`` and the exponent logits ``v``
    jointly, with ``v``'s own regulariser (weight ``exp_reg_factor * round_weight``,
-   ``b`` annealed from ``b_start`` to ``b_end`` over the phase);
+   ``b`` annealed from ``b_start`` to ``b_end`` over the phase, or held at ``b_start``
+   with ``exp_b_hold`` as in the official code);
 2. the exponent is hardened to an exact integer and frozen, ``alpha`` restarts on the
    new grid (``reinit_alpha_on_harden``) and anneals as AdaRound for the rest.
 Fixed exponents (no ``v``) respond to reconstruction with ``weight_exp_window`` > 0:
@@ -102,7 +103,8 @@ def weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: flo
                               lambda tree: {r: {k: k for k in s} for r, s in tree.items()})
   b_round = rounding.temperature_schedule(cfg.weight_iters, start_b=cfg.b_start,
                                           end_b=cfg.b_end, warmup=cfg.warmup)
-  b_exp = optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1))
+  b_exp = (optax.constant_schedule(cfg.b_start) if cfg.exp_b_hold else
+           optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1)))
 
   points = sorted(aspecs)
   prob = cfg.weight_phase_act_quant

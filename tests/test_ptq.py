@@ -21,7 +21,7 @@ from nets import random_variables
 from rapq_jax import (config, fold, integer, objective, pot, ptq, quantized, quantizers, reconstruct,
                       search)
 from rapq_jax.models.cifar_resnet import CifarResNet
-from rapq_jax.network import Layer, Network, Unit, network_apply
+from rapq_jax.network import Layer, Network, Unit, network_apply, unit_apply
 
 HW, N_CALIB = 16, 64
 SMALL = dict(weight_iters=30, act_iters=10, exp_warm_iters=10, batch_size=8, search_samples=32)
@@ -500,6 +500,36 @@ def test_reconstruction_chooses_a_better_activation_exponent(block):
     assert float(state["t"]) == round(float(state["t"]))
 
 
+def test_learned_exponents_on_the_official_schedule(block):
+  """The learned floor/ceil relaxation with b held at b_start in the exponent phase and
+  the rounding kept across the hardening: every exponent ends an exact integer (floor or
+  ceil of the Lp scale's log2), and the unit's loss falls below that of the untrained
+  relaxation hardened."""
+  net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, _ = block
+  learned = {r: quantizers.init_weight(params[r]["kernel"], wspecs[r], learn_exponent=True)
+             for r in wspecs}
+  c = dataclasses.replace(cfg, weight_iters=40, learn_exponent=True, exp_warm_iters=10,
+                          exp_b_hold=True, reinit_alpha_on_harden=False)
+  res = reconstruct.reconstruct_unit(unit, params, net.bn[unit.name], learned, {}, wspecs,
+                                     {}, x_in, y_fp, c, 2.0, jax.random.PRNGKey(3),
+                                     progress=False)
+  for role, state in res.wstates.items():
+    assert "v" not in state
+    floor = np.asarray(learned[role]["log2s"])
+    assert set(np.unique(np.asarray(state["log2s"]) - floor)) <= {0.0, 1.0}
+  start = {r: quantizers.harden_exponent(params[r]["kernel"], s, wspecs[r])
+           for r, s in learned.items()}                  # the same relaxation, untrained
+  before, after = (float(objective.lp_loss(unit_out(unit, params, w, wspecs, x_in), y_fp, 2.0))
+                   for w in (start, res.wstates))
+  assert after < before
+
+
+def unit_out(unit, params, wstates, wspecs, x):
+  """The unit's output with hard weights and float activations."""
+  wq, aq = quantizers.hooks(wstates, {}, wspecs, {}, soft=False, acts_on=False)
+  return unit_apply(unit, params, x, wq, aq)[0]
+
+
 def test_weight_exponent_choice_takes_each_channels_least_error():
   """Per channel the offset with the least error, a strict improvement on 0 needed (ties
   stay); layers in order, each scored with the choices made before it; a float-scale
@@ -627,6 +657,17 @@ def test_config_validation(make, field, value):
   with pytest.raises(ValueError) as err:
     make()
   assert field in str(err.value) and value in str(err.value)
+
+
+def test_weight_exponent_choice_needs_fixed_power_of_two_exponents():
+  for kw in (dict(learn_exponent=True), dict(pot_scales=False, search="none")):
+    with pytest.raises(ValueError, match=r"weight_exp_window = 1 moves fixed power-of-two "
+                                         r"exponents: it needs pot_scales=True and "
+                                         r"learn_exponent=False"):
+      config.for_method("rapq", weight_exp_window=1, **kw)
+  with pytest.raises(ValueError, match=r"weight_exp_at = 1.5: expected a finite number >= 0 "
+                                       r"and <= 1"):
+    config.for_method("rapq", weight_exp_window=1, weight_exp_at=1.5)
 
 
 def test_exp_warm_iters_may_exceed_weight_iters_without_exponent_learning():
