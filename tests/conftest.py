@@ -10,6 +10,15 @@ The session shares one XLA compilation cache (a temporary directory, unless
 computation that several tests or processes build (the same step of a tiny model,
 ``experiments.run`` started again to resume) compiles once.
 
+Compiling, not running, is most of a test's time: the suite's programs are tiny and each
+is compiled once. So the session and its subprocesses compile for XLA's CPU backend
+without LLVM's optimisation passes (``--xla_backend_optimization_level=0``, added to
+``XLA_FLAGS``). That changes the speed of the machine code, not what it computes: XLA's
+own graph passes still run and floating point stays IEEE (no fast math), so every
+equality a test asserts holds at any level. The test of a real-size run (ResNet-20's
+integer path) runs in a child process at the default level, the users' setting, where
+its reconstruction steps are ten times faster.
+
 The suite runs in two worker processes (pytest-xdist, ``-n 2 --dist loadfile`` in
 setup.cfg: a file's tests share one process and its module fixtures). Every XLA CPU
 executable holds its own memory mappings, and a process that keeps thousands alive runs
@@ -36,6 +45,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE_DIR = tempfile.mkdtemp(prefix="rapq-jax-xla-cache-")
   atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

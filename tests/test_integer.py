@@ -12,6 +12,10 @@ signed block outputs, depthwise convs, a 3x3 average pool).
 """
 import copy
 import fractions
+import os
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -31,6 +35,7 @@ from rapq_jax.models.mobilenetv2 import MobileNetV2
 HYPOTHESIS = settings(max_examples=60, deadline=None)
 TINY_RAPQ = dict(weight_iters=10, act_iters=5, exp_warm_iters=5, batch_size=8, search_samples=16)
 MOBILENET_SETTING = ((1, 8, 1, 1), (2, 8, 2, 1), (2, 16, 1, 2))
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, shared_dir="") -> "ml_collections.ConfigDict":
@@ -161,18 +166,9 @@ def test_jit_matches_eager_and_batches_independently(nets):
   np.testing.assert_array_equal(full[:3], jax.jit(integer.run)(program, x_int[:3]))
 
 
-@pytest.mark.shared
-@pytest.mark.slow
-def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
-  """A short RAPQ run of the pretrained ResNet-20 at W2A4 (the widest integer ranges
-  of 4-bit codes are checked on the tiny nets above and on ResNet-18 in
-  tests/test_export.py; W2 is the case far from them): on the first 1000
-  CIFAR-10 test images the integer path's top-1 predictions are identical to the
-  simulation's and its dequantized logits differ by at most the documented bound, 0.
-  The claim is equality, so the budget is small (every mechanism still runs: learned
-  rounding, the exponent choice, the search), large enough that the model is far from
-  constant; docs/INTEGER.md has the full test set."""
-  cfg = load_config("cifar10_resnet20", shared_dir)
+def _resnet20_child(shared: str) -> None:
+  """The body of the ResNet-20 test below, run in a child process (assertions there)."""
+  cfg = load_config("cifar10_resnet20", pathlib.Path(shared))
   cfg.wbits, cfg.abits = 2, 4
   cfg.weight_iters, cfg.act_iters = 100, 20
   cfg.calibration_size, cfg.test_size = 128, 1000
@@ -203,6 +199,29 @@ def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
       for i in range(0, len(data.test_images), 500)])
   np.testing.assert_array_equal(onnx_logits, sim)
   assert np.mean(ints.argmax(-1) == data.test_labels) > 0.3
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
+  """A short RAPQ run of the pretrained ResNet-20 at W2A4 (the widest integer ranges
+  of 4-bit codes are checked on the tiny nets above and on ResNet-18 in
+  tests/test_export.py; W2 is the case far from them): on the first 1000
+  CIFAR-10 test images the integer path's top-1 predictions are identical to the
+  simulation's and its dequantized logits differ by at most the documented bound, 0.
+  The claim is equality, so the budget is small (every mechanism still runs: learned
+  rounding, the exponent choice, the search), large enough that the model is far from
+  constant; docs/INTEGER.md has the full test set. It runs in a child process compiled
+  at XLA's default CPU optimisation, as users run it (conftest: the rest of the suite
+  compiles without LLVM's passes, where these reconstruction steps run 10x slower)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_backend_optimization_level")]
+  code = ("import sys; sys.path.insert(0, 'tests'); import test_integer; "
+          f"test_integer._resnet20_child({str(shared_dir)!r})")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=600, check=False,
+                        env={**os.environ, "XLA_FLAGS": " ".join(flags)})
+  assert proc.returncode == 0, proc.stderr[-5000:]
 
 
 # ------------------------------------------------------------------ edge cases

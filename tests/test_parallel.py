@@ -77,7 +77,8 @@ def _child(out_path: str) -> None:
 
 def _run(devices: int, out_path: str) -> subprocess.Popen:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                       f"--xla_force_host_platform_device_count={devices}")
   code = ("import sys; sys.path.insert(0, 'tests'); import test_parallel; "
           f"test_parallel._child({out_path!r})")
   return subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
