@@ -174,6 +174,14 @@ def act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
 CHOICE_ROWS = 256  # rows per forward pass when a whole cache is scored
 
 
+def _chunked(a):
+  """``a`` [N, ...] zero-padded to whole chunks of ``CHOICE_ROWS`` rows, as
+  [chunks, CHOICE_ROWS, ...] (padding rows are False in a mask chunked alike)."""
+  chunks = -(-a.shape[0] // CHOICE_ROWS)
+  a = jnp.pad(a, [(0, chunks * CHOICE_ROWS - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+  return a.reshape((chunks, CHOICE_ROWS) + a.shape[1:])
+
+
 @functools.lru_cache(maxsize=None)
 def _cache_loss(unit: Unit, wspecs: tuple, aspecs: tuple, p: float, n: int):
   """Jitted: the unit's Lp reconstruction loss (hard weights, quantized activations) over
@@ -183,21 +191,14 @@ def _cache_loss(unit: Unit, wspecs: tuple, aspecs: tuple, p: float, n: int):
   @jax.jit
   def loss(astates, wstates, params, xs, ys):
     wq, aq = quantizers.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
-    chunks = -(-xs.shape[0] // CHOICE_ROWS)
-    pad = chunks * CHOICE_ROWS - xs.shape[0]
-
-    def rows(a):
-      a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-      return a.reshape((chunks, CHOICE_ROWS) + a.shape[1:])
-
-    mask = rows(jnp.arange(xs.shape[0]) < n)
+    mask = _chunked(jnp.arange(xs.shape[0]) < n)
 
     def chunk_loss(args):
       x, y_t, m = args
       err = jnp.sum(jnp.abs(unit_apply(unit, params, x, wq, aq)[0] - y_t) ** p, axis=-1)
       return jnp.sum(jnp.mean(err.reshape(err.shape[0], -1), axis=1) * m)
 
-    return jnp.sum(jax.lax.map(chunk_loss, (rows(xs), rows(ys), mask))) / n
+    return jnp.sum(jax.lax.map(chunk_loss, (_chunked(xs), _chunked(ys), mask))) / n
 
   return loss
 
@@ -256,11 +257,7 @@ def _channel_errors(unit: Unit, wspecs: tuple, aspecs: tuple, role: str, p: floa
                                                                  soft=False)
       return unit_apply(unit, params, x, wq, aq)[1][role]
 
-    chunks = -(-xs.shape[0] // CHOICE_ROWS)
-    pad = chunks * CHOICE_ROWS - xs.shape[0]
-    rows = jnp.pad(xs, [(0, pad)] + [(0, 0)] * (xs.ndim - 1))
-    rows = rows.reshape((chunks, CHOICE_ROWS) + xs.shape[1:])
-    mask = (jnp.arange(chunks * CHOICE_ROWS) < n).reshape(chunks, CHOICE_ROWS)
+    mask = _chunked(jnp.arange(xs.shape[0]) < n)
 
     def chunk_errors(args):
       x, m = args
@@ -269,7 +266,7 @@ def _channel_errors(unit: Unit, wspecs: tuple, aspecs: tuple, role: str, p: floa
       return jnp.stack([jnp.sum(jnp.abs(output(x, k) - ref) ** p * m,
                                 axis=tuple(range(ref.ndim - 1))) for k in kernels[1:]])
 
-    return jnp.sum(jax.lax.map(chunk_errors, (rows, mask)), axis=0)
+    return jnp.sum(jax.lax.map(chunk_errors, (_chunked(xs), mask)), axis=0)
 
   return errors
 
