@@ -41,6 +41,12 @@ QUANT_METHODS = {
     "rapq_weight_choice": ("rapq", {"weight_exp_window": 1},
                            "RAPQ, weight exponents re-chosen within +-1 per channel by layer-"
                            "output error a quarter into reconstruction"),
+    "rapq_align_weights": ("rapq", {"align_scales": "weights"},
+                           "RAPQ on a network rescaled (FP function unchanged) so that each "
+                           "block's first conv has its float Lp weight scales on powers of two"),
+    "rapq_align_acts": ("rapq", {"align_scales": "acts"},
+                        "RAPQ on a network rescaled (FP function unchanged) so that each "
+                        "block's inner ReLU has its float Lp activation scale on a power of two"),
     "rapq_official": ("rapq", {"protocol": "official"},
                       "RAPQ under the official driver's protocol (PTQConfig.protocol)"),
     "brecq_official": ("brecq", {"protocol": "official"},

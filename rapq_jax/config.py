@@ -18,6 +18,7 @@ METHODS = tuple(PRESETS)
 RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters"}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
+ALIGN_MODES = ("none", "weights", "acts")
 # Float field -> (least value, whether the least value itself is allowed, greatest
 # value or None); every float field must also be finite.
 FLOAT_RANGES = {
@@ -134,6 +135,11 @@ class PTQConfig:
   bn_stats_weight: float = 0.0
   init_p: float = 2.4
   weight_phase_act_quant: float = 0.0
+  # Before quantization, rescale the channels between layers that only a ReLU separates
+  # (rapq_jax.align, FP function unchanged) so that float-optimal scales are powers of
+  # two: 'weights' puts each producer channel's Lp weight scale on 2**k, 'acts' each
+  # inner ReLU point's Lp activation scale; 'none' leaves the network as folded.
+  align_scales: str = "none"
   # Part-way through the weight stage (after weight_exp_at of its rounding steps), move
   # each PoT weight channel's exponent to whichever of e + k, |k| <= weight_exp_window,
   # gives its layer output the least Lp error on the unit's calibration cache (0: off).
@@ -194,6 +200,11 @@ class PTQConfig:
       raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
     if self.protocol not in PROTOCOLS:
       raise ValueError(f"protocol = {self.protocol!r}: expected one of {PROTOCOLS}")
+    if self.align_scales not in ALIGN_MODES:
+      raise ValueError(f"align_scales = {self.align_scales!r}: expected one of {ALIGN_MODES}")
+    if self.align_scales != "none" and not self.pot_scales:
+      raise ValueError(f"align_scales = {self.align_scales!r} puts scales on powers of two: "
+                       "it needs pot_scales=True")
     if self.search_objective not in ("kl", "mse"):
       raise ValueError(f"search_objective = {self.search_objective!r}: expected 'kl' or 'mse'")
     if self.learn_exponent and self.exp_warm_iters > self.weight_iters and self.reconstruct:

@@ -70,6 +70,23 @@ class Unit:
     return {"conv": "conv", "basic": "conv2", "bottleneck": "conv3",
             "inverted": "project", "head": None}[self.kind]
 
+  @property
+  def rescalable_links(self) -> tuple[tuple[str, str, str], ...]:
+    """``(producer, point, consumer)`` of each inner activation point that only a ReLU
+    separates from the layers around it, so that scaling the producer's output channels
+    by ``g > 0`` and the consumer's inputs by ``1 / g`` keeps the unit's function
+    (``rapq_jax.align``); none under ReLU6, which is not positively homogeneous."""
+    if self.activation != "relu":
+      return ()
+    if self.kind == "basic":
+      return (("conv1", "relu1", "conv2"),)
+    if self.kind == "bottleneck":
+      return (("conv1", "relu1", "conv2"), ("conv2", "relu2", "conv3"))
+    if self.kind == "inverted":
+      return ((("expand", "relu1", "dw"),) if self.has("expand") else ()) + (
+          ("dw", "relu2", "project"),)
+    return ()
+
 
 def unit_acts(kind: str, roles, *, network_input: bool = False) -> tuple[ActPoint, ...]:
   """The activation quantizers of a unit kind: after each inner ReLU (unsigned) and at

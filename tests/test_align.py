@@ -1,0 +1,181 @@
+"""Specification of rapq_jax.align: function-preserving channel rescaling that puts the
+float methods' scales on powers of two.
+
+Rescaling a link (producer -> ReLU -> consumer) by any positive factors keeps every unit
+kind's FP output, grouped and depthwise consumers included; 'weights' puts every
+producer channel's Lp weight scale on an exact power of two, 'acts' every inner ReLU
+point's Lp activation scale; units without a homogeneous link (ReLU6, plain convs, the
+head) are left alone; the aligned network quantizes to an exact power-of-two model
+whose integer program equals its simulation.
+"""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nets import random_variables
+
+from rapq_jax import align, config, fold, integer, pot, ptq, quantized
+from rapq_jax.models.cifar_resnet import CifarResNet
+from rapq_jax.models.mobilenetv2 import MobileNetV2
+from rapq_jax.network import Layer, Network, Unit, network_apply, unit_acts, unit_apply
+
+HW = 16
+
+
+def _layer_params(rng, shape):
+  return {"kernel": jnp.asarray(rng.normal(size=shape) * np.sqrt(2 / np.prod(shape[:-1])),
+                                jnp.float32),
+          "bias": jnp.asarray(rng.normal(size=shape[-1:]) * 0.2, jnp.float32)}
+
+
+def _bn(rng, c):
+  return {"mean": jnp.asarray(rng.normal(size=c), jnp.float32),
+          "var": jnp.asarray(rng.uniform(0.3, 3, size=c), jnp.float32),
+          "gamma": jnp.asarray(rng.uniform(0.5, 1.5, size=c), jnp.float32)}
+
+
+def _single_unit(kind: str) -> Network:
+  """One random unit: a bottleneck whose 3x3 conv has 2 groups, or a ReLU inverted
+  residual (MnasNet's) whose depthwise conv has one group per channel."""
+  rng = np.random.default_rng(3)
+  if kind == "bottleneck":
+    layers = (Layer("conv1", "c1"), Layer("conv2", "c2", groups=2), Layer("conv3", "c3"))
+    shapes = {"conv1": (1, 1, 8, 6), "conv2": (3, 3, 3, 6), "conv3": (1, 1, 6, 8)}
+    unit = Unit("u", "bottleneck", layers, unit_acts("bottleneck", ()), shortcut="identity")
+  else:
+    layers = (Layer("expand", "e"), Layer("dw", "d", groups=12), Layer("project", "p"))
+    shapes = {"expand": (1, 1, 8, 12), "dw": (3, 3, 1, 12), "project": (1, 1, 12, 8)}
+    unit = Unit("u", "inverted", layers, unit_acts("inverted", ("expand",)),
+                shortcut="identity", activation="relu")
+  params = {"u": {r: _layer_params(rng, s) for r, s in shapes.items()}}
+  return Network((unit,), params, {"u": {r: _bn(rng, s[-1]) for r, s in shapes.items()}})
+
+
+def _cifar() -> Network:
+  model = CifarResNet(num_blocks=1)
+  return fold.build_network(random_variables(model, HW), model=model)
+
+
+NETS = {"cifar_resnet": _cifar, "bottleneck_grouped": lambda: _single_unit("bottleneck"),
+        "inverted_relu_depthwise": lambda: _single_unit("inverted")}
+
+
+def _images(n=16, c=None, seed=0):
+  return jax.random.normal(jax.random.PRNGKey(seed), (n, HW, HW, c or 3), jnp.float32)
+
+
+def _input_for(net):
+  first = net.units[0]
+  c = net.params[first.name][first.layers[0].role]["kernel"].shape[-2] * first.layers[0].groups
+  return _images(c=c)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_rescaling_any_link_keeps_the_function(name):
+  net = NETS[name]()
+  x = _input_for(net)
+  rng = np.random.default_rng(0)
+  moved = net
+  links = [(u, l) for u in net.units for l in u.rescalable_links]
+  assert links, "no rescalable link"
+  for unit, (producer, _, consumer) in links:
+    c = net.params[unit.name][producer]["kernel"].shape[-1]
+    g = jnp.asarray(rng.uniform(0.25, 4.0, size=c), jnp.float32)
+    prev, moved = moved, align.rescale_link(moved, unit.name, producer, consumer, g)
+    chex.assert_trees_all_close(moved.params[unit.name][producer]["kernel"],
+                                prev.params[unit.name][producer]["kernel"] * g, rtol=1e-6)
+    chex.assert_trees_all_close(moved.bn[unit.name][producer]["var"],
+                                prev.bn[unit.name][producer]["var"] * g * g, rtol=1e-6)
+  out = network_apply(net, x) if net.units[-1].kind == "head" else unit_apply(
+      net.units[0], net.params["u"], x)[0]
+  new = network_apply(moved, x) if net.units[-1].kind == "head" else unit_apply(
+      moved.units[0], moved.params["u"], x)[0]
+  assert float(jnp.max(jnp.abs(out))) > 0.1
+  chex.assert_trees_all_close(new, out, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("wbits", [2, 4])
+def test_weight_alignment_puts_every_producer_scale_on_a_power_of_two(name, wbits):
+  net = NETS[name]()
+  new, factors = align.align(net, "weights", wbits=wbits, abits=4, weight_signed=False, p=2.4)
+  assert set(factors) == {f"{u.name}/{pt}" for u in net.units for _, pt, _ in u.rescalable_links}
+  prev = net     # the links are rescaled in order: a bottleneck's conv2 is consumer, then producer
+  for unit in net.units:
+    for producer, point, consumer in unit.rescalable_links:
+      g = factors[f"{unit.name}/{point}"]
+      assert np.all(g >= 2 ** -0.5 - 1e-6) and np.all(g <= 2 ** 0.5 + 1e-6)
+      assert np.ptp(g) > 0.05, "per-channel factors expected"
+      lp = lambda n: pot.lp_scale_search(n.params[unit.name][producer]["kernel"], wbits,
+                                         signed=False, per_channel=True, p=2.4).scale
+      before = lp(prev)
+      prev = align.rescale_link(prev, unit.name, producer, consumer, g)
+      after = lp(new)
+      np.testing.assert_allclose(np.log2(after), np.round(np.log2(after)), atol=1e-5)
+      np.testing.assert_allclose(after, before * g, rtol=1e-5)
+  chex.assert_trees_all_equal(prev.params, new.params)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_act_alignment_puts_every_inner_relu_scale_on_a_power_of_two(name):
+  net = NETS[name]()
+  x = _input_for(net)
+  new, factors = align.align(net, "acts", wbits=4, abits=4, weight_signed=False, p=2.4,
+                             calib=x)
+  h = x
+  for unit in new.units:
+    pre = unit_apply(unit, new.params[unit.name], h)[1]
+    for producer, point, _ in unit.rescalable_links:
+      g = np.asarray(factors[f"{unit.name}/{point}"])
+      assert np.ptp(g) == 0 and 2 ** -0.5 - 1e-6 <= g[0] <= 2 ** 0.5 + 1e-6
+      scale = pot.lp_scale_search(jax.nn.relu(pre[producer]), 4, signed=False,
+                                  per_channel=False, p=2.4).scale
+      assert abs(float(np.log2(scale)) - round(float(np.log2(scale)))) < 1e-5, (point, scale)
+    h = unit_apply(unit, new.params[unit.name], h)[0]
+
+
+def test_units_without_a_homogeneous_link_are_left_alone():
+  """MobileNetV2 (ReLU6 everywhere): nothing to rescale, the network is returned as is."""
+  model = MobileNetV2(num_classes=10, setting=((1, 8, 1, 1), (6, 8, 2, 2)), stem_planes=8,
+                      last_planes=16)
+  net = fold.build_network(random_variables(model, HW), model=model)
+  assert all(not u.rescalable_links for u in net.units)
+  for mode in ("weights", "acts"):
+    new, factors = align.align(net, mode, wbits=4, abits=4, weight_signed=False, p=2.4,
+                               calib=_images(4))
+    assert factors == {} and new is net
+
+
+@pytest.mark.parametrize("mode", ["weights", "acts"])
+def test_aligned_rapq_is_power_of_two_and_integer_exact(mode):
+  net = _cifar()
+  calib, x = _images(64), _images(8, seed=1)
+  cfg = config.for_method("rapq", weight_iters=20, act_iters=5, batch_size=8,
+                          search_samples=16, align_scales=mode)
+  result = ptq.quantize_network(net, calib, cfg, progress=False)
+  quantized.check_power_of_two(result.model)
+  np.testing.assert_array_equal(integer.apply(integer.lower(result.model), x),
+                                quantized.apply(result.model, x))
+  report = result.report["align"]
+  assert report["mode"] == mode and set(report["factors"]) == {
+      "layer1_0/relu1", "layer2_0/relu1", "layer3_0/relu1"}
+  if mode == "weights":
+    # The producers' exponents are the float methods' grids: 2**e equals the aligned
+    # Lp scale, channel by channel.
+    aligned, _ = align.align(net, mode, wbits=4, abits=4, weight_signed=False, p=cfg.init_p)
+    for unit in ("layer1_0", "layer2_0", "layer3_0"):
+      lp = pot.lp_scale_search(aligned.params[unit]["conv1"]["kernel"], 4, signed=False,
+                               per_channel=True, p=cfg.init_p).scale
+      np.testing.assert_allclose(pot.exp2(result.model.weights[unit]["conv1"]["e"]), lp,
+                                 rtol=1e-5)
+
+
+def test_bad_settings_are_refused_by_name():
+  with pytest.raises(ValueError, match="align_scales = 'channels'"):
+    config.for_method("rapq", align_scales="channels")
+  with pytest.raises(ValueError, match="needs pot_scales=True"):
+    config.for_method("brecq", align_scales="weights")
+  with pytest.raises(ValueError, match="needs calibration images"):
+    align.align(_cifar(), "acts", wbits=4, abits=4, weight_signed=False, p=2.4)
