@@ -94,6 +94,15 @@ def place(xs, ys, tree):
   return parallel.shard_rows(xs), parallel.shard_rows(ys), parallel.replicate(tree)
 
 
+def exponent_temperature(cfg: PTQConfig):
+  """The temperature of the exponent logits' regulariser at step ``it`` of the weight
+  stage (an optax schedule): held at ``b_start`` with ``exp_b_hold`` (the official
+  schedule), else annealed ``b_start -> b_end`` over the ``exp_warm_iters`` steps."""
+  if cfg.exp_b_hold:
+    return optax.constant_schedule(cfg.b_start)
+  return optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1))
+
+
 @functools.lru_cache(maxsize=None)
 def weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
                 learn_v: bool, n: int):
@@ -107,8 +116,7 @@ def weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: flo
                               lambda tree: {r: {k: k for k in s} for r, s in tree.items()})
   b_round = rounding.temperature_schedule(cfg.weight_iters, start_b=cfg.b_start,
                                           end_b=cfg.b_end, warmup=cfg.warmup)
-  b_exp = (optax.constant_schedule(cfg.b_start) if cfg.exp_b_hold else
-           optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1)))
+  b_exp = exponent_temperature(cfg)
 
   points = sorted(aspecs)
   prob = cfg.weight_phase_act_quant

@@ -524,6 +524,18 @@ def test_learned_exponents_on_the_official_schedule(block):
   assert after < before
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_exponent_temperature_is_held_only_on_the_official_schedule(hold):
+  cfg = config.for_method("rapq", learn_exponent=True, exp_warm_iters=50, exp_b_hold=hold,
+                          b_start=20.0, b_end=2.0)
+  b = reconstruct.exponent_temperature(cfg)
+  values = [float(b(it)) for it in (0, 10, 25, 49, 50)]
+  if hold:
+    assert values == [20.0] * 5
+  else:
+    assert values[0] == 20.0 and values[-1] == 2.0 and values == sorted(values, reverse=True)
+
+
 def unit_out(unit, params, wstates, wspecs, x):
   """The unit's output with hard weights and float activations."""
   wq, aq = quantizers.hooks(wstates, {}, wspecs, {}, soft=False, acts_on=False)
