@@ -36,11 +36,14 @@ UNQUANTIZED = frozenset({"fp"})
 
 
 def format_result(result: dict) -> str:
-  """One line: method, bit widths, top-1 and top-5 accuracy."""
+  """One line: method, bit widths, top-1 and top-5 accuracy (and, for a quantized
+  model, its top-1 agreement with FP and KL to FP)."""
   bits = "FP32" if result["wbits"] is None else f"W{result['wbits']}A{result['abits']}"
   top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f} %"
+  vs_fp = (f"agrees with FP {result['agreement']:.2f} %  KL to FP {result['kl_to_reference']:.4f}  "
+           if "agreement" in result else "")
   return (f"{result['method']:<6} {bits:<5} top-1 {result['top1']:.2f} %  top-5 {top5}  "
-          f"(n={result['n']}, {result['wall_seconds']:.0f} s)")
+          f"{vs_fp}(n={result['n']}, {result['wall_seconds']:.0f} s)")
 
 
 def write_outputs(workdir: pathlib.Path, config, results: list[dict], env: dict) -> None:

@@ -7,9 +7,11 @@ ablation's own switch cannot be overridden. ``run_method`` quantizes the config'
 with it and measures top-1, wall time and what the plots need.
 """
 import dataclasses
+import functools
 import pathlib
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -18,6 +20,7 @@ from experiments.configs import base as base_config
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
 from rapq_jax import export, fold, parallel, ptq, quantized, resume
+from rapq_jax.network import network_apply
 
 # name -> (base method, PTQConfig overrides, one-line description)
 QUANT_METHODS = {
@@ -81,6 +84,9 @@ def ptq_config(config: ml_collections.ConfigDict, method: str) -> ptq_config_lib
     raise ValueError(f"method {method!r}: {err}") from None
 
 
+_fp_logits = jax.jit(network_apply)
+
+
 def _weight_exponents(result: ptq.PTQResult) -> dict:
   """``{'unit/role': {exponent: count}}`` of the final per-channel weight exponents."""
   if result.model is None:
@@ -135,9 +141,11 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
                       extra=dict(input_shape=list(calib.shape[1:]),
                                  preprocess=dict(scale=1 / 255, mean=config.dataset.mean,
                                                  std=config.dataset.std)))
+  # The folded FP network is the reference of the agreement and KL figures.
   metrics = evaluate_lib.evaluate(result.apply, data.test_images, data.test_labels,
                                   batch_size=config.eval_batch_size, preprocess=data.preprocess,
-                                  desc=f"{method} W{cfg.wbits}A{cfg.abits}", progress=progress)
+                                  desc=f"{method} W{cfg.wbits}A{cfg.abits}", progress=progress,
+                                  reference_fn=functools.partial(_fp_logits, net))
   units = result.report["units"]
   iters = cfg.weight_iters + cfg.act_iters
   return dict(

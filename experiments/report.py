@@ -69,19 +69,24 @@ def bits_label(r: dict) -> str:
 
 
 def results_table(results: list[dict]) -> str:
-  """Markdown table, one row per method and bit width: top-1, drop from FP, whether
-  every scale is a power of two, wall time and mean seconds per iteration."""
+  """Markdown table, one row per method and bit width: top-1, drop from FP, the top-1
+  agreement with FP and the mean KL(FP || quantized) on the test images (records made
+  before they were measured leave them blank), whether every scale is a power of two,
+  wall time and mean seconds per iteration."""
   fp = next((r["top1"] for r in results if r["method"] == "fp"), None)
-  lines = ["| method | bits | top-1 % | drop from FP | PoT | wall time s | s/iter (mean) |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| method | bits | top-1 % | drop from FP | agrees with FP % | KL to FP | PoT | "
+           "wall time s | s/iter (mean) |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     drop = "" if fp is None or r["method"] == "fp" else f"{fp - r['top1']:.2f}"
     spi = r.get("seconds_per_iter") or {}
     mean_spi = f"{np.mean(list(spi.values())) * 1e3:.1f} ms" if spi else ""
     pot = "" if r["method"] == "fp" else ("yes" if r.get("power_of_two") else "no")
     wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else ""
-    lines.append(f"| {r['method']} | {bits_label(r)} | {r['top1']:.2f} | {drop} | {pot} | {wall} | "
-                 f"{mean_spi} |")
+    agree = f"{r['agreement']:.2f}" if "agreement" in r else ""
+    kl = f"{r['kl_to_reference']:.4f}" if "kl_to_reference" in r else ""
+    lines.append(f"| {r['method']} | {bits_label(r)} | {r['top1']:.2f} | {drop} | {agree} | "
+                 f"{kl} | {pot} | {wall} | {mean_spi} |")
   return "\n".join(lines) + "\n"
 
 

@@ -49,6 +49,40 @@ def test_matches_numpy_reference(n, batch_size):
   chex.assert_trees_all_close((result["top1"], result["top5"]), (top1, top5))
 
 
+@pytest.mark.parametrize("n,batch_size", [(1, 256), (37, 10), (100, 7)])
+def test_agreement_and_kl_against_a_reference_match_numpy(n, batch_size):
+  """A perturbed classifier against the original: the share of images with the same
+  top-1 class and the mean KL(reference || model), padded rows of the last batch not
+  counted."""
+  images, labels, weights = linear_problem(n)
+  noisy = weights + np.random.default_rng(1).normal(size=weights.shape).astype(np.float32) * 0.5
+  result = evaluate(linear_apply(noisy), images, labels, batch_size=batch_size,
+                    preprocess=to_float, progress=False, reference_fn=linear_apply(weights))
+  x = to_float(images).reshape(n, -1).astype(np.float64)
+  ref, q = x @ weights, x @ noisy
+  log_softmax = lambda z: z - z.max(1, keepdims=True) - np.log(
+      np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+  lr, lq = log_softmax(ref), log_softmax(q)
+  kl = np.mean(np.sum(np.exp(lr) * (lr - lq), axis=1))
+  agree = 100 * np.mean(ref.argmax(1) == q.argmax(1))
+  chex.assert_trees_all_close((result["agreement"], result["kl_to_reference"]), (agree, kl),
+                              rtol=1e-4, atol=1e-6)
+  assert 0 < result["kl_to_reference"] and (n == 1 or result["agreement"] < 100)
+  same = evaluate(linear_apply(weights), images, labels, batch_size=batch_size,
+                  preprocess=to_float, progress=False, reference_fn=linear_apply(weights))
+  assert same["agreement"] == 100.0 and abs(same["kl_to_reference"]) < 1e-6
+  plain = evaluate(linear_apply(noisy), images, labels, batch_size=batch_size,
+                   preprocess=to_float, progress=False)
+  assert "agreement" not in plain and plain["top1"] == result["top1"]
+
+
+def test_a_reference_of_another_shape_is_refused():
+  images, labels, weights = linear_problem(8)
+  with pytest.raises(ValueError, match=r"reference_fn must return logits shaped like"):
+    evaluate(linear_apply(weights), images, labels, preprocess=to_float, progress=False,
+             reference_fn=linear_apply(weights[:, :5]))
+
+
 def test_float_images_need_no_preprocess():
   images, labels, weights = linear_problem(20)
   with_fn = evaluate(linear_apply(weights), images, labels, preprocess=to_float, progress=False)

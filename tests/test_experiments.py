@@ -121,13 +121,13 @@ def test_pot_column_says_whether_every_scale_is_a_power_of_two(model, expected):
   pot = methods.power_of_two(model)
   assert pot is (expected == "yes")
   row = dict(method="m", wbits=4, abits=4, top1=50.0, top5=90.0, n=10, power_of_two=pot)
-  assert f"| m | W4A4 | 50.00 |  | {expected} |" in report.results_table([row])
+  assert f"| m | W4A4 | 50.00 |  |  |  | {expected} |" in report.results_table([row])
 
 
 def _record(top1_rapq):
   res = [dict(method="fp", wbits=None, abits=None, top1=81.0, top5=99.0, n=100),
          dict(method="rapq", wbits=4, abits=4, top1=top1_rapq, top5=98.0, n=100,
-              power_of_two=True, wall_seconds=12.0, seconds_per_iter={"u": 0.01},
+              agreement=93.1, kl_to_reference=0.25, power_of_two=True, wall_seconds=12.0, seconds_per_iter={"u": 0.01},
               search={"after": dict(before=0.3, after=0.2, sweeps=2, moved=["u/a:out+1"],
                                     seconds=1.0)}, ptq=dict(weight_iters=10, act_iters=2, batch_size=8))]
   return dict(config=dict(model="m", calibration_size=64, seed=1), results=res,
@@ -138,7 +138,7 @@ def test_results_doc_is_regenerated_identically(tmp_path):
   (tmp_path / "a_run.json").write_text(json.dumps(_record(78.5)))
   first = results_doc.render(tmp_path)
   assert results_doc.render(tmp_path) == first
-  assert "| rapq | W4A4 | 78.50 | 2.50 | yes | 12 | 10.0 ms |" in first
+  assert "| rapq | W4A4 | 78.50 | 2.50 | 93.10 | 0.2500 | yes | 12 | 10.0 ms |" in first
   (tmp_path / "a_run.json").write_text(json.dumps(_record(77.0)))
   assert results_doc.render(tmp_path) != first
 
