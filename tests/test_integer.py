@@ -170,9 +170,9 @@ def _resnet20_child(shared: str) -> None:
   """The body of the ResNet-20 test below, run in a child process (assertions there)."""
   cfg = load_config("cifar10_resnet20", pathlib.Path(shared))
   cfg.wbits, cfg.abits = 2, 4
-  cfg.weight_iters, cfg.act_iters = 100, 20
-  cfg.calibration_size, cfg.test_size = 128, 1000
-  cfg.ptq.search_samples = 32     # held out of the 128; 96 reconstructed on
+  cfg.weight_iters, cfg.act_iters = 40, 10
+  cfg.calibration_size, cfg.test_size = 96, 500
+  cfg.ptq.search_samples = 32     # held out of the 96; 64 reconstructed on
   data = pipeline.load_data(cfg)
   model, variables = pipeline.load_model(cfg)
   net = fold.build_network(variables, model=model)
@@ -206,12 +206,12 @@ def _resnet20_child(shared: str) -> None:
 def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
   """A short RAPQ run of the pretrained ResNet-20 at W2A4 (the widest integer ranges
   of 4-bit codes are checked on the tiny nets above and on ResNet-18 in
-  tests/test_export.py; W2 is the case far from them): on the first 1000
+  tests/test_export.py; W2 is the case far from them): on the first 500
   CIFAR-10 test images the integer path's top-1 predictions are identical to the
   simulation's and its dequantized logits differ by at most the documented bound, 0.
-  The claim is equality, so the budget is small (every mechanism still runs: learned
-  rounding, the exponent choice, the search), large enough that the model is far from
-  constant; docs/INTEGER.md has the full test set. It runs in a child process compiled
+  The claim is equality, so the budget is small (40 / 10 steps per unit; every
+  mechanism still runs: learned rounding, the exponent choice, the search), large
+  enough that the model is far from constant; docs/INTEGER.md has the full test set. It runs in a child process compiled
   at XLA's default CPU optimisation, as users run it (conftest: the rest of the suite
   compiles without LLVM's passes, where these reconstruction steps run 10x slower)."""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
