@@ -110,6 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, output_dir: str | os.P
   train_images, train_labels = data_lib.load_fashion_mnist("train", root)
   train_images, train_labels = train_images[:config.train_size], train_labels[:config.train_size]
   test_images, test_labels = data_lib.load_fashion_mnist("test", root)
+  test_images, test_labels = test_images[:config.test_size], test_labels[:config.test_size]
   steps_per_epoch = len(train_images) // config.batch_size
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
   tx = optimizer(config, steps_per_epoch * config.epochs)

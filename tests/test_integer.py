@@ -170,7 +170,7 @@ def _resnet20_child(shared: str) -> None:
   """The body of the ResNet-20 test below, run in a child process (assertions there)."""
   cfg = load_config("cifar10_resnet20", pathlib.Path(shared))
   cfg.wbits, cfg.abits = 2, 4
-  cfg.weight_iters, cfg.act_iters = 40, 10
+  cfg.weight_iters, cfg.act_iters = 100, 20
   cfg.calibration_size, cfg.test_size = 96, 500
   cfg.ptq.search_samples = 32     # held out of the 96; 64 reconstructed on
   data = pipeline.load_data(cfg)
@@ -209,7 +209,7 @@ def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
   tests/test_export.py; W2 is the case far from them): on the first 500
   CIFAR-10 test images the integer path's top-1 predictions are identical to the
   simulation's and its dequantized logits differ by at most the documented bound, 0.
-  The claim is equality, so the budget is small (40 / 10 steps per unit; every
+  The claim is equality, so the budget is small (100 / 20 steps per unit; every
   mechanism still runs: learned rounding, the exponent choice, the search), large
   enough that the model is far from constant; docs/INTEGER.md has the full test set. It runs in a child process compiled
   at XLA's default CPU optimisation, as users run it (conftest: the rest of the suite

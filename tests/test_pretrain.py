@@ -113,6 +113,7 @@ def tiny_config(fashion_mnist_dir):
   config = importlib.import_module('experiments.configs.pretrain_fmnist_resnet').get_config()
   config.data_dir = str(fashion_mnist_dir)
   config.train_size, config.batch_size, config.epochs = 512, 64, 2
+  config.test_size = 1000
   return config
 
 
@@ -125,6 +126,7 @@ def test_tiny_training_run_learns_and_writes_a_loadable_checkpoint(tmp_path, fas
   assert record['log'][1]['loss'] < record['log'][0]['loss'] < np.log(10) + 0.5
   assert json.loads((tmp_path / 'a' / 'fmnist_resnet.json').read_text()) == record
   assert record['seed'] == 0 and record['config']['train_size'] == 512
+  assert record['test_images'] == 1000
   assert record['test_top1'] == record['log'][-1]['test_top1'] > 20.0
   model, variables = convert.load_pretrained(tmp_path / 'a' / 'fmnist_resnet.npz', 'fmnist_resnet')
   assert model == get_model('fmnist_resnet')

@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data_dir = config_dict.placeholder(str)  # Fashion-MNIST IDX files (default: Debian's)
   config.train_size = config_dict.placeholder(int)  # first n training images (None: all 60000)
+  config.test_size = config_dict.placeholder(int)  # first n test images (None: all 10000)
   config.mean = data.FASHION_MNIST_MEAN
   config.std = data.FASHION_MNIST_STD
 
