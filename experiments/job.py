@@ -2,9 +2,14 @@
 width on one config, each run's record kept in the run directory as it finishes (so a
 killed job resumes after the last one), then the table, plots and results.json.
 
+Over several processes (``jax.distributed``) every process computes and only process 0
+writes (the run directory, its lock, records, units, models, plots); every process
+reads the directory to resume, so it must be one that all of them see.
+
 ``run(config, methods, bits, workdir)`` is the whole job; ``experiments.run`` parses the
 flags and calls it.
 """
+import contextlib
 import copy
 import functools
 import json
@@ -13,6 +18,8 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from experiments import methods
 from experiments import pipeline
@@ -79,7 +86,11 @@ def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int |
   ``workdir/units/`` as they finish, so a killed run resumes after the last one) and
   saved there atomically with its checksum."""
   path = workdir / "results" / f"{methods.run_name(method, wbits, abits)}.json"
-  if path.exists():
+  if _on_process_0(path.exists()):
+    if not path.exists():
+      raise validate.UserError(
+          f"{path} exists for process 0 but not for process {jax.process_index()}: give "
+          "every process the same --workdir on a filesystem they all see")
     try:
       record = report.read_record(path)
       print(f"loaded {path}", flush=True)
@@ -91,7 +102,21 @@ def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int |
                                              "store_dir": workdir / "units"}
   result = METHODS[method](config, data, **kwargs)
   result.setdefault("wall_seconds", time.perf_counter() - start)
-  return report.write_record(path, dict(method=method, wbits=wbits, abits=abits, **result))
+  record = dict(method=method, wbits=wbits, abits=abits, **result)
+  return report.write_record(path, record) if _primary() else report.as_written(record)
+
+
+def _primary() -> bool:
+  """Whether this process writes the run directory (process 0 of a distributed job)."""
+  return jax.process_index() == 0
+
+
+def _on_process_0(flag: bool) -> bool:
+  """``flag`` as process 0 has it, on every process (every process then makes the same
+  choice and joins the same computations)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def plan(config: ml_collections.ConfigDict, names, bits) -> list[tuple]:
@@ -124,14 +149,17 @@ def run(config: ml_collections.ConfigDict, names, bits, workdir: pathlib.Path) -
         f"config.matmul_precision={config.matmul_precision!r}: {err}") from None
   runs = plan(config, names, bits)
   data = validate.prepare(config, [(m, c) for m, _, _, c in runs])
-  workdir.mkdir(parents=True, exist_ok=True)
+  if _primary():
+    workdir.mkdir(parents=True, exist_ok=True)
   # One run per directory: held until the job ends, dropped if its process is killed.
-  with integrity.DirectoryLock(workdir):
-    open_workdir(workdir, config)
+  with integrity.DirectoryLock(workdir) if _primary() else contextlib.nullcontext():
+    if _primary():
+      open_workdir(workdir, config)
     env = report.environment()  # the code as it was when the run started
     results = []
     for method, wbits, abits, method_config in runs:
       results.append(run_once(workdir, method, wbits, abits, method_config, data))
       print(format_result(results[-1]), flush=True)
-    write_outputs(workdir, config, results, env)
+    if _primary():
+      write_outputs(workdir, config, results, env)
   return results

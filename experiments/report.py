@@ -16,10 +16,15 @@ import numpy as np  # noqa: E402
 from rapq_jax import integrity  # noqa: E402
 
 
+def as_written(record: dict) -> dict:
+  """``record`` as ``write_record`` writes it and ``read_record`` returns it (JSON types)."""
+  return json.loads(json.dumps(record, default=float))
+
+
 def write_record(path: pathlib.Path, record: dict) -> dict:
   """Writes ``record`` as JSON with the sha256 of its canonical form (key ``sha256``),
   atomically; returns the record as ``read_record`` will return it."""
-  record = json.loads(json.dumps(record, default=float))
+  record = as_written(record)
   integrity.atomic_write(path, json.dumps({**record, "sha256": integrity.json_digest(record)}, indent=1))
   return record
 

@@ -149,6 +149,8 @@ def main(argv):
     # (orbax checkpoint saves, JAX backend probes); --verbosity=0 (-v 0) shows them.
     logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value is not None:
+    # CPU processes exchange their collectives over gloo (GPU and TPU use their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**_DISTRIBUTED.value)
   name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
   shared_dir = _SHARED_DIR.value or os.environ.get("RAPQ_SHARED_DIR", str(DEFAULT_SHARED_DIR))

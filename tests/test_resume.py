@@ -1,17 +1,11 @@
 """Specification of resuming (rapq_jax.resume, ``quantize_network(store=...)`` and
 ``python -m experiments.run --workdir``): finished units are loaded, not re-learned; a
-run resumed after a crash ends bit-identical to an uninterrupted one; nothing unfinished
-is read; a directory of another config is refused, naming the differing fields.
+run resumed after a crash ends bit-identical to an uninterrupted one (a job killed by
+SIGKILL: tests/test_processes.py); nothing unfinished is read; a directory of another
+config is refused, naming the differing fields.
 """
 import dataclasses
-import json
-import os
-import pathlib
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import chex
 import jax
@@ -19,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cli
 import damage
 from nets import random_variables
 
-from rapq_jax import config, export, fold, integrity, ptq, resume
+from rapq_jax import config, fold, integrity, ptq, resume
 from rapq_jax.models.cifar_resnet import CifarResNet
 
 HW, N_CALIB = 16, 64
@@ -247,76 +242,15 @@ def test_config_mismatch_names_every_field_and_what_is_accepted():
 
 # ------------------------------------------------------------------ python -m experiments.run
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--config", "fmnist_resnet", "--bits", "4/4", "--config.weight_iters=12",
-        "--config.act_iters=4", "--config.calibration_size=64", "--config.test_size=300",
-        "--config.ptq.search_samples=32", "--config.ptq.search_sweeps=1"]
-
-
-def _cli(args, workdir, jax_cache, log):
-  """Starts the job; its output goes to the file ``log`` (a pipe left unread would stall it)."""
-  # Compiling dominates these tiny runs: the runs of a test share compiled programs and
-  # compile with less optimisation (the same for all, so their results still agree).
-  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_backend_optimization_level=0",
-         "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  with open(log, "w") as f:
-    return subprocess.Popen([sys.executable, "-m", "experiments.run", *args,
-                             f"--workdir={workdir}"], cwd=REPO, env=env, stdout=f,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(proc, log, *, ok=True, timeout=600):
-  proc.wait(timeout=timeout)
-  out = pathlib.Path(log).read_text()
-  assert (proc.returncode == 0) == ok, out[-3000:]
-  return out
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_identical_results(tmp_path):
-  args = [*TINY, "--methods", "rapq"]
-  cache, plain, run_dir = tmp_path / "jax_cache", tmp_path / "plain", tmp_path / "resumed"
-  _finish(_cli(args, plain, cache, tmp_path / "plain.log"), tmp_path / "plain.log")
-  proc = _cli(args, run_dir, cache, tmp_path / "killed.log")
-  units = run_dir / "units" / "rapq_w4a4"
-  deadline = time.monotonic() + 300
-  while not (units / "unit_conv1").is_dir() and proc.poll() is None and time.monotonic() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert (units / "unit_conv1").is_dir() and not (units / "unit_linear").exists()
-  out = _finish(_cli(args, run_dir, cache, tmp_path / "resumed.log"), tmp_path / "resumed.log")
-  assert f"loaded {run_dir / 'results' / 'fp.json'}" in out
-  assert sum("(loaded)" in line for line in out.splitlines()) >= 1
-  a, b = (json.loads((d / "results.json").read_text())["results"] for d in (plain, run_dir))
-  assert [(r["method"], r["top1"], r["top5"]) for r in a] == [
-      (r["method"], r["top1"], r["top5"]) for r in b]
-  for key in ("weight_exponents", "loss_curves", "lp", "search"):
-    if key == "search":
-      for entry in (*a[1][key].values(), *b[1][key].values()):
-        entry.pop("seconds")
-    assert a[1][key] == b[1][key], key
-  # The saved models: integer weights with their per-channel exponents and zero points,
-  # and the activation exponents, the ones the network-wide search after reconstruction
-  # moves (resumed units are loaded before it runs).
-  saved = [export.load_model(d / "models" / "rapq_w4a4") for d in (plain, run_dir)]
-  chex.assert_trees_all_equal(saved[0].weights, saved[1].weights)
-  chex.assert_trees_all_equal(saved[0].acts, saved[1].acts)
-  assert jax.tree.leaves(saved[0].acts), "no activation exponents compared"
-  assert "after" in a[1]["search"], "the run did not search"
-
-
 def test_run_refuses_a_workdir_of_another_config(tmp_path):
-  args = [*TINY, "--methods", "fp"]
-  cache, run_dir, log = tmp_path / "jax_cache", tmp_path / "run", tmp_path / "run.log"
-  _finish(_cli(args, run_dir, cache, log), log)
+  args = [*cli.TINY, "--methods", "fp"]
+  run_dir, log = tmp_path / "run", tmp_path / "run.log"
+  cli.finish(cli.start(args, run_dir, log), log)
   # The lock file records the pid of the last process that held the directory: not state.
   state = lambda: {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
                    and p.name != integrity.LOCK_NAME}
   before = state()
-  out = _finish(_cli([*args, "--config.weight_iters=13"], run_dir, cache, log), log, ok=False)
+  out = cli.finish(cli.start([*args, "--config.weight_iters=13"], run_dir, log), log, ok=False)
   assert ("belongs to a different config (weight_iters = 12 there, 13 now). Accepted: the "
           f"config in {run_dir / 'config.json'} (to resume that run) or a new --workdir") in out
   assert state() == before
