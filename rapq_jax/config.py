@@ -138,7 +138,8 @@ class PTQConfig:
   # Before quantization, rescale the channels between layers that only a ReLU separates
   # (rapq_jax.align, FP function unchanged) so that float-optimal scales are powers of
   # two: 'weights' puts each producer channel's Lp weight scale on 2**k, 'acts' each
-  # inner ReLU point's Lp activation scale; 'none' leaves the network as folded.
+  # inner ReLU point's Lp activation scale; 'none' leaves the network as folded. On
+  # ResNet-20 W2A4 (2000/500) both lost to 'none': 76.09 / 75.61 % against 77.19 %.
   align_scales: str = "none"
   # Part-way through the weight stage (after weight_exp_at of its rounding steps), move
   # each PoT weight channel's exponent to whichever of e + k, |k| <= weight_exp_window,
