@@ -25,6 +25,7 @@ from experiments import methods
 from experiments import pipeline
 from experiments import report
 from experiments import validate
+from rapq_jax import config as ptq_config_lib
 from rapq_jax import integrity
 from rapq_jax import resume
 
@@ -72,7 +73,10 @@ def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> No
   differing fields."""
   path = workdir / "config.json"
   if path.exists():
-    resume.check_same_config(json.loads(path.read_text()),
+    stored = json.loads(path.read_text())
+    # A PTQConfig field added since the run started was unset there (its ADDED value).
+    stored["ptq"] = {**{k: None for k in ptq_config_lib.ADDED}, **stored.get("ptq", {})}
+    resume.check_same_config(stored,
                              json.loads(config.to_json_best_effort()), f"run directory {workdir}",
                              f"the config in {path} (to resume that run) or a new --workdir")
   else:

@@ -16,6 +16,9 @@ METHODS = tuple(PRESETS)
 # Old field name -> its name now: records written before a rename (result files, stores)
 # are read through ``current_names``.
 RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters"}
+# Field added after records were written -> the value that reproduces what those records
+# did: ``current_names`` fills it in where a record lacks it.
+ADDED = {"align_scales": "none"}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts")
@@ -225,8 +228,9 @@ class PTQConfig:
 
 def current_names(fields: dict) -> dict:
   """``fields`` (PTQConfig fields by name, as a record of any version holds them) with
-  every old name of ``RENAMED`` replaced by its name now."""
-  return {RENAMED.get(k, k): v for k, v in fields.items()}
+  every old name of ``RENAMED`` replaced by its name now and every field of ``ADDED``
+  the record lacks set to the value that reproduces it."""
+  return {**ADDED, **{RENAMED.get(k, k): v for k, v in fields.items()}}
 
 
 def for_method(method: str, **overrides) -> PTQConfig:

@@ -5,6 +5,7 @@ SIGKILL: tests/test_processes.py); nothing unfinished is read; a directory of an
 config is refused, naming the differing fields.
 """
 import dataclasses
+import json
 import shutil
 
 import chex
@@ -206,9 +207,11 @@ def test_store_of_another_config_is_refused(tiny, tmp_path):
 
 
 def _with_old_names(cfg, **changes):
-  """The config record an older version wrote: the fields under their old names."""
+  """The config record an older version wrote: the fields under their old names, the
+  fields added since (``config.ADDED``) absent."""
   old_name = {new: old for old, new in config.RENAMED.items()}
-  return {old_name.get(k, k): v for k, v in dataclasses.asdict(cfg).items()} | changes
+  return {old_name.get(k, k): v for k, v in dataclasses.asdict(cfg).items()
+          if k not in config.ADDED} | changes
 
 
 def test_store_of_an_older_version_is_read(tiny, tmp_path):
@@ -221,7 +224,8 @@ def test_store_of_an_older_version_is_read(tiny, tmp_path):
   new = resume.Store(tmp_path)
   new.bind(dataclasses.asdict(CFG), upgrade=config.current_names)
   assert new.load("unit_x")[0] == {"p": 2.0}
-  with pytest.raises(resume.ConfigMismatchError, match=r"iters_w = 20 there, '<missing>' now"):
+  with pytest.raises(resume.ConfigMismatchError, match=r"align_scales = '<missing>' there, "
+                     r"'none' now; iters_a = 5 there, '<missing>' now; iters_w = 20 there"):
     resume.Store(tmp_path).bind(dataclasses.asdict(CFG))
   resume.Store(tmp_path / "b").bind(_with_old_names(CFG, iters_w=21))
   with pytest.raises(resume.ConfigMismatchError, match=r"^[^;]*weight_iters = 21 there, 20 now"):
@@ -254,3 +258,19 @@ def test_run_refuses_a_workdir_of_another_config(tmp_path):
   assert ("belongs to a different config (weight_iters = 12 there, 13 now). Accepted: the "
           f"config in {run_dir / 'config.json'} (to resume that run) or a new --workdir") in out
   assert state() == before
+
+
+def test_run_directory_of_an_older_version_is_resumed(tmp_path):
+  """A run directory whose config.json predates a PTQConfig field (``config.ADDED``)
+  binds to the same command now; another difference is still refused."""
+  from experiments import job   # pylint: disable=import-outside-toplevel
+  from experiments.configs import base   # pylint: disable=import-outside-toplevel
+  cfg = base.get_base_config()
+  old = json.loads(cfg.to_json_best_effort())
+  for name in config.ADDED:
+    del old["ptq"][name]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  job.open_workdir(tmp_path, cfg)
+  cfg.weight_iters += 1
+  with pytest.raises(resume.ConfigMismatchError, match=r"weight_iters = 2000 there, 2001 now"):
+    job.open_workdir(tmp_path, cfg)
