@@ -32,6 +32,7 @@ from rapq_jax import pot
 from rapq_jax.config import ALIGN_MODES
 from rapq_jax.network import Network, Unit, activation, unit_apply
 
+
 def _to_pot(scale: chex.Array) -> chex.Array:
   """``2**round(log2 scale) / scale`` (1 where ``scale`` is not positive)."""
   nearest = pot.log2_exponents(scale)[0]

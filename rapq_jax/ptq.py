@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rapq_jax import align, integrity, objective, parallel, quantized, quantizers, resume, rounding, search
+from rapq_jax import (align, integrity, objective, parallel, quantized, quantizers, resume,
+                      rounding, search)
 from rapq_jax.config import PTQConfig, current_names
 from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
 from rapq_jax.quantizers import hooks
@@ -443,16 +444,6 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   if store is not None:
     store.bind(dataclasses.asdict(cfg), upgrade=current_names)
   specs = unit_specs(net, cfg)
-  # Calibration (initialisation, the search before and reconstruction) runs on cal_net;
-  # the search after it and the returned model on net (the same but under 'official',
-  # whose calibration leaves the input float).
-  cal_specs = unit_specs(calibration_network(net, cfg), cfg)
-  key = jax.random.PRNGKey(cfg.seed)
-  input_spec = specs[net.units[0].name][1].get("input")
-  report = {"units": {}, "search": {}, "protocol": {
-      "name": cfg.protocol, "order": [], "not_reconstructed": list(frozen_units(net, cfg)),
-      "input": None if input_spec is None else {
-          "bits": input_spec.bits, "in_calibration": calibration_network(net, cfg) is net}}}
   fit_rows, search_rows = calibration_split(calib.shape[0], cfg)
   images = dict(rows=[search_rows.start, search_rows.stop],
                 reconstruction_rows=[fit_rows.start, fit_rows.stop],
@@ -461,9 +452,19 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   net, factors = align.align(net, cfg.align_scales, wbits=cfg.wbits, abits=cfg.abits,
                              weight_signed=cfg.weight_signed, p=cfg.init_p,
                              calib=fit[:INIT_SAMPLES])
-  report["align"] = {"mode": cfg.align_scales, "factors": {
-      k: [float(jnp.min(g)), float(jnp.max(g))] for k, g in factors.items()}}
+  # Calibration (initialisation, the search before and reconstruction) runs on cal_net;
+  # the search after it and the returned model on net (the same but under 'official',
+  # whose calibration leaves the input float).
   cal_net = calibration_network(net, cfg)
+  cal_specs = unit_specs(cal_net, cfg)
+  key = jax.random.PRNGKey(cfg.seed)
+  input_spec = specs[net.units[0].name][1].get("input")
+  report = {"units": {}, "search": {}, "protocol": {
+      "name": cfg.protocol, "order": [], "not_reconstructed": list(frozen_units(net, cfg)),
+      "input": None if input_spec is None else {
+          "bits": input_spec.bits, "in_calibration": cal_net is net}},
+      "align": {"mode": cfg.align_scales, "factors": {
+          k: [float(jnp.min(g)), float(jnp.max(g))] for k, g in factors.items()}}}
   fp_logits = None
   if cfg.search != "none":
     # The search's FP reference logits are computed like the search itself, on the
