@@ -471,7 +471,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     # replicated images on every device: split over the devices, their rows (and the
     # search objective's sum over them) were reduced in another order on each device
     # count, moving the objective values in their last bits.
-    fp_logits = network_apply(net, sub)
+    fp_logits = jax.jit(network_apply)(net, sub)
 
   states = _init_all(cal_net, cal_specs, fit[:INIT_SAMPLES], cfg)
   states.update(_rounded({u: states[u] for u in frozen_units(net, cfg)}))

@@ -29,6 +29,7 @@ Arithmetic of ``apply`` (the same as ``rapq_jax.integer``, written with floats):
   input's own grid: ``floor((sum + n // 2) / n)`` (``n = H * W``).
 """
 import dataclasses
+import functools
 import json
 
 import jax
@@ -61,22 +62,35 @@ class QuantizedModel:
 
 def from_states(net: Network, states: dict, specs: dict, metadata: dict) -> QuantizedModel:
   """Integers and exponents from hard PoT quantizer states (see ``rapq_jax.ptq``)."""
-  weights, acts, bits = {}, {}, []
+  weights, acts = _integers(net, states, quantizers.spec_items(specs))
+  bits = []
   for unit in net.units:
     wspecs, aspecs = specs[unit.name]
-    weights[unit.name], acts[unit.name] = {}, {}
-    for layer in unit.layers:
-      spec = wspecs[layer.role]
-      q, e, zp = quantizers.weight_integers(
-          net.params[unit.name][layer.role]["kernel"], states[unit.name]["w"][layer.role], spec)
-      weights[unit.name][layer.role] = {"q": q, "e": e, "zp": zp,
-                                        "bias": net.params[unit.name][layer.role]["bias"]}
-      bits.append((f"{unit.name}/{layer.role}", spec.bits, spec.signed))
-    for point, spec in aspecs.items():
-      acts[unit.name][point] = quantizers.act_exponent(states[unit.name]["a"][point], spec)
-      bits.append((f"{unit.name}/@{point}", spec.bits, spec.signed))
+    bits += [(f"{unit.name}/{layer.role}", wspecs[layer.role].bits, wspecs[layer.role].signed)
+             for layer in unit.layers]
+    bits += [(f"{unit.name}/@{point}", spec.bits, spec.signed) for point, spec in aspecs.items()]
   return QuantizedModel(net.units, tuple(bits), json.dumps(metadata, sort_keys=True),
                         weights, acts)
+
+
+@functools.partial(jax.jit, static_argnames="spec_items")
+def _integers(net: Network, states: dict, spec_items: tuple) -> tuple[dict, dict]:
+  """``(weights, acts)`` of ``QuantizedModel`` from the states, as one compiled program
+  (op by op, its small integer conversions cost seconds on a ResNet)."""
+  specs = quantizers.specs_of(spec_items)
+  weights, acts = {}, {}
+  for unit in net.units:
+    wspecs, aspecs = specs[unit.name]
+    weights[unit.name] = {}
+    for layer in unit.layers:
+      q, e, zp = quantizers.weight_integers(
+          net.params[unit.name][layer.role]["kernel"], states[unit.name]["w"][layer.role],
+          wspecs[layer.role])
+      weights[unit.name][layer.role] = {"q": q, "e": e, "zp": zp,
+                                        "bias": net.params[unit.name][layer.role]["bias"]}
+    acts[unit.name] = {point: quantizers.act_exponent(states[unit.name]["a"][point], spec)
+                       for point, spec in aspecs.items()}
+  return weights, acts
 
 
 def layer_inputs(unit: Unit) -> dict:

@@ -39,6 +39,18 @@ class ActSpec:
   pot: bool = True
 
 
+def spec_items(specs: dict) -> tuple:
+  """Hashable form of a network's specs ``{unit: (wspecs, aspecs)}``, for the static
+  arguments of jitted functions (``specs_of`` reads it back)."""
+  return tuple((u, tuple(sorted(w.items())), tuple(sorted(a.items())))
+               for u, (w, a) in sorted(specs.items()))
+
+
+def specs_of(items: tuple) -> dict:
+  """The ``{unit: (wspecs, aspecs)}`` that ``spec_items`` made ``items`` of."""
+  return {u: (dict(w), dict(a)) for u, w, a in items}
+
+
 def _qrange(spec) -> tuple[int, int]:
   return pot.int_range(spec.bits, spec.signed)
 

@@ -27,7 +27,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rapq_jax import objective, quantized
+from rapq_jax import objective, quantized, quantizers
 from rapq_jax.network import Network, network_apply
 from rapq_jax.quantizers import hooks
 
@@ -61,8 +61,9 @@ def quantizer_names(net: Network, states: dict, *, weights: bool, acts: bool,
   return tuple(names)
 
 
+@functools.partial(jax.jit, static_argnames="names")
 def shift_states(states: dict, names: tuple, offsets) -> dict:
-  """Adds ``offsets[i]`` to the exponent of quantizer ``names[i]`` (pure)."""
+  """Adds ``offsets[i]`` to the exponent of quantizer ``names[i]`` (pure, jitted)."""
   out = {u: {"w": dict(s["w"]), "a": dict(s["a"])} for u, s in states.items()}
   for i, (u, kind, name) in enumerate(names):
     field = "log2s" if kind == "w" else "t"
@@ -84,18 +85,12 @@ def deployed_logits(net: Network, states: dict, specs: dict, x):
   return quantized.apply(quantized.from_states(net, states, specs, {}), x)
 
 
-def _spec_items(specs: dict) -> tuple:
-  """Hashable form of ``specs`` (``{unit: (wspecs, aspecs)}``)."""
-  return tuple((u, tuple(sorted(w.items())), tuple(sorted(a.items())))
-               for u, (w, a) in sorted(specs.items()))
-
-
 @functools.lru_cache(maxsize=None)
 def _program(names: tuple, spec_items: tuple, kind: str):
   """The jitted search ``(net, states, x, fp_logits, max_sweeps, reach) -> (offsets,
   before, after, sweeps, capped)``. It is one ``while_loop`` that evaluates one
   candidate per step, so the network appears once in the compiled program."""
-  specs = {u: (dict(w), dict(a)) for u, w, a in spec_items}
+  specs = quantizers.specs_of(spec_items)
   n = len(names)
 
   def value(net, states, x, fp_logits, offsets):
@@ -162,7 +157,7 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
   # The network, states and images are arguments, not closed-over constants: XLA would
   # otherwise fold convolutions over them at compile time (seconds per conv), and equal
   # architectures share compiled programs.
-  run = _program(names, _spec_items(specs), kind)
+  run = _program(names, quantizers.spec_items(specs), kind)
   offsets, before, after, sweeps, capped = run(net, states, x, fp_logits,
                                                jnp.int32(max_sweeps if names else 0),
                                                jnp.int32(reach))
