@@ -305,6 +305,9 @@ def choose_weight_exponents(unit: Unit, errors_for, params: dict, wstates: dict,
   return wstates, moved
 
 
+_harden = jax.jit(quantizers.harden_exponent, static_argnames=("spec", "reinit_alpha"))
+
+
 def _exponent_state(train) -> str:
   """Progress text: share of exponent logits already saturated to 0 or 1."""
   h = np.concatenate([np.asarray(rounding.rectified_sigmoid(s["v"])) for s in train.values()])
@@ -396,8 +399,8 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
         bar.update((it + 1) - bar.n)
     wstates = _merge(train, frozen)
     if with_v:
-      wstates = {r: quantizers.harden_exponent(params[r]["kernel"], s, wspecs[r],
-                                               reinit_alpha=cfg.reinit_alpha_on_harden)
+      wstates = {r: _harden(params[r]["kernel"], s, wspecs[r],
+                            reinit_alpha=cfg.reinit_alpha_on_harden)
                  for r, s in wstates.items()}
   if acts and cfg.act_iters:
     opt, step = act_step(shape, ws_t, as_t, cfg, p, n)
