@@ -20,7 +20,11 @@ integer path) runs in a child process at the default level, the users' setting, 
 its reconstruction steps are ten times faster.
 
 The suite runs in two worker processes (pytest-xdist, ``-n 2 --dist loadfile`` in
-setup.cfg: a file's tests share one process and its module fixtures). Every XLA CPU
+setup.cfg: a file's tests share one process and its module fixtures). Files are handed
+out in collection order (``--no-loadscope-reorder``), and collection puts the files
+with the most ``slow(seconds=...)`` first (``pytest_collection_modifyitems``), so the
+last files a worker takes are short ones and neither waits long for the other (xdist's
+own order, most tests first, started the few long end-to-end files last). Every XLA CPU
 executable holds its own memory mappings, and a process that keeps thousands alive runs
 into the kernel's limit on mappings (``vm.max_map_count``, 65530 by default), where the
 next compilation crashes the interpreter (seen in CI as SIGABRT / SIGSEGV inside XLA's
@@ -29,6 +33,7 @@ mappings, its in-memory compiled programs are dropped (``jax.clear_caches``; the
 persistent cache above still serves them).
 """
 import atexit
+import collections
 import gc
 import os
 import pathlib
@@ -65,6 +70,17 @@ def _release_compiled_programs():
   import jax  # pylint: disable=import-outside-toplevel  (after the cache settings above)
   jax.clear_caches()
   gc.collect()
+
+
+def pytest_collection_modifyitems(items):
+  """Orders the files by their tests' ``slow`` seconds (most first), keeping the order
+  of the tests within a file and of files that tie."""
+  seconds = collections.Counter()
+  for item in items:
+    for mark in item.iter_markers("slow"):
+      seconds[item.path] += mark.kwargs.get("seconds", 10)
+  first_seen = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
+  items.sort(key=lambda item: (-seconds[item.path], first_seen[item.path]))
 
 
 def _missing(what: str):

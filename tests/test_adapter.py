@@ -199,6 +199,7 @@ def test_user_model_folds_like_the_builtin_model(pair):
                              rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow(seconds=15)
 def test_user_model_quantizes_to_the_builtin_integers():
   """End to end on the ResNet pair (equal networks quantize equally, so one case suffices)."""
   net, model, variables, images = _pair("compact_resnet")
@@ -344,6 +345,7 @@ def test_bad_calibration_and_weights_are_named_before_reading_the_model():
 
 
 @pytest.mark.parametrize("example", [0, 1], ids=["linen", "nnx"])
+@pytest.mark.slow(seconds=14)
 def test_readme_example_runs(example):
   """The README's own-model examples, verbatim except for a smaller iteration budget and
   fewer, smaller calibration images."""

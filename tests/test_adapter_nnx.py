@@ -226,7 +226,7 @@ def _structure(unit):
           [(l.role, l.stride, l.groups, l.dense) for l in unit.layers])
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=23)
 @pytest.mark.parametrize("arch", sorted(TWINS))
 def test_nnx_model_quantizes_as_its_linen_twin(arch):
   nnx_cls, twin_cls, unit_names = TWINS[arch]

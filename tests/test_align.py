@@ -148,6 +148,7 @@ def test_units_without_a_homogeneous_link_are_left_alone():
     assert factors == {} and new is net
 
 
+@pytest.mark.slow(seconds=14)
 def test_aligned_rapq_is_power_of_two_and_integer_exact():
   """End to end on the weight alignment (the activation alignment changes only which
   network is quantized, as this one does)."""

@@ -234,6 +234,7 @@ def test_bad_flags_fail_before_any_output(tmp_path, args, message):
   assert not (tmp_path / "run" / "results.json").exists()
 
 
+@pytest.mark.slow(seconds=25)
 def test_bench_writes_per_unit_timings(tmp_path):
   """experiments.bench end to end on the small Fashion-MNIST ResNet, 2 timed steps."""
   out = tmp_path / "bench.json"

@@ -302,7 +302,7 @@ def test_onnx_qdq_matches_integer_path(nets, name, hw):
   np.testing.assert_array_equal(onnx_logits(program, x), integer.apply(program, x))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_torchvision_resnet18_integer_onnx_and_reader(tmp_path):
   """The ImageNet ResNet-18 layout (max-pooled stem, 1x1 conv shortcuts), random and
   naive PoT at 32x32: simulation, integer path, reader and ONNX agree exactly."""
@@ -347,7 +347,7 @@ def test_export_cli_without_models_fails(tmp_path, capsys):
   assert "no saved models" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_run_method_saves_a_model_that_exports(tmp_path):
   """A real run (Fashion-MNIST ResNet, naive PoT) saves its model; the integer path of
   the saved model predicts exactly what the run evaluated, and both exports work."""

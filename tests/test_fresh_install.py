@@ -44,6 +44,7 @@ def installed(tmp_path_factory) -> pathlib.Path:
   return target
 
 
+@pytest.mark.slow(seconds=65)
 def test_default_job_runs_from_the_installed_package_with_shipped_data_only(installed, tmp_path):
   """Also the quality guard: a change that breaks RAPQ's reconstruction fails here."""
   hidden = tmp_path / "no-fashion-mnist"

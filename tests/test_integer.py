@@ -202,7 +202,7 @@ def _resnet20_child(shared: str) -> None:
 
 
 @pytest.mark.shared
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
   """A short RAPQ run of the pretrained ResNet-20 at W2A4 (the widest integer ranges
   of 4-bit codes are checked on the tiny nets above and on ResNet-18 in

@@ -85,6 +85,7 @@ def _run(devices: int, out_path: str) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow(seconds=45)
 def test_four_devices_match_one_device(tmp_path):
   """RAPQ as preset (reconstruction, then the network-wide search over the low-bit
   exponents, scored on 8 held-out images) on a tiny ResNet, 34 calibration images

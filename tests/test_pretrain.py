@@ -117,7 +117,7 @@ def tiny_config(fashion_mnist_dir):
   return config
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=14)
 def test_tiny_training_run_learns_and_writes_a_loadable_checkpoint(tmp_path, fashion_mnist_dir):
   config = tiny_config(fashion_mnist_dir)
   record = pretrain.train_and_evaluate(config, tmp_path / 'a')

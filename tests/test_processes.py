@@ -39,7 +39,7 @@ def _same_models(a, b):
   assert jax.tree.leaves(saved[0].acts), "no activation exponents compared"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_killed_run_resumes_to_identical_results(plain, tmp_path):
   run_dir = tmp_path / "resumed"
   proc = cli.start(ARGS, run_dir, tmp_path / "killed.log")
@@ -74,7 +74,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_two_processes_quantize_like_one_and_only_process_0_writes(plain, tmp_path):
   """Process 1 is given a directory of its own here, to show that it writes nothing
   there; to resume, every process needs the same directory (a shared filesystem)."""

@@ -61,6 +61,7 @@ def run(tiny):
 
 # ------------------------------------------------------------------ end to end
 
+@pytest.mark.slow(seconds=25)
 def test_learned_exponents_end_as_exact_integers(tiny):
   """The paper's relaxation (learn_exponent=True): after the warm phase every weight
   exponent is hardened, so the result is still an exact power-of-two model."""
@@ -76,6 +77,7 @@ def test_learned_exponents_end_as_exact_integers(tiny):
 
 
 @pytest.mark.parametrize("method", config.METHODS)
+@pytest.mark.slow(seconds=10)
 def test_every_method_runs(tiny, run, method):
   net, _, x = tiny
   result = run(method)

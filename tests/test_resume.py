@@ -76,6 +76,7 @@ def _assert_same_result(a, b):
   assert _timeless(a.report["search"]) == _timeless(b.report["search"])
 
 
+@pytest.mark.slow(seconds=17)
 def test_second_run_loads_every_unit(tiny, tmp_path, monkeypatch):
   net, calib = tiny
   store = resume.Store(tmp_path)
@@ -106,6 +107,7 @@ def test_resumed_after_crash_equals_uninterrupted_run(tiny, reference, tmp_path,
   np.testing.assert_array_equal(resumed.apply(calib[:8]), reference.apply(calib[:8]))
 
 
+@pytest.mark.slow(seconds=20)
 def test_official_protocol_resumes_in_its_activation_pass(tiny, tmp_path, monkeypatch):
   """The 'official' protocol reconstructs every unit's weights, then every unit's
   activations. Killed in the activation pass, a resumed run loads the whole weight pass

@@ -152,7 +152,7 @@ def test_cli_rejects_bad_flags(args, message):
 # End to end (shared CIFAR-10 data and checkpoint)
 
 @pytest.mark.shared
-@pytest.mark.slow
+@pytest.mark.slow(seconds=18)
 def test_fp_cifar10_resnet20_top1(shared_dir, tmp_path):
   proc = run_cli("--config", "cifar10_resnet20", "--methods", "fp", "--shared_dir", str(shared_dir),
                  "--workdir", str(tmp_path), "--config.eval_batch_size=500", timeout=600)
