@@ -36,6 +36,9 @@ QUANT_METHODS = {
         "phase, rounding not restarted (set its length with ptq.exp_warm_iters)"),
     "rapq_nearest_exp": ("rapq", {"exp_init": "nearest"},
                          "RAPQ with nearest (log-domain) exponents instead of the Lp choice"),
+    "rapq_grid": ("rapq", {"exp_init": "grid"},
+                  "RAPQ with each weight channel's exponent (floor - 1 .. ceil) and zero point "
+                  "chosen together by Lp error"),
     "rapq_no_bnp": ("rapq", {"lp_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),
     "rapq_bnstats": ("rapq", {"bn_stats_weight": 1.0}, "RAPQ plus the BN-statistics term"),
     "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),

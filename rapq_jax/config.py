@@ -22,6 +22,7 @@ ADDED = {"align_scales": "none"}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts")
+EXP_INITS = ("nearest", "lp", "grid")
 # Float field -> (least value, whether the least value itself is allowed, greatest
 # value or None); every float field must also be finite.
 FLOAT_RANGES = {
@@ -60,7 +61,9 @@ class PTQConfig:
     learn_exponent: RAPQ's floor/ceil relaxation of each weight exponent, learned in the
       reconstruction's warm phase.
     exp_init: fixed exponents (no learning) start at the Lp scale's ``nearest`` power of
-      two or at whichever of floor/ceil quantizes the weights with less Lp error (``lp``).
+      two, at whichever of floor/ceil quantizes the weights with less Lp error (``lp``),
+      or at the exponent and zero point with the least Lp error (``grid``:
+      ``quantizers.best_grid``).
   weight_phase_act_quant: during the weight phase, the probability that an activation
     inside the unit is quantized (0: FP activations as in BRECQ's first stage, 1: all
     quantized, in between: QDrop's random mix), drawn per element and step.
@@ -198,8 +201,8 @@ class PTQConfig:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
     if self.lp_source not in ("bn", "fixed"):
       raise ValueError(f"lp_source = {self.lp_source!r}: expected 'bn' or 'fixed'")
-    if self.exp_init not in ("nearest", "lp"):
-      raise ValueError(f"exp_init = {self.exp_init!r}: expected 'nearest' or 'lp'")
+    if self.exp_init not in EXP_INITS:
+      raise ValueError(f"exp_init = {self.exp_init!r}: expected one of {EXP_INITS}")
     if self.search not in SEARCH_MODES:
       raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
     if self.protocol not in PROTOCOLS:

@@ -89,11 +89,44 @@ def init_weight(w: chex.Array, spec: WeightSpec, *, learn_exponent: bool = False
       return jnp.mean(jnp.abs(weight_fake_quant(w, st, spec, soft=False) - w) ** p, axis=axes)
 
     state["log2s"] = jnp.where(err(hi_e) < err(lo_e), hi_e, lo_e).astype(jnp.float32)
+  elif exponent_choice == "grid":
+    state["log2s"], state["lo"] = best_grid(w, scale, spec, p)
   else:
-    raise ValueError(f"exponent_choice = {exponent_choice!r}: expected 'nearest' or 'lp'")
+    raise ValueError(f"exponent_choice = {exponent_choice!r}: expected 'nearest', 'lp' or "
+                     "'grid'")
   if learn_rounding:
     state["alpha"] = _alpha_for(w, weight_scale(state, spec))
   return state
+
+
+def best_grid(w: chex.Array, scale: chex.Array, spec: WeightSpec, p: float):
+  """The power-of-two grid with the least round-to-nearest Lp error per output channel:
+  its exponent among ``floor - 1``, ``floor`` and ``ceil`` of ``log2(scale)`` (the float
+  Lp scale) and, for unsigned weights, its zero point among all ``0 .. 2**b - 1`` (the
+  float Lp range's zero point, ``round(-lo / 2**e)``, is only best for a float scale).
+
+  Returns:
+    (log2s float32 [O] integral, lo float32 [O] = ``-zp * 2**e``, from which
+    ``zero_point`` recovers the chosen zero point exactly).
+  """
+  qmin, qmax = _qrange(spec)
+  _, floor_e, ceil_e = pot.log2_exponents(scale)
+  exps = pot.clip_exponent(jnp.stack([floor_e - 1, floor_e, ceil_e]))   # [3, O]
+  zps = jnp.zeros((1,)) if spec.signed else jnp.arange(qmax + 1, dtype=jnp.float32)
+  axes = tuple(range(w.ndim - 1))
+
+  def err(k):
+    e, zp = exps[k // zps.shape[0]], zps[k % zps.shape[0]]
+    s = pot.exp2(e)
+    q = jnp.clip(jnp.round(w / s) + zp, qmin, qmax)
+    return jnp.mean(jnp.abs((q - zp) * s - w) ** p, axis=axes)
+
+  # Sequential over candidates, as lp_scale_search: a vmap would hold one copy of w each.
+  errs = jax.lax.map(err, jnp.arange(exps.shape[0] * zps.shape[0]))      # [K, O]
+  best = jnp.argmin(errs, axis=0)
+  e = jnp.take_along_axis(exps, (best // zps.shape[0])[None], axis=0)[0]
+  zp = zps[best % zps.shape[0]]
+  return e.astype(jnp.float32), -zp * pot.exp2(e)
 
 
 def _alpha_for(w, scale):

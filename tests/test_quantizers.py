@@ -29,7 +29,8 @@ CASES = pytest.mark.parametrize("shape, spec", [
 # Jitted once per (shape, spec): the Lp search's lax.map would recompile on every
 # eager call.
 _init_weight = jax.jit(quantizers.init_weight, static_argnums=1,
-                       static_argnames=("learn_exponent", "learn_rounding", "p"))
+                       static_argnames=("learn_exponent", "learn_rounding", "p",
+                                        "exponent_choice"))
 _init_act = jax.jit(quantizers.init_act, static_argnums=1, static_argnames=("p",))
 _lp_search = jax.jit(pot.lp_scale_search, static_argnums=1,
                      static_argnames=("signed", "per_channel", "p", "num_candidates", "shrink"))
@@ -99,6 +100,37 @@ def test_init_weight_pot_is_nearest_exponent(shape, spec):
   scale = quantizers.weight_scale(state, spec)
   np.testing.assert_array_equal(scale, pot.exp2(state["log2s"].astype(jnp.int32)))
   assert np.all(np.frexp(np.asarray(scale))[0] == 0.5)
+
+
+@CASES
+def test_init_weight_grid_is_the_least_error_power_of_two_grid(shape, spec):
+  """``exp_init='grid'``: per channel, the exponent among floor - 1, floor and ceil of the
+  Lp scale's log2 and (unsigned) the zero point among all in range whose round-to-nearest
+  Lp error is least (brute force below); never more error than the floor/ceil choice."""
+  w, p = kernel(shape), 2.4
+  qmin, qmax = pot.int_range(spec.bits, spec.signed)
+  axes = tuple(range(w.ndim - 1))
+
+  def error(state):
+    q = quantizers.weight_fake_quant(w, state, spec, soft=False)
+    return np.mean(np.abs(np.asarray(q, np.float64) - np.asarray(w, np.float64)) ** p, axis=axes)
+
+  grid = init_weight(w, spec, learn_rounding=False, exponent_choice="grid")
+  lp = init_weight(w, spec, learn_rounding=False, exponent_choice="lp")
+  _, e, zp = quantizers.weight_integers(w, grid, spec)
+  np.testing.assert_array_equal(grid["log2s"], e)
+  assert np.all((zp >= 0) & (zp <= max(qmax, 0)))
+  floor_e = pot.log2_exponents(lp_of(w, spec).scale)[1]
+  assert np.all((e >= floor_e - 1) & (e <= floor_e + 1))
+  assert np.all(error(grid) <= error(lp) * (1 + 1e-5))
+  brute = np.full(shape[-1], np.inf)
+  for de in (-1, 0, 1):
+    for z in range(qmax + 1 if not spec.signed else 1):
+      s = np.exp2(np.asarray(floor_e, np.float64) + de)
+      q = np.clip(np.round(np.asarray(w, np.float64) / s) + z, qmin, qmax)
+      brute = np.minimum(brute, np.mean(np.abs((q - z) * s - np.asarray(w, np.float64)) ** p,
+                                        axis=axes))
+  np.testing.assert_allclose(error(grid), brute, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape, spec", [((3, 3, 4, 8), WeightSpec(4, pot=False)),
