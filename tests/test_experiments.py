@@ -34,6 +34,7 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_weight_choice", "weight_exp_window", 1),
     ("rapq_weight_choice", "learn_exponent", False),
     ("rapq_nearest_exp", "exp_init", "nearest"),
+    ("rapq_grid", "exp_init", "grid"),
     ("rapq", "align_scales", "none"),
     ("rapq_align_weights", "align_scales", "weights"),
     ("rapq_align_acts", "align_scales", "acts"),
