@@ -4,7 +4,8 @@ r"""Generates docs/RESULTS.md from the committed result files; never edit it by 
   python -m experiments.results_doc --check    # exit 1 if it is out of date
 
 Inputs: every ``results/*.json`` (each the ``results.json`` of an ``experiments.run``
-invocation, or of ``experiments.bench``), in file-name order, plus
+invocation, or the record of ``experiments.bench`` or ``experiments.time_to_accuracy``,
+whose plot is the ``.png`` of the same name), in file-name order, plus
 ``results/reference/*.json`` (figures measured with other code, shown as references
 with their stated source).
 """
@@ -120,6 +121,36 @@ def _bench_section(name: str, record: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _ladder_section(name: str, record: dict) -> str:
+  """A time-to-accuracy record (``experiments.time_to_accuracy``): its plot and one row
+  per method, bit width and budget."""
+  t, env = record["time_to_accuracy"], record.get("machine", {})
+  cfg = t.get("config") or {}
+  device = env.get("device_kind") or ", ".join(env.get("devices", []))
+  lines = [f"## {name} (time to accuracy)", "",
+           f"`python -m experiments.run {t['run']}` at each budget (weight/activation "
+           f"iterations per unit), one after the other; model `{cfg.get('model', '?')}`, "
+           f"{cfg.get('calibration_size', '?')} calibration images, seed "
+           f"{cfg.get('seed', '?')}; device {device}; commit `{_commit(record)[:10]}`. "
+           "Wall seconds are each method's and bit width's own (quantization and its test-set "
+           "evaluation); the FP32 top-1 is "
+           + (f"{t['fp_top1']:.2f} %." if t.get("fp_top1") is not None else "not recorded."),
+           "", f"![top-1 against wall time](../results/{name}.png)", "",
+           "| method | bits | iterations | top-1 % | agrees with FP % | KL to FP | PoT | "
+           "wall s | quantize s |", "|---|---|---|---|---|---|---|---|---|"]
+  fmt = lambda v, spec: "" if v is None else format(v, spec)
+  for r in sorted(record["rows"], key=lambda r: (r["method"], report.bits_label(r),
+                                                  r["weight_iters"], r["act_iters"])):
+    pot = "" if r.get("power_of_two") is None else ("yes" if r["power_of_two"] else "no")
+    lines.append(f"| {r['method']} | {report.bits_label(r)} | {r['weight_iters']}/"
+                 f"{r['act_iters']} | {r['top1']:.2f} | {fmt(r.get('agreement'), '.2f')} | "
+                 f"{fmt(r.get('kl_to_reference'), '.4f')} | {pot} | "
+                 f"{fmt(r.get('wall_seconds'), '.0f')} | {fmt(r.get('quantize_seconds'), '.0f')} |")
+  if record.get("note"):
+    lines += ["", record["note"]]
+  return "\n".join(lines) + "\n"
+
+
 def _reference_section(record: dict) -> str:
   lines = [f"## Reference: {record['title']}", "", f"Source: {record['source']}", "",
            "| " + " | ".join(record["columns"]) + " |", "|" + "---|" * len(record["columns"])]
@@ -171,8 +202,12 @@ def render(results_dir: pathlib.Path) -> str:
     parts.append(_summary_section(model, [(n, r) for n, r in runs
                                           if r.get("config", {}).get("model", "?") == model]))
   for name, record in records:
-    parts.append(_run_section(name, record) if "results" in record
-                 else _bench_section(name, record))
+    if "results" in record:
+      parts.append(_run_section(name, record))
+    elif "time_to_accuracy" in record:
+      parts.append(_ladder_section(name, record))
+    else:
+      parts.append(_bench_section(name, record))
   for path in sorted((results_dir / "reference").glob("*.json")):
     parts.append(_reference_section(json.loads(path.read_text())))
   return "\n".join(parts)

@@ -1,0 +1,127 @@
+"""The time-to-accuracy ladder (``experiments.time_to_accuracy`` is its command): the
+pipeline run once per iteration budget, its per-budget results collected into one
+record and plotted. No flags here, so tests and other tools can import it."""
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend first)
+
+from experiments import report  # noqa: E402
+from rapq_jax import integrity  # noqa: E402
+
+# Flags of experiments.run that the ladder sets itself.
+OWN_FLAGS = ("--workdir", "--config.weight_iters", "--config.act_iters")
+
+
+class LadderError(ValueError):
+  """A bad budget list or run arguments (one line, naming the bad value)."""
+
+
+def parse_budgets(text: str) -> list[tuple[int, int]]:
+  """'250/62,500/125' -> [(250, 62), (500, 125)]: positive weight iterations, activation
+  iterations >= 0, each budget once, in increasing order of weight iterations."""
+  budgets = []
+  for token in text.split(","):
+    parts = token.strip().split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+      raise LadderError(f"--budgets: {token.strip()!r} is not W/A (two non-negative integers)")
+    w, a = (int(p) for p in parts)
+    if w < 1:
+      raise LadderError(f"--budgets: {token.strip()!r} has no weight iterations")
+    budgets.append((w, a))
+  if len(set(budgets)) != len(budgets):
+    raise LadderError(f"--budgets: {text!r} lists a budget twice")
+  return sorted(budgets)
+
+
+def check_run_args(args: list[str]) -> None:
+  """LadderError if the run arguments set what the ladder sets per budget."""
+  for arg in args:
+    if arg.split("=", 1)[0] in OWN_FLAGS:
+      raise LadderError(f"--run: {arg!r} is set by the ladder itself; remove it")
+
+
+def budget_dir(workdir: pathlib.Path, budget: tuple[int, int]) -> pathlib.Path:
+  return workdir / f"w{budget[0]}_a{budget[1]}"
+
+
+def run_budget(args: list[str], budget: tuple[int, int], workdir: pathlib.Path) -> float:
+  """Runs experiments.run at one budget (its progress and errors go to this terminal);
+  returns the wall seconds of the process. LadderError if it fails."""
+  w, a = budget
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "experiments.run", *args,
+                         f"--workdir={budget_dir(workdir, budget)}",
+                         f"--config.weight_iters={w}", f"--config.act_iters={a}"], check=False)
+  if proc.returncode:
+    raise LadderError(f"experiments.run at budget {w}/{a} failed with exit code "
+                      f"{proc.returncode} (its error is above)")
+  return time.perf_counter() - start
+
+
+def rows_of(record: dict, budget: tuple[int, int], process_seconds: float | None) -> list[dict]:
+  """One row per quantized result of a budget's results.json."""
+  rows = []
+  for r in record["results"]:
+    if r["method"] == "fp":
+      continue
+    rows.append(dict(weight_iters=budget[0], act_iters=budget[1], method=r["method"],
+                     wbits=r["wbits"], abits=r["abits"], top1=r["top1"],
+                     agreement=r.get("agreement"), kl_to_reference=r.get("kl_to_reference"),
+                     power_of_two=r.get("power_of_two"),
+                     quantize_seconds=r.get("quantize_seconds"),
+                     wall_seconds=r.get("wall_seconds"), process_seconds=process_seconds))
+  return rows
+
+
+def plot(rows: list[dict], fp_top1: float | None, path: pathlib.Path) -> None:
+  """Top-1 against wall seconds, one line per method and bit width, budgets labelled."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key in dict.fromkeys((r["method"], report.bits_label(r)) for r in rows):
+    pts = sorted((r for r in rows if (r["method"], report.bits_label(r)) == key),
+                 key=lambda r: r["wall_seconds"])
+    ax.plot([r["wall_seconds"] for r in pts], [r["top1"] for r in pts], "o-",
+            label=f"{key[0]} {key[1]}")
+    for r in pts:
+      ax.annotate(f"{r['weight_iters']}/{r['act_iters']}", (r["wall_seconds"], r["top1"]),
+                  fontsize=6, xytext=(3, -8), textcoords="offset points")
+  if fp_top1 is not None:
+    ax.axhline(fp_top1, color="k", ls="--", lw=1, label=f"FP32 {fp_top1:.2f}")
+  ax.set_xlabel("wall seconds per method and bit width")
+  ax.set_ylabel("top-1 %")
+  ax.set_title("Time to accuracy (labels: weight/activation iterations per unit)")
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run_ladder(args: list[str], budgets: list[tuple[int, int]], workdir: pathlib.Path,
+           out: pathlib.Path, runner=run_budget) -> dict:
+  """Runs every budget (``runner(args, budget, workdir)`` -> process seconds), then
+  writes the record and its plot; returns the record."""
+  check_run_args(args)
+  rows, fp_top1, config = [], None, None
+  for i, budget in enumerate(budgets):
+    print(f"[time to accuracy] budget {i + 1}/{len(budgets)}: {budget[0]}/{budget[1]} "
+          "iterations per unit", flush=True)
+    seconds = runner(args, budget, workdir)
+    record = json.loads((budget_dir(workdir, budget) / "results.json").read_text())
+    fp_top1 = next((r["top1"] for r in record["results"] if r["method"] == "fp"), fp_top1)
+    config = config or {k: v for k, v in record["config"].items()
+                        if k not in ("weight_iters", "act_iters")}
+    rows += rows_of(record, budget, seconds)
+  result = dict(time_to_accuracy=dict(run=shlex.join(args), budgets=[list(b) for b in budgets],
+                                      fp_top1=fp_top1, config=config),
+                rows=rows, **report.environment())
+  out.parent.mkdir(parents=True, exist_ok=True)
+  plot(rows, fp_top1, out.with_suffix(".png"))
+  integrity.atomic_write(out, json.dumps(result, indent=1))
+  return result
