@@ -92,15 +92,10 @@ def plot(rows: list[dict], fp_top1: float | None, path: pathlib.Path) -> None:
     for r in pts:
       ax.annotate(f"{r['weight_iters']}/{r['act_iters']}", (r["wall_seconds"], r["top1"]),
                   fontsize=6, xytext=(3, -8), textcoords="offset points")
-  if fp_top1 is not None:
-    ax.axhline(fp_top1, color="k", ls="--", lw=1, label=f"FP32 {fp_top1:.2f}")
   ax.set_xlabel("wall seconds per method and bit width")
-  ax.set_ylabel("top-1 %")
-  ax.set_title("Time to accuracy (labels: weight/activation iterations per unit)")
-  ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  report.save_top1_plot(fig, ax, fp_top1,
+                        "Time to accuracy (labels: weight/activation iterations per unit)",
+                        path, legend="lower right")
 
 
 def run_ladder(args: list[str], budgets: list[tuple[int, int]], workdir: pathlib.Path,

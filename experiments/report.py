@@ -106,13 +106,20 @@ def plot_top1(results: list[dict], path: pathlib.Path) -> None:
     vals = [next((r["top1"] for r in quant if r["method"] == m and bits_label(r) == b), np.nan)
             for b in bits]
     ax.bar(np.arange(len(bits)) + i * width, vals, width, label=m)
-  fp = next((r["top1"] for r in results if r["method"] == "fp"), None)
-  if fp is not None:
-    ax.axhline(fp, color="k", ls="--", lw=1, label=f"FP32 {fp:.2f}")
   ax.set_xticks(np.arange(len(bits)) + width * (len(methods) - 1) / 2, bits)
+  save_top1_plot(fig, ax, next((r["top1"] for r in results if r["method"] == "fp"), None),
+                 "Top-1 by method and bit width", path, legend="lower left")
+
+
+def save_top1_plot(fig, ax, fp_top1: float | None, title: str, path: pathlib.Path, *,
+                   legend: str) -> None:
+  """Finishes a top-1 plot (the FP32 top-1 as a dashed line, labels, legend at
+  ``legend``), writes it to ``path`` and closes it."""
+  if fp_top1 is not None:
+    ax.axhline(fp_top1, color="k", ls="--", lw=1, label=f"FP32 {fp_top1:.2f}")
   ax.set_ylabel("top-1 %")
-  ax.set_title("Top-1 by method and bit width")
-  ax.legend(fontsize=7, loc="lower left")
+  ax.set_title(title)
+  ax.legend(fontsize=7, loc=legend)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
