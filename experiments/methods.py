@@ -42,6 +42,9 @@ QUANT_METHODS = {
     "rapq_no_bnp": ("rapq", {"lp_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),
     "rapq_bnstats": ("rapq", {"bn_stats_weight": 1.0}, "RAPQ plus the BN-statistics term"),
     "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),
+    "rapq_search_folds": ("rapq", {"search_folds": 2},
+                          "RAPQ, a search move must lower the KL on both halves of the search "
+                          "images"),
     "rapq_act_choice": ("rapq", {"act_exp_window": 2},
                         "RAPQ, activation exponents re-chosen within +-2 by each unit's loss"),
     "rapq_weight_choice": ("rapq", {"weight_exp_window": 1},

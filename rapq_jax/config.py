@@ -18,7 +18,7 @@ METHODS = tuple(PRESETS)
 RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters"}
 # Field added after records were written -> the value that reproduces what those records
 # did: ``current_names`` fills it in where a record lacks it.
-ADDED = {"align_scales": "none"}
+ADDED = {"align_scales": "none", "search_folds": 1}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts")
@@ -167,6 +167,11 @@ class PTQConfig:
   search_objective: str = "kl"
   search_sweeps: int = 3
   search_reach: int = 8
+  # A move is taken only if it lowers the objective on each of search_folds equal, disjoint
+  # parts of the search images (1: on all of them together). On ResNet-56 W4A4 the search
+  # at 1 fold halved the KL on its 256 images (0.308 -> 0.149) while the result's test KL
+  # was 0.310: it fitted those images.
+  search_folds: int = 1
   # Calibration images the search scores; with search_holdout (the default since issue
   # 13) they are the last search_samples images, held out from initialisation and
   # reconstruction, which fit the quantizers on the rest; False: the search scores the
@@ -196,9 +201,12 @@ class PTQConfig:
                  "act_exp_window", "weight_exp_window"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 0")
-    for name in ("batch_size", "search_samples", "search_reach"):
+    for name in ("batch_size", "search_samples", "search_reach", "search_folds"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
+    if self.search_samples % self.search_folds:
+      raise ValueError(f"search_folds = {self.search_folds}: must divide search_samples = "
+                       f"{self.search_samples}")
     if self.lp_source not in ("bn", "fixed"):
       raise ValueError(f"lp_source = {self.lp_source!r}: expected 'bn' or 'fixed'")
     if self.exp_init not in EXP_INITS:

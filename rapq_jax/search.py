@@ -5,7 +5,10 @@ Coordinate descent over one integer offset per quantizer: each weight layer's ex
 tries ``offset[q] + 1``, and ``offset[q] - 1`` if that does not strictly lower the
 objective; a step that does is taken and the walk continues in its direction one step
 at a time while each step strictly lowers it, up to ``reach`` steps in all
-(``reach=1``: a single +-1 move). The objective therefore never increases. Sweeps over all quantizers repeat until
+(``reach=1``: a single +-1 move). With ``folds > 1`` the images are split into that many
+equal, disjoint parts and a step is taken only if it strictly lowers the objective on
+every part, so a move must help on several image sets, not fit one. The objective
+therefore never increases. Sweeps over all quantizers repeat until
 one changes nothing or ``max_sweeps``; a search stopped by ``max_sweeps`` after a sweep
 that still moved an exponent is ``capped`` (it had not converged). The whole search is
 one ``jax.lax`` program (forward passes only).
@@ -86,7 +89,7 @@ def deployed_logits(net: Network, states: dict, specs: dict, x):
 
 
 @functools.lru_cache(maxsize=None)
-def _program(names: tuple, spec_items: tuple, kind: str):
+def _program(names: tuple, spec_items: tuple, kind: str, folds: int):
   """The jitted search ``(net, states, x, fp_logits, max_sweeps, reach) -> (offsets,
   before, after, sweeps, capped)``. It is one ``while_loop`` that evaluates one
   candidate per step, so the network appears once in the compiled program."""
@@ -94,8 +97,11 @@ def _program(names: tuple, spec_items: tuple, kind: str):
   n = len(names)
 
   def value(net, states, x, fp_logits, offsets):
+    """The objective on each of the ``folds`` parts of the images: float32 [folds]."""
     logits = deployed_logits(net, shift_states(states, names, offsets), specs, x)
-    return objective.logits_disagreement(logits, fp_logits, kind)
+    split = lambda a: a.reshape((folds, -1) + a.shape[1:])
+    return jax.vmap(functools.partial(objective.logits_disagreement, kind=kind))(
+        split(logits), split(fp_logits))
 
   # Carry: offsets, best objective, objective before, quantizer q, step (0: the first
   # evaluation, of the offsets as given; else +1 or -1), steps taken at q, completed
@@ -106,7 +112,7 @@ def _program(names: tuple, spec_items: tuple, kind: str):
     v = value(net, states, x, fp_logits, cand)
     first = step == 0
     before = jnp.where(first, v, before)
-    better = (v < best) & ~first
+    better = jnp.all(v < best) & ~first
     offsets, best = jnp.where(better, cand, offsets), jnp.where(better | first, v, best)
     k = k + better
     walk_on = better & (k < reach)
@@ -125,19 +131,22 @@ def _program(names: tuple, spec_items: tuple, kind: str):
   @jax.jit
   def run(net, states, x, fp_logits, max_sweeps, reach):
     zero = jnp.int32(0)
-    c = (jnp.zeros((n,), jnp.int32), jnp.float32(jnp.inf), jnp.float32(jnp.inf), zero, zero,
-         zero, zero, jnp.bool_(False), jnp.bool_(False), jnp.bool_(False))
+    inf = jnp.full((folds,), jnp.inf, jnp.float32)
+    c = (jnp.zeros((n,), jnp.int32), inf, inf, zero, zero, zero, zero, jnp.bool_(False),
+         jnp.bool_(False), jnp.bool_(False))
     step = functools.partial(probe, net, states, x, fp_logits, max_sweeps, reach)
     c = jax.lax.while_loop(lambda c: ~c[8], step, c)
     offsets, best, before, _, _, _, sweeps, _, _, capped = c
-    return offsets, before, best, sweeps, capped
+    # Equal parts: the mean over them is the objective over all the images.
+    return offsets, jnp.mean(before), jnp.mean(best), sweeps, capped
 
   return run
 
 
 def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
                      weights: bool, acts: bool, kind: str = "kl", max_sweeps: int = 3,
-                     reach: int = 1, below_bits: int | None = None) -> SearchResult:
+                     reach: int = 1, below_bits: int | None = None,
+                     folds: int = 1) -> SearchResult:
   """Runs the coordinate descent.
 
   Args:
@@ -147,9 +156,14 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
     weights / acts: which quantizers to search. kind: 'kl' or 'mse'.
     reach: most steps one visit walks a quantizer's offset (>= 1).
     below_bits: search only quantizers with fewer bits (None: all).
+    folds: equal parts of ``x`` on each of which a step must lower the objective; it
+      must divide the number of images.
   """
   if reach < 1:
     raise ValueError(f"reach = {reach!r}: expected an integer >= 1")
+  if folds < 1 or x.shape[0] % folds:
+    raise ValueError(f"folds = {folds!r}: expected an integer >= 1 dividing the "
+                     f"{x.shape[0]} search images")
   names = quantizer_names(net, states, weights=weights, acts=acts, specs=specs,
                           below_bits=below_bits)
   chex.assert_rank(x, 4)
@@ -157,7 +171,7 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
   # The network, states and images are arguments, not closed-over constants: XLA would
   # otherwise fold convolutions over them at compile time (seconds per conv), and equal
   # architectures share compiled programs.
-  run = _program(names, quantizers.spec_items(specs), kind)
+  run = _program(names, quantizers.spec_items(specs), kind, folds)
   offsets, before, after, sweeps, capped = run(net, states, x, fp_logits,
                                                jnp.int32(max_sweeps if names else 0),
                                                jnp.int32(reach))

@@ -42,6 +42,7 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_bnstats", "bn_stats_weight", 1.0),
     ("rapq", "search", "after"),
     ("rapq_no_search", "search", "none"),
+    ("rapq_search_folds", "search_folds", 2),
     ("rapq", "protocol", "strict"),
     ("rapq_official", "protocol", "official"),
     ("rapq_official", "lp_source", "bn"),

@@ -114,6 +114,32 @@ def test_search_activations_only_leaves_weights(problem):
     chex.assert_trees_all_equal(acts.states[unit]["w"], states[unit]["w"])
 
 
+def test_folds_take_only_moves_that_lower_every_part(problem):
+  """folds=2: the result lowers the objective on each half of the images, and where the
+  search has converged no single +-1 step of any quantizer lowers it on both halves."""
+  net, states, specs, x, fp_logits, _ = problem
+  halves = [(x[:16], fp_logits[:16]), (x[16:], fp_logits[16:])]
+  res = search.search_exponents(net, states, specs, x, fp_logits, weights=True, acts=True,
+                                max_sweeps=20, folds=2)
+  assert not res.capped and np.any(res.offsets != 0)
+  start = [objective_of(net, states, specs, *h) for h in halves]
+  end = [objective_of(net, res.states, specs, *h) for h in halves]
+  assert all(e < s for e, s in zip(end, start)), (start, end)
+  np.testing.assert_allclose(res.after, np.mean(end), rtol=1e-5)
+  for i in range(len(res.names)):
+    for step in (1, -1):
+      moved = search.shift_states(res.states, res.names,
+                                  jnp.asarray(np.eye(len(res.names), dtype=np.int32)[i] * step))
+      values = [objective_of(net, moved, specs, *h) for h in halves]
+      assert not all(v < e * (1 - 1e-5) for v, e in zip(values, end)), (res.names[i], step)
+
+
+def test_folds_must_divide_the_images(problem):
+  net, states, specs, x, fp_logits, _ = problem
+  with pytest.raises(ValueError, match="folds = 3"):
+    search.search_exponents(net, states, specs, x, fp_logits, weights=False, acts=True, folds=3)
+
+
 def test_shift_states_adds_offsets_exactly(problem):
   _, states, _, _, _, result = problem
   names = result.names
