@@ -170,7 +170,8 @@ class PTQConfig:
   # A move is taken only if it lowers the objective on each of search_folds equal, disjoint
   # parts of the search images (1: on all of them together). On ResNet-56 W4A4 the search
   # at 1 fold halved the KL on its 256 images (0.308 -> 0.149) while the result's test KL
-  # was 0.310: it fitted those images.
+  # was 0.310: it fitted those images. At 2 folds it moved 3 exponents and scored as no
+  # search did (80.45 vs 80.41 %, KL 0.348 vs 0.345).
   search_folds: int = 1
   # Calibration images the search scores; with search_holdout (the default since issue
   # 13) they are the last search_samples images, held out from initialisation and
