@@ -99,7 +99,7 @@ def plot(rows: list[dict], fp_top1: float | None, path: pathlib.Path) -> None:
 
 
 def run_ladder(args: list[str], budgets: list[tuple[int, int]], workdir: pathlib.Path,
-           out: pathlib.Path, runner=run_budget) -> dict:
+               out: pathlib.Path, runner=run_budget) -> dict:
   """Runs every budget (``runner(args, budget, workdir)`` -> process seconds), then
   writes the record and its plot; returns the record."""
   check_run_args(args)
