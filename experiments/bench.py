@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from experiments import report
 from rapq_jax import config as ptq_config_lib
-from rapq_jax import fold, integrity, parallel, ptq, reconstruct
+from rapq_jax import adapter, integrity, parallel, ptq, reconstruct
 from rapq_jax.network import unit_apply
 from rapq_jax.models import get_model
 
@@ -87,7 +87,8 @@ def bench_model(name: str, size: int, channels: int) -> list[dict]:
   model = get_model(name)
   key = jax.random.PRNGKey(0)
   variables = model.init(key, jnp.zeros((1, size, size, channels)))
-  net = fold.build_network(variables, model=model)
+  images = jax.random.normal(key, (adapter.VERIFY_SAMPLES, size, size, channels))
+  net = adapter.read_model(model, variables, images, apply_kwargs={"train": False})
   cfg = ptq_config_lib.for_method("rapq", batch_size=_BATCH.value,
                                   weight_iters=max(_ITERS.value, 1), exp_warm_iters=0)
   specs = ptq.unit_specs(net, cfg)

@@ -19,7 +19,7 @@ from experiments import pipeline
 from experiments.configs import base as base_config
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
-from rapq_jax import export, fold, parallel, ptq, quantized, resume
+from rapq_jax import adapter, export, parallel, ptq, quantized, resume
 from rapq_jax.network import network_apply
 
 # name -> (base method, PTQConfig overrides, one-line description)
@@ -135,8 +135,8 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
   cfg = ptq_config(config, method)
   start = time.perf_counter()
   model, variables = pipeline.load_model(config)
-  net = fold.build_network(variables, model=model)
   calib = data.preprocess(data.calib_images)
+  net = adapter.read_model(model, variables, calib, apply_kwargs={"train": False})
   name = run_name(method, cfg.wbits, cfg.abits)
   store = None if store_dir is None else resume.Store(pathlib.Path(store_dir) / name)
   result = ptq.quantize_network(net, calib, cfg, progress=progress, store=store,

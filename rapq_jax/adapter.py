@@ -19,6 +19,7 @@ What the user's code does between layers (ReLU/ReLU6, residual additions, option
 conv shortcuts, the stem's 3x3/2 max-pool, global average pooling) is not intercepted;
 it is inferred from the recorded tensors and verified.
 """
+import collections
 import contextlib
 import dataclasses
 import fnmatch
@@ -36,9 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax import fold, integrity, ptq, resume
+from rapq_jax import fold, integrity, ptq, resume, units
 from rapq_jax.config import PTQConfig
-from rapq_jax.network import Layer, Network, Unit, unit_acts, unit_apply
+from rapq_jax.network import Network, unit_apply
+from rapq_jax.units import Layer, Unit
 
 # The layers read into units, by exact type. Linen's and NNX's versions share the names of
 # the attributes read here (kernel_size, strides, padding, input_dilation,
@@ -53,6 +55,8 @@ VERIFY_SAMPLES = 8
 VERIFY_GAIN = 64.0
 # A candidate unit matches the model when max |ours - model| <= RTOL * (1 + max |model|).
 RTOL = 1e-4
+# Activations that agree on inputs up to 6: the adapter cannot always tell them apart.
+_TWINS = {"relu": "relu6", "relu6": "relu"}
 
 
 class UnsupportedModelError(ValueError):
@@ -335,58 +339,55 @@ def _layer(c: _Call, role: str) -> Layer:
   return Layer(role, c.name, stride=strides[0], groups=m.feature_group_count)
 
 
+def _depthwise(c: _Call) -> bool:
+  """Whether a recorded conv is depthwise (one group per input channel)."""
+  groups = c.module.feature_group_count
+  return groups > 1 and groups == c.x.shape[-1]
+
+
 def _candidates(g: _Group, first: bool, last: bool) -> list[tuple[Unit, list[_Call]]]:
-  """Possible unit structures for a group's weight layers (convs with BN folded in)."""
+  """Possible unit structures for a group's weight layers (convs with BN folded in): every
+  registered kind (``units.KINDS``) whose layer roles fit the group's layers in call
+  order (a second conv reading the unit input is the shortcut; the kind's depthwise roles
+  must be depthwise convs), with each of its shortcuts, activations and (where it may)
+  max-pooling, in the kind's order of preference."""
   convs = [c for c in g.layers if c.kind == "conv"]
   dense = [c for c in g.layers if c.kind == "dense"]
-  if dense:
-    if convs or len(dense) > 1 or not last:
-      raise UnsupportedModelError(
-          f"dense layer {dense[0].name!r}: nn.Dense/nnx.Linear is supported only as the "
-          "classifier, alone in the last unit after global average pooling")
-    return [(Unit(g.name, "head", (_layer(dense[0], "fc"),), unit_acts("head", ("fc",))),
-             dense)]
-  out = []
-  acts = ("relu", "relu6")
-  if len(convs) == 1:
-    layer = _layer(convs[0], "conv")
-    for act, pool in itertools.product(acts, (False, True)):
-      out.append((Unit(g.name, "conv", (layer,), unit_acts("conv", ("conv",), network_input=first),
-                       activation=act, maxpool=pool), convs))
-    return out
-  depthwise = [c for c in convs if c.module.feature_group_count > 1]
-  if depthwise:
-    roles = ("expand", "dw", "project") if len(convs) == 3 else ("dw", "project")
-    if len(convs) not in (2, 3) or convs[len(roles) - 2] is not depthwise[0]:
-      raise UnsupportedModelError(
-          f"unit {g.name!r}: a depthwise conv is supported only inside a MobileNetV2 "
-          "inverted residual ([1x1 expand,] depthwise, 1x1 project)")
-    layers = tuple(_layer(c, r) for c, r in zip(convs, roles))
-    for act, short in itertools.product(("relu6", "relu"), ("identity", "none")):
-      out.append((Unit(g.name, "inverted", layers, unit_acts("inverted", roles),
-                       shortcut=short, activation=act), convs))
-    return out
-  # ResNet blocks: the main path, then (if any) a conv that reads the unit input too.
+  if dense and (convs or len(dense) > 1 or not last):
+    raise UnsupportedModelError(
+        f"dense layer {dense[0].name!r}: nn.Dense/nnx.Linear is supported only as the "
+        "classifier, alone in the last unit after global average pooling")
   readers = [c for c in convs if c.x is g.x]
   shortcut = readers[1] if len(readers) > 1 else None
-  main = [c for c in convs if c is not shortcut]
-  if len(main) not in (2, 3):
+  main = dense or [c for c in convs if c is not shortcut]
+  depthwise = {i for i, c in enumerate(main) if c.kind == "conv" and _depthwise(c)}
+  out = []
+  for kind in units.KINDS.values():
+    for roles in kind.role_sets:
+      main_roles = [r for r in roles if r != "shortcut"]
+      required = {i for i, r in enumerate(main_roles) if r in kind.depthwise_roles}
+      if (kind.dense != bool(dense) or len(main_roles) != len(main)
+          or ("shortcut" in roles) != (shortcut is not None) or not required <= depthwise):
+        continue
+      layers = tuple(_layer(c, r) for c, r in zip(main, main_roles))
+      ordered = list(main)
+      shorts = tuple(s for s in kind.shortcuts if s != "conv")
+      if shortcut is not None:
+        layers += (_layer(shortcut, "shortcut"),)
+        ordered.append(shortcut)
+        shorts = ("conv",)
+      acts = units.unit_acts(kind.name, roles, network_input=first)
+      for act, short, pool in itertools.product(kind.activations, shorts,
+                                                (False, True) if kind.maxpool else (False,)):
+        unit = Unit(g.name, kind.name, layers, acts, shortcut=short, activation=act,
+                    maxpool=pool)
+        out.append((required != depthwise, unit, ordered))
+  # Kinds that explain every depthwise conv first (stable: else in the kinds' order).
+  out = [(unit, ordered) for _, unit, ordered in sorted(out, key=lambda t: t[0])]
+  if not out:
     raise UnsupportedModelError(
         f"unit {g.name!r} has {len(convs)} convs ({', '.join(c.name for c in convs)}); "
-        "supported: 1 conv, a ResNet basic (2) or bottleneck (3) block with an optional "
-        "1x1 shortcut conv, or a MobileNetV2 inverted residual")
-  kind = "basic" if len(main) == 2 else "bottleneck"
-  roles = ("conv1", "conv2", "conv3")[:len(main)]
-  layers = tuple(_layer(c, r) for c, r in zip(main, roles))
-  ordered = main
-  shorts = ("identity", "option_a")
-  if shortcut is not None:
-    layers += (_layer(shortcut, "shortcut"),)
-    ordered = main + [shortcut]
-    shorts = ("conv",)
-  for act, short in itertools.product(acts, shorts):
-    out.append((Unit(g.name, kind, layers, unit_acts(kind, roles), shortcut=short,
-                     activation=act), ordered))
+        "supported: " + "; ".join(k.about for k in units.KINDS.values() if not k.dense))
   return out
 
 
@@ -501,23 +502,25 @@ def _read(capture: Callable, variables, images, unit_patterns) -> Network:
   if not groups:
     raise UnsupportedModelError("the model called no conv or dense layer (nn.Conv/nnx.Conv, "
                                 "nn.Dense/nnx.Linear)")
-  units, params, targets = [], {}, {}
+  params, targets = {}, {}
   names = [g.name for g in groups]
   if len(set(names)) != len(names):
     raise UnsupportedModelError(f"unit names are not unique: {names}")
   hs = (x, x * VERIFY_GAIN)
+  found, unclear = [], set()
   for i, g in enumerate(groups):
-    last = i == len(groups) - 1
     tried = []
-    for unit, layers in _candidates(g, first=i == 0, last=last):
+    candidates = _candidates(g, first=i == 0, last=i == len(groups) - 1)
+    for unit, layers in candidates:
       p, t = _fold_group(variables, g, layers, [l.role for l in unit.layers])
       p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
-      try:
-        ys = tuple(unit_apply(unit, p, h)[0] for h in hs)
-      except TypeError:      # shapes that cannot be added: not this structure
-        ys = None
-      if ys is not None and all(_close(y, r) for y, r in zip(ys, refs[i])):
-        units.append(unit)
+      ys = _outputs_if_close(unit, p, hs, refs[i])
+      if ys is not None:
+        twin = dataclasses.replace(unit, activation=_TWINS.get(unit.activation, "none"))
+        if (unit.activation in _TWINS and twin in [u for u, _ in candidates]
+            and _outputs_if_close(twin, p, hs, refs[i])):
+          unclear.add(i)
+        found.append(unit)
         params[unit.name] = p
         targets[unit.name] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
         hs = ys
@@ -529,11 +532,29 @@ def _read(capture: Callable, variables, images, unit_patterns) -> Network:
           f"unit {g.name!r} (layers {', '.join(c.name for c in g.layers)}) matches none of "
           f"the supported structures it resembles: {'; '.join(tried)}. Its output (or the "
           "next unit's input) differs from the model's")
-  if units[-1].kind != "head":
+  # Where the images never drive a unit above 6, ReLU and ReLU6 both fit: such a unit
+  # takes the activation of the model's other units that have one (the most common).
+  seen = collections.Counter(u.activation for i, u in enumerate(found)
+                             if i not in unclear and u.activation in _TWINS)
+  if seen:
+    usual = seen.most_common(1)[0][0]
+    found = [dataclasses.replace(u, activation=usual) if i in unclear else u
+             for i, u in enumerate(found)]
+  if found[-1].kind != "head":
     raise UnsupportedModelError(
         "the model must end in global average pooling and a dense classifier "
-        f"(nn.Dense/nnx.Linear); its last unit {units[-1].name!r} is a {units[-1].kind}")
-  return Network(tuple(units), params, targets)
+        f"(nn.Dense/nnx.Linear); its last unit {found[-1].name!r} is a {found[-1].kind}")
+  return Network(tuple(found), params, targets)
+
+
+def _outputs_if_close(unit: Unit, params: dict, inputs: tuple, refs: tuple) -> tuple | None:
+  """The unit's outputs for each of ``inputs`` if they all match the model's tensors
+  ``refs``, else None."""
+  try:
+    ys = tuple(unit_apply(unit, params, h)[0] for h in inputs)
+  except TypeError:      # shapes that cannot be added: not this structure
+    return None
+  return ys if all(_close(y, r) for y, r in zip(ys, refs)) else None
 
 
 @functools.singledispatch

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from rapq_jax import pot
 from rapq_jax.config import ALIGN_MODES
-from rapq_jax.network import Network, Unit, activation, unit_apply
+from rapq_jax.network import Network, unit_apply
+from rapq_jax.units import Unit, activation
 
 
 def _to_pot(scale: chex.Array) -> chex.Array:

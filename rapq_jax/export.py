@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rapq_jax import integer, integrity, quantized, reference_reader, resume
-from rapq_jax.network import ActPoint, Layer, Unit
+from rapq_jax.units import ActPoint, Layer, Unit
 
 
 # ------------------------------------------------------------------ orbax

@@ -47,8 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax import pot, quantized
-from rapq_jax.network import Unit
+from rapq_jax import pot, quantized, units
+from rapq_jax.units import Unit
 
 FORMAT = "rapq-integer"
 VERSION = 1
@@ -96,6 +96,7 @@ class _Builder:
     self.acc_e = jax.tree.map(np.asarray, jax.jit(quantized.accumulator_exponents)(qm))
     self.ops, self.arrays, self.tensors = [], {}, {}
     self.bound, self.exp = {}, {}      # tensor -> int64 [C] or scalar; int64 [C] or scalar
+    self.channels = {}                 # tensor -> channel count, where known
     self.max_bound = 0
 
   def _check(self, where: str, bound, *, value: bool = True) -> None:
@@ -177,9 +178,10 @@ class _Builder:
     self._check(where, out)
     return out
 
-  def add(self, unit: Unit, a: str, b: str) -> str:
+  def add(self, unit: Unit, a: str, b: str, point: str) -> str:
+    """The residual sum ``a + b``, aligned for its requantization at ``point``."""
     name = f"{unit.name}/add"
-    e_out = np.asarray(self.qm.acts[unit.name]["out"])
+    e_out = np.asarray(self.qm.acts[unit.name][point])
     e = np.asarray(quantized.residual_exponents(self.exp[a], self.exp[b], e_out), np.int64)
     sa = np.broadcast_to(e - self.exp[a], e.shape).astype(np.int32)
     sb = np.broadcast_to(e - self.exp[b], e.shape).astype(np.int32)
@@ -200,49 +202,64 @@ class _Builder:
     return name
 
   def unit(self, unit: Unit, x: str | None) -> str:
-    acts = {a.name for a in unit.acts}
-    act = unit.activation
-    if unit.kind == "conv":
-      if "input" in acts:
-        x = self.act_input(unit, "input")
-      y = self.requantize(unit, "out", self.linear(unit, "conv", x), activation=act)
-      if unit.maxpool:
+    """Lowers one unit's program (``Unit.program``); ``x`` is the previous unit's output
+    tensor (None before the first unit). An ``'act'`` becomes the clamp of the
+    requantization that follows it (ReLU: ``min = 0``; ReLU6: also ``max``)."""
+    values = {"x": x}
+    activated = set()          # values holding an activation still to be clamped
+    for op in _requantize_before_pool(unit.program):
+      a = [values[name] for name in op.inputs]
+      if op.op != "quant" and any(v is None for v in a):
+        raise ValueError(f"unit {unit.name!r} has no quantized input")
+      pending = any(name in activated for name in op.inputs)
+      if op.op == "quant":
+        if op.point == "input":
+          y = self.act_input(unit, op.point)
+        else:
+          y = self.requantize(unit, op.point, a[0],
+                              activation=unit.activation if pending else None)
+        pending = False
+      elif op.op == "act":
+        y = a[0]
+        pending = True
+      elif op.op == "maxpool":      # commutes with the clamp: an activation stays pending
         y = self.passthrough(unit, {"op": "maxpool", "window": 3, "stride": 2, "padding": 1},
-                             y, "maxpool")
-      return y
-    if x is None:
-      raise ValueError(f"unit {unit.name!r} has no quantized input")
-    if unit.kind in ("basic", "bottleneck"):
-      h = self.requantize(unit, "relu1", self.linear(unit, "conv1", x), activation=act)
-      if unit.kind == "bottleneck":
-        h = self.requantize(unit, "relu2", self.linear(unit, "conv2", h), activation=act)
-        main = self.linear(unit, "conv3", h)
-      else:
-        main = self.linear(unit, "conv2", h)
-      if unit.shortcut == "conv":
-        short = self.linear(unit, "shortcut", x)
-      elif unit.shortcut == "option_a":
-        cin = self.qm.weights[unit.name]["conv1"]["q"].shape[2]
-        cout = self.bound[main].shape[-1]
+                             a[0], "maxpool")
+      elif pending:
+        raise ValueError(f"unit {unit.name!r}: op {op.op!r} reads an activation that no "
+                         "quantizer clamps")
+      elif op.op == "linear":
+        y = self.linear(unit, op.role, a[0])
+      elif op.op == "avgpool":
+        y = self.passthrough(unit, {"op": "avgpool"}, a[0], "avgpool")
+      elif op.op == "subsample_pad":
+        cin, cout = self.channels[a[0]], self.channels[a[1]]
         pad = (cout - cin) // 2
-        short = self.passthrough(unit, {"op": "subsample_pad", "stride": 2, "pad_before": pad,
-                                        "pad_after": cout - cin - pad}, x, "option_a")
+        y = self.passthrough(unit, {"op": "subsample_pad", "stride": 2, "pad_before": pad,
+                                    "pad_after": cout - cin - pad}, a[0], "option_a")
+      elif op.op == "add":
+        y = self.add(unit, a[0], a[1], op.point)
       else:
-        short = x
-      return self.requantize(unit, "out", self.add(unit, main, short), activation=act)
-    if unit.kind == "inverted":
-      h = x
-      if unit.has("expand"):
-        h = self.requantize(unit, "relu1", self.linear(unit, "expand", h), activation=act)
-      h = self.requantize(unit, "relu2", self.linear(unit, "dw", h), activation=act)
-      y = self.linear(unit, "project", h)
-      if unit.shortcut == "identity":
-        y = self.add(unit, y, x)
-      return self.requantize(unit, "out", y, activation=None)
-    if unit.kind == "head":
-      pooled = self.passthrough(unit, {"op": "avgpool"}, x, "avgpool")
-      return self.linear(unit, "fc", pooled)
-    raise ValueError(f"unknown unit kind {unit.kind!r}")
+        raise ValueError(f"unit {unit.name!r}: unknown op {op.op!r}")
+      values[op.out] = y
+      if pending:
+        activated.add(op.out)
+      self.channels[y] = (self.qm.weights[unit.name][op.role]["q"].shape[-1]
+                          if op.op == "linear" else self.channels.get(a[0]))
+    return y
+
+
+def _requantize_before_pool(program: tuple[units.Op, ...]) -> list[units.Op]:
+  """``program`` with each ``maxpool -> quant`` pair swapped: max pooling commutes with
+  the (monotone) requantization and its clamp, so the integers are the same, and it
+  pools the narrow requantized integers instead of the int32 accumulator."""
+  ops = list(program)
+  for i in range(len(ops) - 1):
+    pool, quant = ops[i], ops[i + 1]
+    if pool.op == "maxpool" and quant.op == "quant" and quant.inputs == (pool.out,):
+      ops[i] = quant._replace(inputs=pool.inputs, out=f"{quant.out}:unpooled")
+      ops[i + 1] = pool._replace(inputs=(ops[i].out,), out=quant.out)
+  return ops
 
 
 def lower(qm: quantized.QuantizedModel) -> Program:

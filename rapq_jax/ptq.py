@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from rapq_jax import (align, integrity, objective, parallel, quantized, quantizers, resume,
                       rounding, search)
 from rapq_jax.config import PTQConfig, current_names
-from rapq_jax.network import Network, Unit, identity_hook, network_apply, unit_apply
+from rapq_jax.network import Network, identity_hook, network_apply, unit_apply
 from rapq_jax.quantizers import hooks
 from rapq_jax.reconstruct import reconstruct_unit, structural
+from rapq_jax.units import Unit
 
 INIT_SAMPLES = 256
 _apply_quantized = jax.jit(quantized.apply)
@@ -423,7 +424,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   """Quantizes a folded network.
 
   Args:
-    net: from ``rapq_jax.fold.build_network``.
+    net: from ``rapq_jax.read_model``.
     calib: float32 [N, H, W, C] preprocessed calibration images (N >= batch size, plus
       the search's held-out ``search_samples`` with ``search_holdout``).
     cfg: method settings (``rapq_jax.config.for_method``).

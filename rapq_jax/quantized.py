@@ -36,9 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax import pot, quantizers
-# The same wiring helpers as network.unit_apply (ReLU/ReLU6, max-pool, option-A shortcut).
-from rapq_jax.network import Network, Unit, activation, layer_apply, maxpool, option_a
+from rapq_jax import pot, quantizers, units
+from rapq_jax.units import Unit
 
 ADD_GUARD_BITS = 8
 
@@ -60,8 +59,9 @@ class QuantizedModel:
     return json.loads(self.metadata)
 
 
-def from_states(net: Network, states: dict, specs: dict, metadata: dict) -> QuantizedModel:
-  """Integers and exponents from hard PoT quantizer states (see ``rapq_jax.ptq``)."""
+def from_states(net, states: dict, specs: dict, metadata: dict) -> QuantizedModel:
+  """Integers and exponents of a folded ``network.Network`` from its hard PoT quantizer
+  states (see ``rapq_jax.ptq``)."""
   weights, acts = _integers(net, states, quantizers.spec_items(specs))
   bits = []
   for unit in net.units:
@@ -74,7 +74,7 @@ def from_states(net: Network, states: dict, specs: dict, metadata: dict) -> Quan
 
 
 @functools.partial(jax.jit, static_argnames="spec_items")
-def _integers(net: Network, states: dict, spec_items: tuple) -> tuple[dict, dict]:
+def _integers(net, states: dict, spec_items: tuple) -> tuple[dict, dict]:
   """``(weights, acts)`` of ``QuantizedModel`` from the states, as one compiled program
   (op by op, its small integer conversions cost seconds on a ResNet)."""
   specs = quantizers.specs_of(spec_items)
@@ -93,22 +93,13 @@ def _integers(net: Network, states: dict, spec_items: tuple) -> tuple[dict, dict
   return weights, acts
 
 
-def layer_inputs(unit: Unit) -> dict:
-  """``{role: point}``: the activation point feeding each layer, ``None`` for the unit
-  input (the previous unit's ``'out'``, or the first unit's ``'input'`` point)."""
-  inputs = {"conv": "input" if any(a.name == "input" for a in unit.acts) else None,
-            "conv1": None, "conv2": "relu1", "conv3": "relu2", "shortcut": None, "fc": None,
-            "expand": None, "dw": "relu1" if unit.has("expand") else None, "project": "relu2"}
-  return {l.role: inputs[l.role] for l in unit.layers}
-
-
 def input_exponents(qm: QuantizedModel) -> dict:
   """``{unit: {role: int32 scalar}}``: the exponent of each layer's (per-tensor) input."""
   out, prev = {}, None
   for unit in qm.units:
     acts = qm.acts[unit.name]
     out[unit.name] = {}
-    for role, point in layer_inputs(unit).items():
+    for role, point in units.layer_inputs(unit).items():
       e = prev if point is None else acts[point]
       if e is None:
         raise ValueError(f"unit {unit.name!r}: layer {role!r} has no quantized input (the "
@@ -181,42 +172,35 @@ def pool_sim(x, e):
 
 
 def _unit_sim(unit: Unit, params: dict, acc_e: dict, acts: dict, aq, x, e_x):
-  """One unit's simulated forward (``network.unit_apply``'s wiring, with the integer
-  path's residual alignment); ``x`` is the unit input on the grid ``2**e_x``."""
-  def lin(role, h):
-    return layer_apply(unit.layer(role), params[role]["kernel"], params[role]["bias"], h)
-
-  act = lambda h: activation(unit.activation, h)
-
-  def residual(main_role, y, short, e_short):
-    e = residual_exponents(acc_e[main_role], e_short, acts["out"])
-    return align_sim(y, e) + align_sim(short, e)
-
-  if unit.kind == "head":
-    return lin("fc", pool_sim(x, e_x))
-  if unit.kind == "conv":
-    if "input" in acts:
-      x = aq("input", x)
-    y = act(lin("conv", x))
-    return aq("out", maxpool(y) if unit.maxpool else y)
-  if unit.kind in ("basic", "bottleneck"):
-    h = aq("relu1", act(lin("conv1", x)))
-    main = "conv2" if unit.kind == "basic" else "conv3"
-    if unit.kind == "bottleneck":
-      h = aq("relu2", act(lin("conv2", h)))
-    y = lin(main, h)
-    if unit.shortcut == "conv":
-      short, e_short = lin("shortcut", x), acc_e["shortcut"]
+  """One unit's simulated forward: its program (``Unit.program``) with the integer
+  path's arithmetic; ``x`` is the unit input on the grid ``2**e_x``. Each value's
+  exponent is tracked (per channel after a layer: its accumulator's) so that a residual
+  sum aligns its operands as the integer path does."""
+  values, exps = {"x": x}, {"x": e_x}
+  for op in unit.program:
+    a = [values[name] for name in op.inputs]
+    e = exps[op.inputs[0]]
+    if op.op == "linear":
+      y = units.layer_apply(unit.layer(op.role), params[op.role]["kernel"],
+                            params[op.role]["bias"], a[0])
+      e = acc_e[op.role]
+    elif op.op == "quant":
+      y, e = aq(op.point, a[0]), acts[op.point]
+    elif op.op == "act":
+      y = units.activation(unit.activation, a[0])
+    elif op.op == "maxpool":
+      y = units.maxpool(a[0])
+    elif op.op == "avgpool":
+      y = pool_sim(a[0], e)
+    elif op.op == "subsample_pad":
+      y = units.option_a(a[0], a[1].shape[-1])
+    elif op.op == "add":
+      e = residual_exponents(e, exps[op.inputs[1]], acts[op.point])
+      y = align_sim(a[0], e) + align_sim(a[1], e)
     else:
-      short, e_short = (option_a(x, y.shape[-1]) if unit.shortcut == "option_a" else x), e_x
-    return aq("out", act(residual(main, y, short, e_short)))
-  if unit.kind == "inverted":
-    h = aq("relu1", act(lin("expand", x))) if unit.has("expand") else x
-    y = lin("project", aq("relu2", act(lin("dw", h))))
-    if unit.shortcut == "identity":
-      y = residual("project", y, x, e_x)
-    return aq("out", y)
-  raise ValueError(f"unknown unit kind {unit.kind!r}")
+      raise ValueError(f"unit {unit.name!r}: unknown op {op.op!r}")
+    values[op.out], exps[op.out] = y, e
+  return y
 
 
 def apply(qm: QuantizedModel, x):

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from rapq_jax import objective, parallel, quantizers, rounding
 from rapq_jax.config import PTQConfig
-from rapq_jax.network import Unit, unit_apply
+from rapq_jax.network import unit_apply
+from rapq_jax.units import Unit
 
 REPORT_EVERY = 100
 

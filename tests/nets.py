@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rapq_jax import adapter
+
 
 def random_variables(model, hw: int, seed: int = 0, init_kwargs=None) -> dict:
   """He-scaled random kernels and random BN statistics, without ``model.init``.
@@ -26,3 +28,10 @@ def random_array(name: str, shape, rng: np.random.Generator) -> jax.Array:
   else:
     a = rng.normal(size=shape) * 0.2
   return jnp.asarray(a, jnp.float32)
+
+
+def folded(model, variables, hw: int, channels: int = 3):
+  """The folded ``Network`` of a ``rapq_jax.models`` network (called with ``train=False``),
+  read by the adapter from random images."""
+  images = jax.random.normal(jax.random.PRNGKey(0), (adapter.VERIFY_SAMPLES, hw, hw, channels))
+  return adapter.read_model(model, variables, images, apply_kwargs={"train": False})

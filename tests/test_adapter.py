@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nets import random_variables
+from nets import folded, random_variables
 
 import rapq_jax
-from rapq_jax import adapter, config, fold, integer, ptq, quantized
+from rapq_jax import adapter, config, integer, ptq, quantized
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.models.mobilenetv2 import MobileNetV2
 from rapq_jax.network import network_apply
@@ -178,7 +178,7 @@ def _pair(case):
   builtin_fn, user_cls, mapping = CASES[case]
   builtin = builtin_fn()
   variables = random_variables(builtin, HW)
-  net = fold.build_network(variables, model=builtin)
+  net = folded(builtin, variables, HW)
   user_vars = _translate(variables, mapping())
   images = jax.random.normal(jax.random.PRNGKey(0), (64, HW, HW, 3), jnp.float32)
   return net, user_cls(), user_vars, images

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nets import random_variables
+from nets import folded, random_variables
 
-from rapq_jax import align, config, fold, integer, pot, ptq, quantized
+from rapq_jax import align, config, integer, pot, ptq, quantized
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.models.mobilenetv2 import MobileNetV2
-from rapq_jax.network import Layer, Network, Unit, network_apply, unit_acts, unit_apply
+from rapq_jax.network import Network, network_apply, unit_apply
+from rapq_jax.units import Layer, Unit, unit_acts
 
 HW = 16
 
@@ -43,11 +44,12 @@ def _single_unit(kind: str) -> Network:
   if kind == "bottleneck":
     layers = (Layer("conv1", "c1"), Layer("conv2", "c2", groups=2), Layer("conv3", "c3"))
     shapes = {"conv1": (1, 1, 8, 6), "conv2": (3, 3, 3, 6), "conv3": (1, 1, 6, 8)}
-    unit = Unit("u", "bottleneck", layers, unit_acts("bottleneck", ()), shortcut="identity")
+    unit = Unit("u", "bottleneck", layers, unit_acts("bottleneck", ("conv1", "conv2", "conv3")),
+                shortcut="identity")
   else:
     layers = (Layer("expand", "e"), Layer("dw", "d", groups=12), Layer("project", "p"))
     shapes = {"expand": (1, 1, 8, 12), "dw": (3, 3, 1, 12), "project": (1, 1, 12, 8)}
-    unit = Unit("u", "inverted", layers, unit_acts("inverted", ("expand",)),
+    unit = Unit("u", "inverted", layers, unit_acts("inverted", ("expand", "dw", "project")),
                 shortcut="identity", activation="relu")
   params = {"u": {r: _layer_params(rng, s) for r, s in shapes.items()}}
   return Network((unit,), params, {"u": {r: _bn(rng, s[-1]) for r, s in shapes.items()}})
@@ -55,7 +57,7 @@ def _single_unit(kind: str) -> Network:
 
 def _cifar() -> Network:
   model = CifarResNet(num_blocks=1)
-  return fold.build_network(random_variables(model, HW), model=model)
+  return folded(model, random_variables(model, HW), HW)
 
 
 NETS = {"cifar_resnet": _cifar, "bottleneck_grouped": lambda: _single_unit("bottleneck"),
@@ -140,7 +142,7 @@ def test_units_without_a_homogeneous_link_are_left_alone():
   """MobileNetV2 (ReLU6 everywhere): nothing to rescale, the network is returned as is."""
   model = MobileNetV2(num_classes=10, setting=((1, 8, 1, 1), (6, 8, 2, 2)), stem_planes=8,
                       last_planes=16)
-  net = fold.build_network(random_variables(model, HW), model=model)
+  net = folded(model, random_variables(model, HW), HW)
   assert all(not u.rescalable_links for u in net.units)
   for mode in ("weights", "acts"):
     new, factors = align.align(net, mode, wbits=4, abits=4, weight_signed=False, p=2.4,

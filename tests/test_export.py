@@ -24,10 +24,10 @@ import pytest
 import damage
 from experiments import methods, pipeline
 from experiments import export as export_cli
-from rapq_jax import config, export, fold, integer, integrity, ptq, quantized
+from rapq_jax import config, export, integer, integrity, ptq, quantized
 from rapq_jax import reference_reader as reader
 from rapq_jax.models import get_model
-from test_integer import load_config, quantize_tiny, random_variables
+from test_integer import folded, load_config, quantize_tiny, random_variables
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NETS = ("resnet-naive", "mobilenet-naive")
@@ -307,7 +307,7 @@ def test_torchvision_resnet18_integer_onnx_and_reader(tmp_path):
   """The ImageNet ResNet-18 layout (max-pooled stem, 1x1 conv shortcuts), random and
   naive PoT at 32x32: simulation, integer path, reader and ONNX agree exactly."""
   model = get_model("resnet18")
-  net = fold.build_network(random_variables(model, 32), model=model)
+  net = folded(model, random_variables(model, 32), 32)
   calib = jax.random.normal(jax.random.PRNGKey(0), (16, 32, 32, 3), jnp.float32)
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3), jnp.float32)
   qm = ptq.quantize_network(net, calib, config.for_method("naive"), progress=False).model

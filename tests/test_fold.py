@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from nets import folded
 from rapq_jax import fold
 from rapq_jax.models import get_model
 from rapq_jax.models.cifar_resnet import CifarResNet
@@ -55,7 +56,7 @@ def networks():
     if name not in cache:
       model = CifarResNet(num_blocks=1) if name == "cifar_resnet8" else get_model(name)
       variables = random_variables(model, hw)
-      cache[name] = (model, variables, fold.build_network(variables, model=model), hw)
+      cache[name] = (model, variables, folded(model, variables, hw), hw)
     return cache[name]
 
   return get
@@ -237,14 +238,3 @@ def test_network_is_a_pytree_with_static_units(networks):
   assert all(isinstance(l, jax.Array) for l in leaves)
   doubled = jax.tree.map(lambda a: 2 * a, net)
   assert isinstance(doubled, Network) and doubled.units == net.units
-
-
-@pytest.mark.parametrize("variables", [
-    {"params": {"foo": {}, "bar": {}}},
-    {"params": {}, "batch_stats": {}},
-])
-def test_unknown_model_variables(variables):
-  with pytest.raises(ValueError, match="cannot fold") as err:
-    fold.build_network(variables)
-  for name in variables["params"]:
-    assert name in str(err.value)

@@ -24,11 +24,11 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from nets import random_variables
+from nets import folded, random_variables
 from hypothesis import given, settings, strategies as st
 
 from experiments import configs, methods, pipeline
-from rapq_jax import config, export, fold, integer, pot, ptq, quantized
+from rapq_jax import adapter, config, export, integer, pot, ptq, quantized
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.models.mobilenetv2 import MobileNetV2
 
@@ -55,7 +55,7 @@ def quantize_tiny(kind: str, method: str):
   else:
     model, hw = MobileNetV2(num_classes=10, setting=MOBILENET_SETTING, stem_planes=8,
                             last_planes=32), 12
-  net = fold.build_network(random_variables(model, hw), model=model)
+  net = folded(model, random_variables(model, hw), hw)
   calib = jax.random.normal(jax.random.PRNGKey(0), (32, hw, hw, 3), jnp.float32)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, hw, hw, 3), jnp.float32)
   overrides = TINY_RAPQ if method == "rapq" else {}
@@ -175,7 +175,8 @@ def _resnet20_child(shared: str) -> None:
   cfg.ptq.search_samples = 32     # held out of the 96; 64 reconstructed on
   data = pipeline.load_data(cfg)
   model, variables = pipeline.load_model(cfg)
-  net = fold.build_network(variables, model=model)
+  net = adapter.read_model(model, variables, data.preprocess(data.calib_images),
+                           apply_kwargs={"train": False})
   result = ptq.quantize_network(net, data.preprocess(data.calib_images),
                                 methods.ptq_config(cfg, "rapq"), progress=False)
   program = integer.lower(result.model)

@@ -36,8 +36,8 @@ def _child(out_path: str) -> None:
   devices, rows per device) and the seconds it took."""
   import time
   import jax.numpy as jnp
-  from nets import random_variables
-  from rapq_jax import config, evaluate, fold, ptq
+  from nets import folded, random_variables
+  from rapq_jax import config, evaluate, ptq
   from rapq_jax.models.cifar_resnet import CifarResNet
 
   placed = []
@@ -51,7 +51,7 @@ def _child(out_path: str) -> None:
 
   parallel.shard_rows = recording
   model = CifarResNet(num_blocks=1)
-  net = fold.build_network(random_variables(model, HW), model=model)
+  net = folded(model, random_variables(model, HW), HW)
   calib = jax.random.normal(jax.random.PRNGKey(0), (N_CALIB, HW, HW, 3), jnp.float32)
   test = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (N_TEST, HW, HW, 3)))
   labels = np.random.default_rng(0).integers(0, 10, N_TEST)

@@ -14,8 +14,7 @@ from experiments import configs
 from experiments import data
 from experiments import pipeline
 from experiments import pretrain
-from rapq_jax import convert
-from rapq_jax.fold import build_network
+from rapq_jax import adapter, convert
 from rapq_jax.models import get_model, input_shape
 from rapq_jax.network import network_apply
 
@@ -59,9 +58,9 @@ def test_fmnist_models_are_small_28x28x1_classifiers(name, params):
 ])
 def test_fold_matches_the_model(name, units):
   model, variables = get_model(name), random_variables(name)
-  net = build_network(variables, model=model)
-  assert [u.name for u in net.units] == units
   x = images_of(name)
+  net = adapter.read_model(model, variables, x, apply_kwargs={'train': False})
+  assert [u.name for u in net.units] == units
   np.testing.assert_allclose(network_apply(net, x), model.apply(variables, x, train=False),
                              rtol=1e-4, atol=1e-4)
 
@@ -179,6 +178,6 @@ def test_committed_checkpoint_reaches_its_recorded_accuracy(name, tmp_path, monk
 
   # The trained network folds into units that compute the same logits.
   x = test_data.preprocess(test_data.test_images[:64])
-  net = build_network(variables, model=model)
+  net = adapter.read_model(model, variables, x, apply_kwargs={'train': False})
   np.testing.assert_allclose(network_apply(net, x), model.apply(variables, x, train=False),
                              rtol=1e-4, atol=1e-4)

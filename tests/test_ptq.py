@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nets import random_variables
+from nets import folded, random_variables
 
-from rapq_jax import (config, fold, integer, objective, pot, ptq, quantized, quantizers, reconstruct,
+from rapq_jax import (config, integer, objective, pot, ptq, quantized, quantizers, reconstruct,
                       search)
 from rapq_jax.models.cifar_resnet import CifarResNet
-from rapq_jax.network import Layer, Network, Unit, network_apply, unit_apply
+from rapq_jax.network import Network, network_apply, unit_apply
+from rapq_jax.units import Layer, Unit
 
 HW, N_CALIB = 16, 64
 SMALL = dict(weight_iters=30, act_iters=10, exp_warm_iters=10, batch_size=8, search_samples=32)
@@ -38,7 +39,7 @@ def dequantized_params(model: quantized.QuantizedModel) -> dict:
 @pytest.fixture(scope="module")
 def tiny():
   model = CifarResNet(num_blocks=1)
-  net = fold.build_network(random_variables(model, HW), model=model)
+  net = folded(model, random_variables(model, HW), HW)
   calib = jax.random.normal(jax.random.PRNGKey(0), (N_CALIB, HW, HW, 3), jnp.float32)
   x = jax.random.normal(jax.random.PRNGKey(1), (8, HW, HW, 3), jnp.float32)
   return net, calib, x

@@ -16,9 +16,9 @@ import pytest
 
 import cli
 import damage
-from nets import random_variables
+from nets import folded, random_variables
 
-from rapq_jax import config, fold, integrity, ptq, resume
+from rapq_jax import config, integrity, ptq, resume
 from rapq_jax.models.cifar_resnet import CifarResNet
 
 HW, N_CALIB = 16, 64
@@ -30,7 +30,7 @@ CFG = config.for_method("rapq", weight_iters=20, act_iters=5, batch_size=8, sear
 @pytest.fixture(scope="module")
 def tiny():
   model = CifarResNet(num_blocks=1)
-  net = fold.build_network(random_variables(model, HW), model=model)
+  net = folded(model, random_variables(model, HW), HW)
   calib = jax.random.normal(jax.random.PRNGKey(0), (N_CALIB, HW, HW, 3), jnp.float32)
   return net, calib
 

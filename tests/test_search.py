@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nets import random_variables
+from nets import folded, random_variables
 
-from rapq_jax import config, fold, objective, ptq, quantized, search
+from rapq_jax import config, objective, ptq, quantized, search
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import network_apply
 
@@ -25,7 +25,7 @@ HW = 16
 def problem():
   """A tiny folded CIFAR ResNet with naive (nearest-PoT, round-to-nearest) states."""
   model = CifarResNet(num_blocks=1)
-  net = fold.build_network(random_variables(model, HW), model=model)
+  net = folded(model, random_variables(model, HW), HW)
   calib = jax.random.normal(jax.random.PRNGKey(0), (64, HW, HW, 3), jnp.float32)
   # The naive settings and shapes of tests/test_ptq.py: a session running both files
   # compiles the initialisation once.
