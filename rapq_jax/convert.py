@@ -49,9 +49,24 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be read or does not fit the model."""
 
 
+# BRECQ's (pycls's) RegNet names the BNs of a block's transform ``f.a_bn``, ``f.b_bn``,
+# ``f.c_bn``; the naming rule reads the Flax layer ``f_a_bn`` as ``f.a.bn``.
+_BRECQ_REGNET_BN = {'f.a.bn': 'f.a_bn', 'f.b.bn': 'f.b_bn', 'f.c.bn': 'f.c_bn'}
+
+
 def _brecq_key(model_name: str, key: str) -> str:
-  """torchvision key -> key in a BRECQ release checkpoint (differs only for MobileNetV2)."""
+  """Naming-rule key -> key in a BRECQ release checkpoint.
+
+  The rule's keys are torchvision's for the ResNets and MobileNetV2 and BRECQ's own for
+  MnasNet; BRECQ's MobileNetV2 numbers its blocks' layers differently and its RegNets'
+  BN names contain ``_`` (``s1.b1.f.a.bn.weight`` -> ``s1.b1.f.a_bn.weight``).
+  """
   parts = key.split('.')
+  if model_name.startswith('regnet'):
+    layer = '.'.join(parts[2:-1])
+    if layer not in _BRECQ_REGNET_BN:
+      return key
+    return '.'.join(parts[:2] + [_BRECQ_REGNET_BN[layer], parts[-1]])
   if model_name != 'mobilenetv2' or parts[0] != 'features' or parts[2] != 'conv':
     return key
   table = _BRECQ_FIRST_BLOCK if parts[1] == '1' else _BRECQ_BLOCK
@@ -123,7 +138,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
 
   Accepts a ``module.`` prefix and a ``{'model': ...}``/``{'state_dict': ...}`` wrapper,
   ignores ``num_batches_tracked``. ``scheme`` names the key layout: ``torchvision`` (also
-  the CIFAR ResNets and BRECQ's ResNets) or ``brecq`` (BRECQ's MobileNetV2 release).
+  the CIFAR ResNets and BRECQ's ResNets) or ``brecq`` (BRECQ's releases: needed for its
+  MobileNetV2 and RegNets; its ResNets and MnasNet read the same under either).
   Raises ``CheckpointError`` listing every missing, unexpected and mis-shaped key.
   """
   layout = _expected_layout(get_model(model_name, num_classes), model_name, scheme)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rapq_jax.models import (MODEL_NAMES, BasicBlock, Bottleneck, CifarBasicBlock,
-                             InvertedResidual, get_model)
+                             InvertedResidual, MnasInvertedResidual, XBlock, get_model)
 
 IMAGE = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
 
@@ -22,7 +22,8 @@ def block_configs(model: nn.Module) -> dict[str, nn.Module]:
   blocks = {}
 
   def record(next_fn, args, kwargs, context):
-    if isinstance(context.module, (CifarBasicBlock, BasicBlock, InvertedResidual)):
+    if isinstance(context.module, (CifarBasicBlock, BasicBlock, InvertedResidual, XBlock,
+                                   MnasInvertedResidual)):
       blocks[context.module.name] = context.module
     return next_fn(*args, **kwargs)
 
@@ -33,7 +34,8 @@ def block_configs(model: nn.Module) -> dict[str, nn.Module]:
 
 def test_model_names():
   assert MODEL_NAMES == ('cifar_resnet20', 'cifar_resnet32', 'cifar_resnet44', 'cifar_resnet56',
-                         'resnet18', 'resnet50', 'mobilenetv2', 'fmnist_resnet', 'fmnist_mobilenet')
+                         'resnet18', 'resnet50', 'mobilenetv2', 'fmnist_resnet', 'fmnist_mobilenet',
+                         'regnetx_600m', 'regnetx_3200m', 'mnasnet')
 
 
 def test_unknown_name_lists_accepted_names():
@@ -49,6 +51,9 @@ def test_unknown_name_lists_accepted_names():
     ('resnet18', None, 1000),
     ('resnet50', None, 1000),
     ('mobilenetv2', None, 1000),
+    ('regnetx_600m', None, 1000),
+    ('regnetx_3200m', None, 1000),
+    ('mnasnet', None, 1000),
     ('cifar_resnet32', 100, 100),
     ('resnet18', 7, 7),
 ])
@@ -67,6 +72,10 @@ def test_logits_shape(name, num_classes, expected):
     ('resnet50', {'conv1', 'bn1', 'fc'} | {f'layer{s}_{i}' for s, n in zip((1, 2, 3, 4), (3, 4, 6, 3))
                                            for i in range(n)}),
     ('mobilenetv2', {f'features_{i}' for i in range(19)} | {'classifier_1'}),
+    ('regnetx_600m', {'stem_conv', 'stem_bn', 'head_fc'} | {
+        f's{s}_b{b}' for s, n in zip((1, 2, 3, 4), (1, 3, 5, 7)) for b in range(1, n + 1)}),
+    ('mnasnet', {f'layers_{i}' for i in (0, 1, 3, 4, 6, 7, 14, 15)} | {'classifier_1'} | {
+        f'layers_{s}_{i}' for s, n in zip(range(8, 14), (3, 3, 3, 2, 4, 1)) for i in range(n)}),
 ])
 def test_top_level_names(name, top_level):
   assert set(abstract_variables(get_model(name))['params']) == top_level
@@ -105,6 +114,25 @@ def test_top_level_names(name, top_level):
     ('mobilenetv2', 'params/features_18/0/kernel', (1, 1, 320, 1280)),
     ('mobilenetv2', 'params/features_18/1/scale', (1280,)),
     ('mobilenetv2', 'params/classifier_1/kernel', (1280, 1000)),
+    ('regnetx_600m', 'params/stem_conv/kernel', (3, 3, 3, 32)),
+    ('regnetx_600m', 'batch_stats/stem_bn/var', (32,)),
+    ('regnetx_600m', 'params/s1_b1/f_a/kernel', (1, 1, 32, 48)),
+    ('regnetx_600m', 'params/s1_b1/f_b/kernel', (3, 3, 24, 48)),
+    ('regnetx_600m', 'params/s1_b1/proj/kernel', (1, 1, 32, 48)),
+    ('regnetx_600m', 'batch_stats/s1_b1/bn/mean', (48,)),
+    ('regnetx_600m', 'params/s4_b7/f_c/kernel', (1, 1, 528, 528)),
+    ('regnetx_600m', 'params/s4_b7/f_c_bn/scale', (528,)),
+    ('regnetx_600m', 'params/head_fc/kernel', (528, 1000)),
+    ('regnetx_3200m', 'params/s3_b15/f_b/kernel', (3, 3, 48, 432)),
+    ('regnetx_3200m', 'params/head_fc/kernel', (1008, 1000)),
+    ('mnasnet', 'params/layers_0/kernel', (3, 3, 3, 64)),
+    ('mnasnet', 'params/layers_3/kernel', (3, 3, 1, 64)),
+    ('mnasnet', 'params/layers_6/kernel', (1, 1, 64, 32)),
+    ('mnasnet', 'params/layers_8_0/layers_0/kernel', (1, 1, 32, 96)),
+    ('mnasnet', 'params/layers_9_1/layers_3/kernel', (5, 5, 1, 240)),
+    ('mnasnet', 'batch_stats/layers_13_0/layers_7/var', (640,)),
+    ('mnasnet', 'params/layers_14/kernel', (1, 1, 640, 1280)),
+    ('mnasnet', 'params/classifier_1/kernel', (1280, 1000)),
 ])
 def test_variable_paths_mirror_torch_names(name, path, shape):
   node = abstract_variables(get_model(name))
@@ -136,6 +164,17 @@ def test_convs_have_no_bias(name):
                                        hidden_planes=144, use_residual=True)),
     ('mobilenetv2', 'features_14', dict(in_planes=96, out_planes=160, stride=2, expand_ratio=6,
                                         hidden_planes=576, use_residual=False)),
+    ('regnetx_600m', 's1_b1', dict(in_planes=32, planes=48, stride=2, groups=2, has_proj=True)),
+    ('regnetx_600m', 's3_b2', dict(in_planes=240, planes=240, stride=1, groups=10,
+                                   has_proj=False)),
+    ('regnetx_3200m', 's4_b1', dict(in_planes=432, planes=1008, stride=2, groups=21,
+                                    has_proj=True)),
+    ('mnasnet', 'layers_8_0', dict(in_planes=32, out_planes=48, kernel=3, stride=2,
+                                   hidden_planes=96, use_residual=False)),
+    ('mnasnet', 'layers_11_0', dict(in_planes=160, out_planes=192, kernel=3, stride=1,
+                                    hidden_planes=960, use_residual=False)),
+    ('mnasnet', 'layers_12_3', dict(in_planes=384, out_planes=384, kernel=5, stride=1,
+                                    hidden_planes=2304, use_residual=True)),
 ])
 def test_blocks_expose_their_config(name, block, config):
   module = block_configs(get_model(name))[block]
@@ -148,6 +187,9 @@ def test_blocks_expose_their_config(name, block, config):
     ('resnet18', 8, BasicBlock),
     ('resnet50', 16, Bottleneck),
     ('mobilenetv2', 17, InvertedResidual),
+    ('regnetx_600m', 16, XBlock),
+    ('regnetx_3200m', 25, XBlock),
+    ('mnasnet', 16, MnasInvertedResidual),
 ])
 def test_block_count(name, count, cls):
   blocks = block_configs(get_model(name))

@@ -11,13 +11,22 @@ joined by ``_``; top-level stem/head layers keep their torch name. Examples:
 ``layer2.0.downsample.0`` -> ``params['layer2_0']['downsample_0']``,
 ``features.2.conv.1.0`` -> ``params['features_2']['conv_1_0']``,
 ``conv1`` -> ``params['conv1']``, ``classifier.1`` -> ``params['classifier_1']``.
+A block is the module whose path is a residual block (a reconstruction unit); where a
+network nests its blocks one level deeper, the block path has three components and they
+form the submodule name: MnasNet's ``layers.8.0.layers.3`` -> ``params['layers_8_0']['layers_3']``.
+Every block is one submodule holding its layers directly (``params[block][layer]``).
+Converting a Flax path back to a PyTorch key replaces every ``_`` with ``.``; PyTorch
+names that themselves contain ``_`` (BRECQ's RegNet ``s1.b1.f.a_bn``, Flax ``s1_b1`` /
+``f_a_bn``) are restored by a checkpoint key scheme of ``rapq_jax.convert``.
 Conv kernels are HWIO (no bias), Dense kernels [in, out]; BN has ``scale``, ``bias``
 in ``params`` and ``mean``, ``var`` in ``batch_stats``.
 """
 import flax.linen as nn
 
 from rapq_jax.models.cifar_resnet import CifarBasicBlock, CifarResNet
+from rapq_jax.models.mnasnet import MnasInvertedResidual, MnasNet
 from rapq_jax.models.mobilenetv2 import ConvBNReLU6, InvertedResidual, MobileNetV2
+from rapq_jax.models.regnet import REGNETX_600M_STAGES, REGNETX_3200M_STAGES, RegNetX, XBlock
 from rapq_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 
 # Fashion-MNIST MobileNetV2: (t, c, n, s) per stage, 6 inverted residual blocks.
@@ -38,6 +47,11 @@ _MODELS = {
                                                setting=FMNIST_MOBILENET_SETTING, stem_planes=16,
                                                last_planes=128),
                          10, (28, 28, 1)),
+    # BRECQ's model zoo (checkpoint scheme 'brecq'); its MnasNet is MnasNet-2.0.
+    'regnetx_600m': (lambda k: RegNetX(REGNETX_600M_STAGES, num_classes=k), 1000, (224, 224, 3)),
+    'regnetx_3200m': (lambda k: RegNetX(REGNETX_3200M_STAGES, num_classes=k), 1000,
+                      (224, 224, 3)),
+    'mnasnet': (lambda k: MnasNet(scale=2.0, num_classes=k), 1000, (224, 224, 3)),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
@@ -64,5 +78,5 @@ def input_shape(name: str) -> tuple[int, int, int]:
 __all__ = [
     'MODEL_NAMES', 'FMNIST_MOBILENET_SETTING', 'get_model', 'input_shape', 'CifarResNet',
     'CifarBasicBlock', 'ResNet', 'BasicBlock', 'Bottleneck', 'MobileNetV2', 'InvertedResidual',
-    'ConvBNReLU6',
+    'ConvBNReLU6', 'RegNetX', 'XBlock', 'MnasNet', 'MnasInvertedResidual',
 ]

@@ -1,0 +1,20 @@
+"""MnasNet-2.0 (BRECQ's ``mnasnet``) on ImageNet (TFDS imagenet2012, BRECQ's FP32 checkpoint).
+
+BRECQ's hub entry (and so its release ``mnasnet.pth.tar``) builds ``MNASNet(scale=2.0)``,
+not torchvision's width-1.0 ``mnasnet1_0``. Its keys read the same under the
+'torchvision' and 'brecq' schemes.
+
+The quantizing methods fold the network with ``rapq_jax.fold.build_network``, which does
+not know MnasNet's units yet; until it does, only the checkpoint and the model are ready.
+"""
+import ml_collections
+
+from experiments.configs import imagenet_resnet18
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = imagenet_resnet18.get_config()
+  config.model = "mnasnet"
+  config.checkpoint = "https://github.com/yhhhli/BRECQ/releases/download/v1.0/mnasnet.pth.tar"
+  config.checkpoint_scheme = "brecq"
+  return config
