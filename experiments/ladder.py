@@ -48,6 +48,35 @@ def check_run_args(args: list[str]) -> None:
       raise LadderError(f"--run: {arg!r} is set by the ladder itself; remove it")
 
 
+# Fields of a peer record (``../shared/peer/run_peer.py``) that a ladder row needs.
+PEER_FIELDS = ("method", "peer_repo", "peer_commit", "wbits", "abits", "iters_w", "iters_a",
+               "top1", "wall_s")
+
+
+def peer_rows(paths: list[pathlib.Path]) -> list[dict]:
+  """Rows of the official code's runs (JSON written by the peer harness, timed on the same
+  machine as the ladder), read before anything runs; LadderError naming a bad file."""
+  rows = []
+  for path in paths:
+    try:
+      record = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as e:
+      raise LadderError(f"--peer: cannot read {str(path)!r} ({e})") from e
+    missing = [k for k in PEER_FIELDS if not isinstance(record, dict) or k not in record]
+    if missing:
+      raise LadderError(f"--peer: {str(path)!r} is not a peer record (no {', '.join(missing)})")
+    nonint = (record.get("rapq_exponents_nonint") or 0) + (record.get("act_scales_non_pow2") or 0)
+    rows.append(dict(method=f"official {record['peer_repo']} {record['method']}",
+                     wbits=record["wbits"], abits=record["abits"],
+                     weight_iters=record["iters_w"], act_iters=record["iters_a"],
+                     top1=record["top1"], wall_seconds=record["wall_s"],
+                     power_of_two=nonint == 0 if "act_scales_non_pow2" in record else None,
+                     peak_rss_mb=record.get("peak_rss_mb"), commit=record["peer_commit"],
+                     torch=record.get("torch_version"), seed=record.get("seed"),
+                     calibration_size=record.get("num_samples"), source=pathlib.Path(path).name))
+  return rows
+
+
 def budget_dir(workdir: pathlib.Path, budget: tuple[int, int]) -> pathlib.Path:
   return workdir / f"w{budget[0]}_a{budget[1]}"
 
@@ -81,9 +110,14 @@ def rows_of(record: dict, budget: tuple[int, int], process_seconds: float | None
   return rows
 
 
-def plot(rows: list[dict], fp_top1: float | None, path: pathlib.Path) -> None:
-  """Top-1 against wall seconds, one line per method and bit width, budgets labelled."""
+def plot(rows: list[dict], fp_top1: float | None, path: pathlib.Path,
+         peers: list[dict] = ()) -> None:
+  """Top-1 against wall seconds, one line per method and bit width, budgets labelled;
+  the official code's runs as stars."""
   fig, ax = plt.subplots(figsize=(6, 4))
+  for r in peers:
+    ax.plot([r["wall_seconds"]], [r["top1"]], "*", markersize=10,
+            label=f"{r['method']} {report.bits_label(r)} ({r['weight_iters']}/{r['act_iters']})")
   for key in dict.fromkeys((r["method"], report.bits_label(r)) for r in rows):
     pts = sorted((r for r in rows if (r["method"], report.bits_label(r)) == key),
                  key=lambda r: r["wall_seconds"])
@@ -99,10 +133,12 @@ def plot(rows: list[dict], fp_top1: float | None, path: pathlib.Path) -> None:
 
 
 def run_ladder(args: list[str], budgets: list[tuple[int, int]], workdir: pathlib.Path,
-               out: pathlib.Path, runner=run_budget) -> dict:
+               out: pathlib.Path, runner=run_budget, peers: list[pathlib.Path] = ()) -> dict:
   """Runs every budget (``runner(args, budget, workdir)`` -> process seconds), then
-  writes the record and its plot; returns the record."""
+  writes the record (with the ``peers`` records' rows under ``peer``) and its plot;
+  returns the record."""
   check_run_args(args)
+  peer = peer_rows(list(peers))
   rows, fp_top1, config = [], None, None
   for i, budget in enumerate(budgets):
     print(f"[time to accuracy] budget {i + 1}/{len(budgets)}: {budget[0]}/{budget[1]} "
@@ -115,8 +151,8 @@ def run_ladder(args: list[str], budgets: list[tuple[int, int]], workdir: pathlib
     rows += rows_of(record, budget, seconds)
   result = dict(time_to_accuracy=dict(run=shlex.join(args), budgets=[list(b) for b in budgets],
                                       fp_top1=fp_top1, config=config),
-                rows=rows, **report.environment())
+                rows=rows, peer=peer, **report.environment())
   out.parent.mkdir(parents=True, exist_ok=True)
-  plot(rows, fp_top1, out.with_suffix(".png"))
+  plot(rows, fp_top1, out.with_suffix(".png"), peer)
   integrity.atomic_write(out, json.dumps(result, indent=1))
   return result

@@ -146,9 +146,36 @@ def _ladder_section(name: str, record: dict) -> str:
                  f"{r['act_iters']} | {r['top1']:.2f} | {fmt(r.get('agreement'), '.2f')} | "
                  f"{fmt(r.get('kl_to_reference'), '.4f')} | {pot} | "
                  f"{fmt(r.get('wall_seconds'), '.0f')} | {fmt(r.get('quantize_seconds'), '.0f')} |")
+  for r in record.get("peer", []):
+    pot = "" if r.get("power_of_two") is None else ("yes" if r["power_of_two"] else "no")
+    lines.append(f"| {r['method']} (`{r['commit'][:10]}`) | {report.bits_label(r)} | "
+                 f"{r['weight_iters']}/{r['act_iters']} | {r['top1']:.2f} |  |  | {pot} | "
+                 f"{r['wall_seconds']:.0f} |  |")
+  lines += _time_fractions(record)
   if record.get("note"):
     lines += ["", record["note"]]
   return "\n".join(lines) + "\n"
+
+
+def _time_fractions(record: dict) -> list[str]:
+  """Per official run: the first budget at which ours reaches its top-1 at the same bit
+  widths, and that run's wall time as a fraction of the official one."""
+  out = []
+  for p in record.get("peer", []):
+    ours = sorted((r for r in record["rows"] if report.bits_label(r) == report.bits_label(p)),
+                  key=lambda r: r["wall_seconds"])
+    first = next((r for r in ours if r["top1"] >= p["top1"]), None)
+    what = (f"{p['method']} {report.bits_label(p)} ({p['top1']:.2f} % in "
+            f"{p['wall_seconds']:.0f} s, {p['weight_iters']}/{p['act_iters']})")
+    if first is None:
+      out.append(f"- {what}: no budget here reaches it.")
+    else:
+      out.append(f"- {what}: {first['method']} reaches it first at "
+                 f"{first['weight_iters']}/{first['act_iters']} ({first['top1']:.2f} %) in "
+                 f"{first['wall_seconds']:.0f} s, {first['wall_seconds'] / p['wall_seconds']:.2f}x "
+                 "the official time.")
+  return ["", "Official code run on the same machine (`../shared/peer/run_peer.py`), "
+          "against this ladder:", "", *out] if out else []
 
 
 def _reference_section(record: dict) -> str:

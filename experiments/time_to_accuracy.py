@@ -10,8 +10,11 @@ Each budget ``W/A`` is one ``experiments.run`` of the ``--run`` arguments with
 ``--workdir``, one after the other, so every timing is taken alone (time it on a quiet
 machine and say so). Starting the same command again resumes: finished budgets and units
 are loaded, not recomputed (their timings are those of the run that computed them).
-Writes the JSON record (``rows``: one per budget, method and bit width) and a plot of
-top-1 against wall time beside it (``.png``); ``experiments.results_doc`` renders both.
+Writes the JSON record (``rows``: one per budget, method and bit width; ``peer``: the
+official code's runs given by ``--peer``, JSON records of ``../shared/peer/run_peer.py``
+timed on the same machine) and a plot of top-1 against wall time beside it (``.png``);
+``experiments.results_doc`` renders both, with the fraction of the official run's time
+in which ours first reaches its top-1.
 """
 import pathlib
 import shlex
@@ -28,6 +31,8 @@ _BUDGETS = flags.DEFINE_string("budgets", "250/62,500/125,1000/250,2000/500",
                                "Comma-separated weight/activation iterations per unit.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/time_to_accuracy",
                                "Directory of the per-budget runs (resumed when it exists).")
+_PEER = flags.DEFINE_list("peer", [], "JSON records of the official code's runs on this "
+                          "machine (../shared/peer/run_peer.py --out), shown beside ours.")
 _OUT = flags.DEFINE_string("out", "results/time_to_accuracy.json", "Output JSON; the plot "
                            "goes beside it with the suffix .png.")
 
@@ -40,7 +45,8 @@ def main(argv):
     out = pathlib.Path(_OUT.value)
     if out.suffix != ".json":
       raise ladder.LadderError(f"--out: {_OUT.value!r} is not a .json path")
-    ladder.run_ladder(args, budgets, pathlib.Path(_WORKDIR.value), out)
+    ladder.run_ladder(args, budgets, pathlib.Path(_WORKDIR.value), out,
+                      peers=[pathlib.Path(p) for p in _PEER.value])
   except ladder.LadderError as e:
     sys.exit(f"experiments.time_to_accuracy: error: {e}")
   print(f"wrote {out} and {out.with_suffix('.png')}")

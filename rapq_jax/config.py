@@ -234,7 +234,9 @@ class PTQConfig:
                        "search='none'")
 
   @property
-  def learns_exponent(self) -> bool:
+  def runs_exponent_relaxation(self) -> bool:
+    """Whether the weight exponents' floor/ceil relaxation runs: ``learn_exponent`` with
+    power-of-two scales and reconstruction."""
     return self.pot_scales and self.reconstruct and self.learn_exponent
 
 

@@ -108,8 +108,8 @@ def _to_flax(kind: str, array: np.ndarray) -> np.ndarray:
   return array
 
 
-def _expected_layout(model: nn.Module, model_name: str,
-                     scheme: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
+def expected_layout(model: nn.Module, model_name: str,
+                    scheme: str) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
   """Checkpoint key -> (Flax path incl. collection and leaf, PyTorch shape) for ``model``."""
   if scheme not in SCHEMES:
     raise ValueError(f'unknown scheme {scheme!r}; expected one of {", ".join(SCHEMES)}')
@@ -142,7 +142,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], model_name: str,
   MobileNetV2 and RegNets; its ResNets and MnasNet read the same under either).
   Raises ``CheckpointError`` listing every missing, unexpected and mis-shaped key.
   """
-  layout = _expected_layout(get_model(model_name, num_classes), model_name, scheme)
+  layout = expected_layout(get_model(model_name, num_classes), model_name, scheme)
   arrays = {k.removeprefix('module.'): v for k, v in _unwrap(state_dict).items()
             if not k.endswith('num_batches_tracked')}
   missing = sorted(k for k in layout if k not in arrays)
@@ -177,7 +177,7 @@ def to_state_dict(variables: Mapping[str, Any], model_name: str,
   """
   arrays = {tuple(p.key for p in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
-  layout = _expected_layout(get_model(model_name), model_name, scheme)
+  layout = expected_layout(get_model(model_name), model_name, scheme)
   expected = {names for names, _ in layout.values()}
   unknown = sorted('/'.join(names) for names in arrays if names not in expected)
   missing = sorted('/'.join(names) for names in expected if names not in arrays)

@@ -141,7 +141,7 @@ def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
   def init(params, x):
     # Lp-initialised weights, then activation states with those weights (soft).
     wstates = {l.role: quantizers.init_weight(
-        params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.learns_exponent,
+        params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.runs_exponent_relaxation,
         learn_rounding=cfg.reconstruct, p=cfg.init_p, exponent_choice=cfg.exp_init)
         for l in unit.layers}
     return wstates, act_states(params, wstates, x, True)
@@ -211,7 +211,7 @@ def _rounded(states: dict) -> dict:
   for u, st in states.items():
     w = {}
     for r, s in st["w"].items():
-      w[r] = {"lo": s["lo"], "log2s": s["log2s"] + (rounding.hard_choice(s["v"]) if "v" in s else 0.0)}
+      w[r] = {"lo": s["lo"], "exp": s["exp"] + (rounding.hard_choice(s["v"]) if "v" in s else 0.0)}
     out[u] = {"w": w, "a": st["a"]}
   return out
 
@@ -225,7 +225,7 @@ def _shift_weights(net, states, specs, offsets: dict) -> dict:
     for r, s in st["w"].items():
       off = float(offsets.get((u, "w", r), 0))
       w[r] = s if not off else quantizers.reset_rounding(
-          net.params[u][r]["kernel"], {**s, "log2s": s["log2s"] + off}, specs[u][0][r])
+          net.params[u][r]["kernel"], {**s, "exp": s["exp"] + off}, specs[u][0][r])
     out[u] = {"w": w, "a": st["a"]}
   return out
 
@@ -265,7 +265,7 @@ def _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x, *, final_weigh
   params, fns = net.params[unit.name], unit_fns(unit, specs, cfg)
   x = q_x[:INIT_SAMPLES]
   astates = fns.init_acts(params, wstates, x) if final_weights else fns.init(params, x)[1]
-  return {n: {"t": a["t"] + act_offsets.get((unit.name, n), 0)} for n, a in astates.items()}
+  return {n: {"exp": a["exp"] + act_offsets.get((unit.name, n), 0)} for n, a in astates.items()}
 
 
 def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, progress,

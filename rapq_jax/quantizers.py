@@ -2,16 +2,16 @@
 
 Weight quantizer state (a dict pytree per layer; ``O`` output channels, last axis):
 
-* ``log2s``: float32 [O], base log2 step size. Integer-valued for power-of-two modes
+* ``exp``: float32 [O], base log2 step size (the exponent). Integer-valued for power-of-two modes
   (``e0``; for RAPQ the floor of the Lp scale's log2), real for float-scale BRECQ.
 * ``v``: float32 [O], RAPQ only, until hardened: the exponent is ``e0 + h(v)``.
 * ``alpha``: float32, kernel shape: AdaRound logits (absent for round-to-nearest).
 * ``lo``: float32 [O], clipping minimum from the Lp search, giving the integer zero point
   ``clip(round(-lo / scale), 0, 2**b - 1)`` for asymmetric (unsigned) weights.
 
-Activation quantizer state: ``{'t': float32 scalar}``, the log2 step size. Power-of-two
-modes use ``2**round(t)`` forward with a straight-through gradient on ``t``; float mode
-uses ``2**t``.
+Activation quantizer state: ``{'exp': float32 scalar}``, the log2 step size (the same
+word as the weights'). Power-of-two modes use ``2**round(exp)`` forward with a
+straight-through gradient on ``exp``; float mode uses ``2**exp``.
 """
 import dataclasses
 import math
@@ -62,35 +62,35 @@ def init_weight(w: chex.Array, spec: WeightSpec, *, learn_exponent: bool = False
                 exponent_choice: str = "nearest") -> dict:
   """Lp-initialised weight quantizer for kernel ``w`` (output channels last).
 
-  PoT: ``log2s`` is an integer exponent per channel: the Lp scale's ``nearest`` in the
+  PoT: ``exp`` is an integer exponent per channel: the Lp scale's ``nearest`` in the
   log domain, or (``exponent_choice='lp'``) whichever of its floor and ceil gives the
   smaller round-to-nearest Lp error; with ``learn_exponent`` it is the floor with ``v``
   set so that ``h(v)`` equals the fractional part (the soft scale then starts at the Lp
-  scale). Float: ``log2s = log2(lp scale)``. ``alpha`` starts so that the soft rounding
+  scale). Float: ``exp = log2(lp scale)``. ``alpha`` starts so that the soft rounding
   reproduces ``w``.
   """
   lp = pot.lp_scale_search(w, spec.bits, signed=spec.signed, per_channel=True, p=p)
   scale = jnp.where(lp.scale > 0, lp.scale, pot.exp2(pot.EXP_MIN))
   state = {"lo": lp.lo}
   if not spec.pot:
-    state["log2s"] = jnp.log2(scale)
+    state["exp"] = jnp.log2(scale)
   elif learn_exponent:
     e0 = pot.log2_exponents(scale)[1]  # exact floor (XLA's log2 is inexact at 2**k)
-    state["log2s"] = e0.astype(jnp.float32)
+    state["exp"] = e0.astype(jnp.float32)
     state["v"] = rounding.init_logits(jnp.log2(scale / pot.exp2(e0)))
   elif exponent_choice == "nearest":
-    state["log2s"] = pot.log2_exponents(scale)[0].astype(jnp.float32)
+    state["exp"] = pot.log2_exponents(scale)[0].astype(jnp.float32)
   elif exponent_choice == "lp":
     _, lo_e, hi_e = pot.log2_exponents(scale)
     axes = tuple(range(w.ndim - 1))
 
     def err(e):
-      st = {"lo": lp.lo, "log2s": e.astype(jnp.float32)}
+      st = {"lo": lp.lo, "exp": e.astype(jnp.float32)}
       return jnp.mean(jnp.abs(weight_fake_quant(w, st, spec, soft=False) - w) ** p, axis=axes)
 
-    state["log2s"] = jnp.where(err(hi_e) < err(lo_e), hi_e, lo_e).astype(jnp.float32)
+    state["exp"] = jnp.where(err(hi_e) < err(lo_e), hi_e, lo_e).astype(jnp.float32)
   elif exponent_choice == "grid":
-    state["log2s"], state["lo"] = best_grid(w, scale, spec, p)
+    state["exp"], state["lo"] = best_grid(w, scale, spec, p)
   else:
     raise ValueError(f"exponent_choice = {exponent_choice!r}: expected 'nearest', 'lp' or "
                      "'grid'")
@@ -106,7 +106,7 @@ def best_grid(w: chex.Array, scale: chex.Array, spec: WeightSpec, p: float):
   float Lp range's zero point, ``round(-lo / 2**e)``, is only best for a float scale).
 
   Returns:
-    (log2s float32 [O] integral, lo float32 [O] = ``-zp * 2**e``, from which
+    (exp float32 [O] integral, lo float32 [O] = ``-zp * 2**e``, from which
     ``zero_point`` recovers the chosen zero point exactly).
   """
   qmin, qmax = _qrange(spec)
@@ -146,21 +146,21 @@ def move_exponents(w: chex.Array, state: dict, spec: WeightSpec, moves: chex.Arr
   """The integer exponents of a PoT weight quantizer moved by ``moves`` (int [O], kept
   in ``[EXP_MIN, EXP_MAX]``); the AdaRound logits of the channels that moved restart
   on their new grid (``reset_rounding``), the others keep what they learned."""
-  chex.assert_shape(moves, state["log2s"].shape)
-  new = {**state, "log2s": pot.clip_exponent(state["log2s"] + moves).astype(jnp.float32)}
+  chex.assert_shape(moves, state["exp"].shape)
+  new = {**state, "exp": pot.clip_exponent(state["exp"] + moves).astype(jnp.float32)}
   if "alpha" not in state:
     return new
-  moved = new["log2s"] != state["log2s"]
+  moved = new["exp"] != state["exp"]
   new["alpha"] = jnp.where(moved, _alpha_for(w, weight_scale(new, spec)), state["alpha"])
   return new
 
 
 def weight_scale(state: dict, spec: WeightSpec) -> chex.Array:
   """Per-channel step size [O]: ``2**(e0 + h(v))`` while the exponent is soft, exactly
-  ``2**e`` once it is an integer, ``2**log2s`` for float scales."""
+  ``2**e`` once it is an integer, ``2**exp`` for float scales."""
   if not spec.pot:
-    return jnp.exp2(state["log2s"])
-  base = pot.exp2(state["log2s"].astype(jnp.int32))
+    return jnp.exp2(state["exp"])
+  base = pot.exp2(state["exp"].astype(jnp.int32))
   if "v" in state:
     return base * jnp.exp2(rounding.rectified_sigmoid(state["v"]))
   return base
@@ -197,9 +197,9 @@ def harden_exponent(w: chex.Array, state: dict, spec: WeightSpec, *,
                     reinit_alpha: bool = True) -> dict:
   """Ends RAPQ's exponent learning: ``e = e0 + (v >= 0)``, an exact integer, and drops
   ``v``. With ``reinit_alpha`` the rounding logits restart on the new integer grid."""
-  e = pot.clip_exponent(state["log2s"] + rounding.hard_choice(state["v"]))
+  e = pot.clip_exponent(state["exp"] + rounding.hard_choice(state["v"]))
   new = {k: val for k, val in state.items() if k != "v"}
-  new["log2s"] = e.astype(jnp.float32)
+  new["exp"] = e.astype(jnp.float32)
   return reset_rounding(w, new, spec) if reinit_alpha else new
 
 
@@ -213,7 +213,7 @@ def weight_integers(w: chex.Array, state: dict, spec: WeightSpec):
   if not spec.pot or "v" in state:
     raise ValueError("weight_integers needs a power-of-two quantizer with a hardened exponent")
   qmin, qmax = _qrange(spec)
-  e = pot.clip_exponent(state["log2s"])
+  e = pot.clip_exponent(state["exp"])
   scale = pot.exp2(e)
   zp = zero_point(state, spec, scale)
   x = w / scale
@@ -231,18 +231,18 @@ def init_act(x: chex.Array, spec: ActSpec, p: float = 2.4) -> dict:
   """Per-tensor Lp initialisation; PoT modes start at the nearest integer exponent."""
   lp = pot.lp_scale_search(x, spec.bits, signed=spec.signed, per_channel=False, p=p)
   if spec.pot:
-    return {"t": pot.log2_exponents(lp.scale)[0].astype(jnp.float32)}
-  return {"t": jnp.log2(jnp.where(lp.scale > 0, lp.scale, pot.exp2(pot.EXP_MIN)))}
+    return {"exp": pot.log2_exponents(lp.scale)[0].astype(jnp.float32)}
+  return {"exp": jnp.log2(jnp.where(lp.scale > 0, lp.scale, pot.exp2(pot.EXP_MIN)))}
 
 
 def act_scale(state: dict, spec: ActSpec) -> chex.Array:
-  """Step size: exactly ``2**round(t)`` forward with ``d/dt = scale * ln 2`` (PoT), or
-  ``2**t`` (float)."""
-  t = state["t"]
+  """Step size: exactly ``2**round(exp)`` forward with ``d/dexp = scale * ln 2`` (PoT), or
+  ``2**exp`` (float)."""
+  e = state["exp"]
   if not spec.pot:
-    return jnp.exp2(t)
-  exact = pot.exp2(pot.clip_exponent(jnp.round(t)))
-  return exact * (1.0 + (t - jax.lax.stop_gradient(t)) * math.log(2.0))
+    return jnp.exp2(e)
+  exact = pot.exp2(pot.clip_exponent(jnp.round(e)))
+  return exact * (1.0 + (e - jax.lax.stop_gradient(e)) * math.log(2.0))
 
 
 def act_fake_quant(x: chex.Array, state: dict, spec: ActSpec) -> chex.Array:
@@ -267,4 +267,4 @@ def act_exponent(state: dict, spec: ActSpec) -> chex.Array:
   """The integer exponent (int32 scalar) of a PoT activation quantizer."""
   if not spec.pot:
     raise ValueError("act_exponent needs a power-of-two activation quantizer")
-  return pot.clip_exponent(jnp.round(state["t"]))
+  return pot.clip_exponent(jnp.round(state["exp"]))

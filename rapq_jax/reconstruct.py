@@ -223,20 +223,20 @@ def choose_act_exponents(loss_fn, astates: dict, aspecs: dict, window: int,
     (astates with integral ``t``, {point: net move}).
   """
   names = sorted(n for n, spec in aspecs.items() if spec.pot)
-  current = {n: {"t": jnp.round(a["t"])} if n in names else a for n, a in astates.items()}
+  current = {n: {"exp": jnp.round(a["exp"])} if n in names else a for n, a in astates.items()}
   best = float(loss_fn(current))
   for _ in range(max_sweeps):
     moved = False
     for name in names:
-      base = current[name]["t"]
+      base = current[name]["exp"]
       for k in [k for k in range(-window, window + 1) if k]:
-        trial = {**current, name: {"t": base + k}}
+        trial = {**current, name: {"exp": base + k}}
         value = float(loss_fn(trial))
         if value < best:
           best, current, moved = value, trial, True
     if not moved:
       break
-  moves = {n: int(current[n]["t"] - jnp.round(astates[n]["t"])) for n in names}
+  moves = {n: int(current[n]["exp"] - jnp.round(astates[n]["exp"])) for n in names}
   return current, moves
 
 
@@ -256,7 +256,7 @@ def _channel_errors(unit: Unit, wspecs: tuple, aspecs: tuple, role: str, p: floa
     kernel = params[role]["kernel"]
     nearest = {k: v for k, v in wstates[role].items() if k != "alpha"}
     kernels = [kernel] + [quantizers.weight_fake_quant(
-        kernel, wstates[role] if k == 0 else {**nearest, "log2s": nearest["log2s"] + k},
+        kernel, wstates[role] if k == 0 else {**nearest, "exp": nearest["exp"] + k},
         wspecs[role], soft=False) for k in range(-window, window + 1)]
     _, aq = quantizers.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=acts_on)
 
@@ -301,7 +301,7 @@ def choose_weight_exponents(unit: Unit, errors_for, params: dict, wstates: dict,
     moves = jnp.where(jnp.min(err, axis=0) < err[window], best - window, 0)
     state = quantizers.move_exponents(params[layer.role]["kernel"], wstates[layer.role],
                                       spec, moves)
-    moved[layer.role] = int(jnp.sum(state["log2s"] != wstates[layer.role]["log2s"]))
+    moved[layer.role] = int(jnp.sum(state["exp"] != wstates[layer.role]["exp"]))
     wstates = {**wstates, layer.role: state}
   return wstates, moved
 

@@ -69,9 +69,8 @@ def shift_states(states: dict, names: tuple, offsets) -> dict:
   """Adds ``offsets[i]`` to the exponent of quantizer ``names[i]`` (pure, jitted)."""
   out = {u: {"w": dict(s["w"]), "a": dict(s["a"])} for u, s in states.items()}
   for i, (u, kind, name) in enumerate(names):
-    field = "log2s" if kind == "w" else "t"
-    out[u][kind][name] = {**out[u][kind][name],
-                          field: out[u][kind][name][field] + offsets[i].astype(jnp.float32)}
+    state = out[u][kind][name]
+    out[u][kind][name] = {**state, "exp": state["exp"] + offsets[i].astype(jnp.float32)}
   return out
 
 

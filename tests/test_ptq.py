@@ -73,7 +73,7 @@ def test_learned_exponents_end_as_exact_integers(tiny):
   for unit in result.states.values():
     for state in unit["w"].values():
       assert "v" not in state
-      np.testing.assert_array_equal(state["log2s"], np.round(state["log2s"]))
+      np.testing.assert_array_equal(state["exp"], np.round(state["exp"]))
   chex.assert_tree_all_finite(result.apply(x))
 
 
@@ -241,7 +241,7 @@ def states_logits(net, states, specs, x):
     for role, spec in wspecs.items():
       w, st = net.params[u][role]["kernel"], states[u]["w"][role]
       qmin, qmax = pot.int_range(spec.bits, spec.signed)
-      s = _step(st["log2s"], spec.pot)
+      s = _step(st["exp"], spec.pot)
       zp = 0.0 if spec.signed else jnp.clip(jnp.round(-st["lo"] / s), 0, qmax)
       q = jnp.floor(w / s) + (st["alpha"] >= 0) if "alpha" in st else jnp.round(w / s)
       params[u][role] = {"kernel": (jnp.clip(q + zp, qmin, qmax) - zp) * s,
@@ -251,7 +251,7 @@ def states_logits(net, states, specs, x):
     def aq(point, h):
       spec = specs[u][1][point]
       qmin, qmax = pot.int_range(spec.bits, spec.signed)
-      s = _step(states[u]["a"][point]["t"], spec.pot)
+      s = _step(states[u]["a"][point]["exp"], spec.pot)
       return jnp.clip(jnp.round(h / s), qmin, qmax) * s
     return aq
 
@@ -276,8 +276,8 @@ def test_rapq_states_are_hard(run):
   for unit, state in result.states.items():
     for role, w in state["w"].items():
       assert "v" not in w
-      np.testing.assert_array_equal(w["log2s"], np.round(w["log2s"]))
-      np.testing.assert_array_equal(result.model.weights[unit][role]["e"], w["log2s"])
+      np.testing.assert_array_equal(w["exp"], np.round(w["exp"]))
+      np.testing.assert_array_equal(result.model.weights[unit][role]["e"], w["exp"])
 
 
 def test_same_config_and_seed_give_identical_integers(tiny, run):
@@ -453,7 +453,7 @@ def test_reconstruction_decreases_objective(block, monkeypatch):
   assert result.seconds > 0
   # Power-of-two exponents stay exact integers, alpha keeps its shape.
   for role, w in result.wstates.items():
-    np.testing.assert_array_equal(w["log2s"], start["w"][role]["log2s"])
+    np.testing.assert_array_equal(w["exp"], start["w"][role]["exp"])
     chex.assert_equal_shape([w["alpha"], params[role]["kernel"]])
 
 
@@ -471,12 +471,12 @@ def test_activation_exponent_choice_moves_to_the_best_integer():
   sweep towards the loss minimum; a float-scale point and a flat loss do not move."""
   specs = {"a": quantizers.ActSpec(4), "b": quantizers.ActSpec(4),
            "f": quantizers.ActSpec(4, pot=False)}
-  start = {"a": {"t": jnp.float32(0.4)}, "b": {"t": jnp.float32(0.0)},
-           "f": {"t": jnp.float32(0.3)}}
-  loss = lambda s: (s["a"]["t"] - 3.0) ** 2 + (s["b"]["t"] + 1.0) ** 2 + s["f"]["t"]
+  start = {"a": {"exp": jnp.float32(0.4)}, "b": {"exp": jnp.float32(0.0)},
+           "f": {"exp": jnp.float32(0.3)}}
+  loss = lambda s: (s["a"]["exp"] - 3.0) ** 2 + (s["b"]["exp"] + 1.0) ** 2 + s["f"]["exp"]
   chosen, moves = reconstruct.choose_act_exponents(loss, start, specs, window=2)
   assert moves == {"a": 3, "b": -1}
-  assert (float(chosen["a"]["t"]), float(chosen["b"]["t"])) == (3.0, -1.0)
+  assert (float(chosen["a"]["exp"]), float(chosen["b"]["exp"])) == (3.0, -1.0)
   assert chosen["f"] is start["f"]
   _, moves = reconstruct.choose_act_exponents(lambda s: jnp.float32(1.0), start, specs, 2)
   assert moves == {"a": 0, "b": 0}
@@ -487,7 +487,7 @@ def test_reconstruction_chooses_a_better_activation_exponent(block):
   reconstruction moves that exponent down and ends with a lower unit loss than the same
   reconstruction keeping it (the gradient phase alone does not cross the integers)."""
   net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, start = block
-  coarse = {**start["a"], "relu1": {"t": start["a"]["relu1"]["t"] + 2}}
+  coarse = {**start["a"], "relu1": {"exp": start["a"]["relu1"]["exp"] + 2}}
   results = {}
   for window in (0, 2):
     c = dataclasses.replace(cfg, weight_iters=20, act_iters=20, act_exp_window=window)
@@ -500,7 +500,7 @@ def test_reconstruction_chooses_a_better_activation_exponent(block):
                                      y_fp, 2.0)) for w, r in results.items()}
   assert loss[2] < 0.9 * loss[0], loss
   for state in results[2].astates.values():
-    assert float(state["t"]) == round(float(state["t"]))
+    assert float(state["exp"]) == round(float(state["exp"]))
 
 
 def test_learned_exponents_on_the_official_schedule(block):
@@ -518,8 +518,8 @@ def test_learned_exponents_on_the_official_schedule(block):
                                      progress=False)
   for role, state in res.wstates.items():
     assert "v" not in state
-    floor = np.asarray(learned[role]["log2s"])
-    assert set(np.unique(np.asarray(state["log2s"]) - floor)) <= {0.0, 1.0}
+    floor = np.asarray(learned[role]["exp"])
+    assert set(np.unique(np.asarray(state["exp"]) - floor)) <= {0.0, 1.0}
   start = {r: quantizers.harden_exponent(params[r]["kernel"], s, wspecs[r])
            for r, s in learned.items()}                  # the same relaxation, untrained
   before, after = (float(objective.lp_loss(unit_out(unit, params, w, wspecs, x_in), y_fp, 2.0))
@@ -553,19 +553,19 @@ def test_weight_exponent_choice_takes_each_channels_least_error():
   specs = {"a": quantizers.WeightSpec(4), "b": quantizers.WeightSpec(4),
            "f": quantizers.WeightSpec(4, pot=False)}
   params = {r: {"kernel": jnp.ones((1, 1, 1, 3)), "bias": jnp.zeros(3)} for r in specs}
-  states = {r: {"log2s": jnp.zeros(3), "lo": jnp.zeros(3)} for r in specs}
+  states = {r: {"exp": jnp.zeros(3), "lo": jnp.zeros(3)} for r in specs}
   seen = []
 
   def errors_for(role, ws):
-    seen.append((role, np.asarray(ws["a"]["log2s"]).tolist()))
+    seen.append((role, np.asarray(ws["a"]["exp"]).tolist()))
     # rows: offsets -1, 0, +1; columns: channels
     return {"a": jnp.asarray([[0.5, 2.0, 1.0], [1.0, 1.0, 1.0], [2.0, 0.1, 1.0]]),
             "b": jnp.asarray([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.9]])}[role]
 
   chosen, moved = reconstruct.choose_weight_exponents(unit, errors_for, params, states,
                                                       specs, window=1)
-  np.testing.assert_array_equal(chosen["a"]["log2s"], [-1.0, 1.0, 0.0])
-  np.testing.assert_array_equal(chosen["b"]["log2s"], [0.0, 0.0, 1.0])
+  np.testing.assert_array_equal(chosen["a"]["exp"], [-1.0, 1.0, 0.0])
+  np.testing.assert_array_equal(chosen["b"]["exp"], [0.0, 0.0, 1.0])
   assert chosen["f"] is states["f"]
   assert moved == {"a": 2, "b": 1}
   assert seen == [("a", [0.0, 0.0, 0.0]), ("b", [-1.0, 1.0, 0.0])]
@@ -579,7 +579,7 @@ def test_reconstruction_moves_weight_exponents_to_a_better_grid(block):
   net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, start = block
   coarse = {**start["w"], "conv1": quantizers.move_exponents(
       params["conv1"]["kernel"], start["w"]["conv1"], wspecs["conv1"],
-      jnp.full(start["w"]["conv1"]["log2s"].shape, 2, jnp.int32))}
+      jnp.full(start["w"]["conv1"]["exp"].shape, 2, jnp.int32))}
   results = {}
   for window in (0, 2):
     c = dataclasses.replace(cfg, weight_iters=40, weight_exp_window=window, weight_exp_at=0.5)
@@ -589,13 +589,13 @@ def test_reconstruction_moves_weight_exponents_to_a_better_grid(block):
   assert results[0].weight_moves == {}
   assert results[2].weight_moves["conv1"] > 0
   assert set(results[2].weight_moves) == {"conv1", "conv2"}
-  finer = np.asarray(results[2].wstates["conv1"]["log2s"]) < np.asarray(coarse["conv1"]["log2s"])
+  finer = np.asarray(results[2].wstates["conv1"]["exp"]) < np.asarray(coarse["conv1"]["exp"])
   assert finer.sum() == results[2].weight_moves["conv1"]    # every move is to a finer grid
   loss = {w: float(objective.lp_loss(hard(params, {"w": r.wstates, "a": start["a"]}, x_in),
                                      y_fp, 2.0)) for w, r in results.items()}
   assert loss[2] < 0.9 * loss[0], loss
   for state in results[2].wstates.values():
-    np.testing.assert_array_equal(state["log2s"], np.round(state["log2s"]))
+    np.testing.assert_array_equal(state["exp"], np.round(state["exp"]))
 
 
 def test_nan_calibration_is_rejected(tiny):
@@ -635,11 +635,14 @@ def test_calibration_split(overrides, fit, scored):
 # ------------------------------------------------------------------ config
 
 @pytest.mark.parametrize("method, expected", [
-    ("naive", dict(pot_scales=True, reconstruct=False, learns_exponent=False, search="none")),
-    ("brecq", dict(pot_scales=False, reconstruct=True, learns_exponent=False, search="none")),
-    ("brecq_pot", dict(pot_scales=True, reconstruct=True, learns_exponent=False, search="none")),
-    ("rapq", dict(pot_scales=True, reconstruct=True, learns_exponent=False, exp_init="lp",
-                  search="after", lp_source="bn")),
+    ("naive", dict(pot_scales=True, reconstruct=False, runs_exponent_relaxation=False,
+                   search="none")),
+    ("brecq", dict(pot_scales=False, reconstruct=True, runs_exponent_relaxation=False,
+                   search="none")),
+    ("brecq_pot", dict(pot_scales=True, reconstruct=True, runs_exponent_relaxation=False,
+                       search="none")),
+    ("rapq", dict(pot_scales=True, reconstruct=True, runs_exponent_relaxation=False,
+                  exp_init="lp", search="after", lp_source="bn")),
 ])
 def test_method_presets(method, expected):
   cfg = config.for_method(method)

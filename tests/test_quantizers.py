@@ -90,15 +90,15 @@ def assert_soft_reproduces(w, fq, state, spec):
 def test_init_weight_pot_is_nearest_exponent(shape, spec):
   w = kernel(shape)
   state = init_weight(w, spec)
-  assert set(state) == {"log2s", "alpha", "lo"}
-  chex.assert_shape([state["log2s"], state["lo"]], (shape[-1],))
+  assert set(state) == {"exp", "alpha", "lo"}
+  chex.assert_shape([state["exp"], state["lo"]], (shape[-1],))
   chex.assert_shape(state["alpha"], shape)
-  chex.assert_type([state["log2s"], state["lo"], state["alpha"]], jnp.float32)
+  chex.assert_type([state["exp"], state["lo"], state["alpha"]], jnp.float32)
   lp = lp_of(w, spec)
-  np.testing.assert_array_equal(state["log2s"], pot.log2_exponents(lp.scale)[0])
+  np.testing.assert_array_equal(state["exp"], pot.log2_exponents(lp.scale)[0])
   np.testing.assert_array_equal(state["lo"], lp.lo)
   scale = quantizers.weight_scale(state, spec)
-  np.testing.assert_array_equal(scale, pot.exp2(state["log2s"].astype(jnp.int32)))
+  np.testing.assert_array_equal(scale, pot.exp2(state["exp"].astype(jnp.int32)))
   assert np.all(np.frexp(np.asarray(scale))[0] == 0.5)
 
 
@@ -118,7 +118,7 @@ def test_init_weight_grid_is_the_least_error_power_of_two_grid(shape, spec):
   grid = init_weight(w, spec, learn_rounding=False, exponent_choice="grid")
   lp = init_weight(w, spec, learn_rounding=False, exponent_choice="lp")
   _, e, zp = quantizers.weight_integers(w, grid, spec)
-  np.testing.assert_array_equal(grid["log2s"], e)
+  np.testing.assert_array_equal(grid["exp"], e)
   assert np.all((zp >= 0) & (zp <= max(qmax, 0)))
   floor_e = pot.log2_exponents(lp_of(w, spec).scale)[1]
   assert np.all((e >= floor_e - 1) & (e <= floor_e + 1))
@@ -147,11 +147,11 @@ def test_init_weight_float_is_lp_scale(shape, spec):
 def test_init_weight_learn_exponent_starts_at_lp_scale(shape, spec):
   w = kernel(shape)
   state = init_weight(w, spec, learn_exponent=True)
-  assert set(state) == {"log2s", "v", "alpha", "lo"}
-  chex.assert_shape([state["log2s"], state["v"], state["lo"]], (shape[-1],))
+  assert set(state) == {"exp", "v", "alpha", "lo"}
+  chex.assert_shape([state["exp"], state["v"], state["lo"]], (shape[-1],))
   lp = lp_of(w, spec)
   log2s = np.log2(np.asarray(lp.scale, np.float64))
-  e0 = np.asarray(state["log2s"])
+  e0 = np.asarray(state["exp"])
   np.testing.assert_array_equal(e0, np.round(e0))                  # integral floor
   # The floor of log2 (a float32 log2 may land on either side of an exact integer).
   near_int = np.abs(log2s - np.round(log2s)) < 1e-5
@@ -168,7 +168,7 @@ def test_init_weight_learn_exponent_starts_at_lp_scale(shape, spec):
 
 def test_init_weight_without_rounding_has_no_alpha():
   state = init_weight(kernel((3, 3, 4, 8)), SPECS[0], learn_rounding=False)
-  assert set(state) == {"log2s", "lo"}
+  assert set(state) == {"exp", "lo"}
 
 
 def test_init_weight_all_zero_channel():
@@ -176,7 +176,7 @@ def test_init_weight_all_zero_channel():
   for learn_exponent in (False, True):
     state = init_weight(w, SPECS[0], learn_exponent=learn_exponent)
     chex.assert_tree_all_finite(state)
-    np.testing.assert_array_equal(state["log2s"][1], pot.EXP_MIN)
+    np.testing.assert_array_equal(state["exp"][1], pot.EXP_MIN)
     fq = quantizers.weight_fake_quant(w, state, SPECS[0], soft=False)
     chex.assert_tree_all_finite(fq)
     np.testing.assert_array_equal(fq[..., 1], 0.0)
@@ -204,7 +204,7 @@ def test_soft_fake_quant_starts_at_weights(shape, spec, mode):
 def test_hard_fake_quant_without_alpha_is_round_to_nearest(shape, spec):
   w = kernel(shape, seed=2)
   state = init_weight(w, spec, learn_rounding=False)
-  e = state["log2s"].astype(jnp.int32)
+  e = state["exp"].astype(jnp.int32)
   zp = pot.zero_point_for(state["lo"], e, spec.bits) if not spec.signed else 0
   for soft in (True, False):
     fq = quantizers.weight_fake_quant(w, state, spec, soft=soft)
@@ -217,7 +217,7 @@ def test_hard_fake_quant_with_fresh_alpha_is_round_to_nearest(shape, spec):
   """alpha >= 0 exactly where the fractional part is >= 1/2."""
   w = kernel(shape, seed=3)
   state = init_weight(w, spec)
-  e = state["log2s"].astype(jnp.int32)
+  e = state["exp"].astype(jnp.int32)
   zp = pot.zero_point_for(state["lo"], e, spec.bits) if not spec.signed else 0
   fq = quantizers.weight_fake_quant(w, state, spec, soft=False)
   rtn = pot.fake_quant(w, e, spec.bits, signed=spec.signed, zero_point=zp)
@@ -236,11 +236,11 @@ def test_harden_exponent(shape, spec):
   state["v"] = state["v"] + jnp.asarray(np.random.default_rng(0).normal(size=shape[-1]) * 3,
                                         jnp.float32)
   hard = quantizers.harden_exponent(w, state, spec)
-  assert set(hard) == {"log2s", "alpha", "lo"}
-  expected = np.asarray(state["log2s"]) + (np.asarray(state["v"]) >= 0)
-  np.testing.assert_array_equal(hard["log2s"], expected)
-  np.testing.assert_array_equal(hard["log2s"], np.round(hard["log2s"]))
-  chex.assert_type(hard["log2s"], jnp.float32)
+  assert set(hard) == {"exp", "alpha", "lo"}
+  expected = np.asarray(state["exp"]) + (np.asarray(state["v"]) >= 0)
+  np.testing.assert_array_equal(hard["exp"], expected)
+  np.testing.assert_array_equal(hard["exp"], np.round(hard["exp"]))
+  chex.assert_type(hard["exp"], jnp.float32)
   np.testing.assert_array_equal(hard["lo"], state["lo"])
   scale = quantizers.weight_scale(hard, spec)
   np.testing.assert_array_equal(scale, np.ldexp(np.float32(1), expected.astype(np.int32)))
@@ -248,7 +248,7 @@ def test_harden_exponent(shape, spec):
   assert_soft_reproduces(w, quantizers.weight_fake_quant(w, hard, spec, soft=True), hard, spec)
   kept = quantizers.harden_exponent(w, state, spec, reinit_alpha=False)
   np.testing.assert_array_equal(kept["alpha"], state["alpha"])
-  np.testing.assert_array_equal(kept["log2s"], hard["log2s"])
+  np.testing.assert_array_equal(kept["exp"], hard["exp"])
 
 
 @CASES
@@ -262,17 +262,17 @@ def test_move_exponents_restarts_only_the_moved_channels(shape, spec):
       np.random.default_rng(2).normal(size=shape), jnp.float32)
   moves = jnp.asarray(np.arange(shape[-1]) % 3 - 1, jnp.int32)        # -1, 0, +1, ...
   moved = quantizers.move_exponents(w, state, spec, moves)
-  np.testing.assert_array_equal(moved["log2s"], np.asarray(state["log2s"]) + np.asarray(moves))
-  chex.assert_type(moved["log2s"], jnp.float32)
+  np.testing.assert_array_equal(moved["exp"], np.asarray(state["exp"]) + np.asarray(moves))
+  chex.assert_type(moved["exp"], jnp.float32)
   np.testing.assert_array_equal(moved["lo"], state["lo"])
   same = np.asarray(moves) == 0
   np.testing.assert_array_equal(np.asarray(moved["alpha"])[..., same],
                                 np.asarray(state["alpha"])[..., same])
-  fresh = quantizers.reset_rounding(w, {**state, "log2s": moved["log2s"]}, spec)
+  fresh = quantizers.reset_rounding(w, {**state, "exp": moved["exp"]}, spec)
   np.testing.assert_array_equal(np.asarray(moved["alpha"])[..., ~same],
                                 np.asarray(fresh["alpha"])[..., ~same])
   low = quantizers.move_exponents(w, state, spec, jnp.full(shape[-1], -100, jnp.int32))
-  np.testing.assert_array_equal(low["log2s"], np.full(shape[-1], pot.EXP_MIN, np.float32))
+  np.testing.assert_array_equal(low["exp"], np.full(shape[-1], pot.EXP_MIN, np.float32))
   with pytest.raises(AssertionError):
     quantizers.move_exponents(w, state, spec, moves[:-1])
 
@@ -298,7 +298,7 @@ def test_weight_integers(shape, spec, learn):
   qmin, qmax = pot.int_range(spec.bits, spec.signed)
   assert np.all(np.asarray(q, np.int32) >= qmin) and np.all(np.asarray(q, np.int32) <= qmax)
   assert np.all(zp >= 0) and np.all(zp <= (0 if spec.signed else qmax))
-  np.testing.assert_array_equal(e, state["log2s"])
+  np.testing.assert_array_equal(e, state["exp"])
   deq = pot.dequantize(q.astype(jnp.int32), e, zp)
   chex.assert_trees_all_equal(deq, quantizers.weight_fake_quant(w, state, spec, soft=False))
 
@@ -330,26 +330,26 @@ class WeightJitTest(chex.TestCase):
 @HYPOTHESIS
 def test_act_scale_pot_forward_and_gradient(t):
   spec = ActSpec(4)
-  state = {"t": jnp.float32(t)}
+  state = {"exp": jnp.float32(t)}
   scale = quantizers.act_scale(state, spec)
   chex.assert_shape(scale, ())
   chex.assert_type(scale, jnp.float32)
   expected = pot.exp2(jnp.round(jnp.float32(t)).astype(jnp.int32))
   assert float(scale) == float(expected)                         # exactly 2**round(t)
   assert np.frexp(np.float32(scale))[0] == 0.5
-  grad = jax.grad(lambda t: quantizers.act_scale({"t": t}, spec))(jnp.float32(t))
+  grad = jax.grad(lambda t: quantizers.act_scale({"exp": t}, spec))(jnp.float32(t))
   np.testing.assert_allclose(grad, float(expected) * math.log(2.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("t", [-3.7, 0.0, 2.25])
 def test_act_scale_float(t):
   spec = ActSpec(4, pot=False)
-  np.testing.assert_allclose(quantizers.act_scale({"t": jnp.float32(t)}, spec), 2.0 ** t,
+  np.testing.assert_allclose(quantizers.act_scale({"exp": jnp.float32(t)}, spec), 2.0 ** t,
                              rtol=1e-6)
-  grad = jax.grad(lambda t: quantizers.act_scale({"t": t}, spec))(jnp.float32(t))
+  grad = jax.grad(lambda t: quantizers.act_scale({"exp": t}, spec))(jnp.float32(t))
   np.testing.assert_allclose(grad, 2.0 ** t * math.log(2.0), rtol=1e-5)
   with pytest.raises(ValueError, match="power-of-two"):
-    quantizers.act_exponent({"t": jnp.float32(t)}, spec)
+    quantizers.act_exponent({"exp": jnp.float32(t)}, spec)
 
 
 @pytest.mark.parametrize("spec", [ActSpec(4), ActSpec(4, signed=True), ActSpec(8), ActSpec(2)])
@@ -359,16 +359,16 @@ def test_act_quantizer_is_pot_fake_quant(spec):
   if not spec.signed:
     x = jax.nn.relu(x)
   state = _init_act(x, spec)
-  assert set(state) == {"t"}
-  chex.assert_shape(state["t"], ())
-  assert float(state["t"]) == round(float(state["t"]))
+  assert set(state) == {"exp"}
+  chex.assert_shape(state["exp"], ())
+  assert float(state["exp"]) == round(float(state["exp"]))
   lp = _lp_search(x, spec.bits, signed=spec.signed, per_channel=False)
-  assert float(state["t"]) == float(pot.log2_exponents(lp.scale)[0])
+  assert float(state["exp"]) == float(pot.log2_exponents(lp.scale)[0])
   e = quantizers.act_exponent(state, spec)
   chex.assert_type(e, jnp.int32)
   chex.assert_trees_all_equal(quantizers.act_fake_quant(x, state, spec),
                               pot.fake_quant(x, e, spec.bits, signed=spec.signed))
   # Off-integer t: still quantized on 2**round(t).
-  off = {"t": state["t"] + 0.3}
+  off = {"exp": state["exp"] + 0.3}
   chex.assert_trees_all_equal(quantizers.act_fake_quant(x, off, spec),
                               pot.fake_quant(x, e, spec.bits, signed=spec.signed))

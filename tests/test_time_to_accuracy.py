@@ -118,3 +118,52 @@ def test_rows_follow_the_budgets_in_increasing_order(tmp_path):
   assert record["time_to_accuracy"]["budgets"] == [[250, 62], [1000, 250]]
   assert json.loads((tmp_path / "out.json").read_text()) == record
   assert (tmp_path / "out.png").stat().st_size > 0
+
+
+def _peer(path, **fields):
+  record = {**dict(method="rapq", peer_repo="RAPQ", peer_commit="aaa71dff8e8e3e87", wbits=2,
+                   abits=4, iters_w=2000, iters_a=500, top1=55.2, wall_s=300.0,
+                   peak_rss_mb=9000.0, torch_version="2.13.0+cpu", rapq_exponents_nonint=680,
+                   act_scales_non_pow2=19), **fields}
+  path.write_text(json.dumps(record))
+  return path
+
+
+def test_official_runs_are_recorded_and_our_time_to_their_top1_is_read_off(tmp_path):
+  """Peer records are rows under 'peer' (not power of two where the official code's scales
+  are not); the document gives the first budget reaching each one's top-1 and its share
+  of the official wall time."""
+  def runner(args, budget, workdir):
+    directory = tta.budget_dir(workdir, budget)
+    directory.mkdir(parents=True)
+    results = [dict(method="fp", wbits=None, abits=None, top1=90.0),
+               dict(method="rapq", wbits=2, abits=4, top1=50.0 + budget[0] / 100,
+                    wall_seconds=budget[0] / 10, power_of_two=True)]
+    (directory / "results.json").write_text(json.dumps(dict(config={}, results=results)))
+    return budget[0] / 5
+
+  peers = [_peer(tmp_path / "rapq.json"), _peer(tmp_path / "far.json", top1=99.0)]
+  out = tmp_path / "results" / "ladder.json"
+  record = tta.run_ladder(RUN, [(250, 62), (1000, 250)], tmp_path / "runs", out,
+                          runner=runner, peers=peers)
+  assert [(p["method"], p["top1"], p["wall_seconds"], p["power_of_two"], p["source"])
+          for p in record["peer"]] == [("official RAPQ rapq", 55.2, 300.0, False, "rapq.json"),
+                                      ("official RAPQ rapq", 99.0, 300.0, False, "far.json")]
+  text = results_doc.render(out.parent)
+  assert "| official RAPQ rapq (`aaa71dff8e`) | W2A4 | 2000/500 | 55.20 |  |  | no | 300 |" in text
+  assert ("official RAPQ rapq W2A4 (55.20 % in 300 s, 2000/500): rapq reaches it first at "
+          "1000/250 (60.00 %) in 100 s, 0.33x the official time.") in text
+  assert "(99.00 % in 300 s, 2000/500): no budget here reaches it." in text
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "cannot read"),
+    (json.dumps({"method": "rapq"}), "is not a peer record .no peer_repo, peer_commit"),
+])
+def test_bad_peer_records_are_named_before_anything_runs(tmp_path, content, match):
+  bad = tmp_path / "peer.json"
+  bad.write_text(content)
+  with pytest.raises(tta.LadderError, match=match):
+    tta.run_ladder(RUN, [(8, 2)], tmp_path / "runs", tmp_path / "out.json",
+                   runner=pytest.fail, peers=[bad])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["peer.json"]

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rapq_jax.convert import (CheckpointError, _expected_layout, convert_state_dict,
-                              to_state_dict)
+import nets
+from rapq_jax import adapter, config, integer, ptq, quantized
+from rapq_jax.convert import CheckpointError, convert_state_dict, expected_layout, to_state_dict
 from rapq_jax.models import MnasInvertedResidual, MnasNet, RegNetX, XBlock, get_model
 from rapq_jax.models.mnasnet import mnasnet_depths
 from rapq_jax.models.regnet import REGNETX_600M_STAGES, REGNETX_3200M_STAGES, regnetx_stages
@@ -52,9 +53,9 @@ def test_key_layout_is_brecqs(name):
   num_batches_tracked); 'torchvision' keys fit only where BRECQ's names have no '_'."""
   brecq = {k: s for k, s in brecq_keys_shapes(reference(name))
            if not k.endswith('num_batches_tracked')}
-  ours = {k: shape for k, (_, shape) in _expected_layout(get_model(name), name, 'brecq').items()}
+  ours = {k: shape for k, (_, shape) in expected_layout(get_model(name), name, 'brecq').items()}
   assert ours == brecq
-  plain = set(_expected_layout(get_model(name), name, 'torchvision'))
+  plain = set(expected_layout(get_model(name), name, 'torchvision'))
   if name == 'mnasnet':
     assert plain == set(brecq)
   else:
@@ -219,3 +220,29 @@ def test_regnet_projection_shortcut():
   bn = bn * p['bn']['scale'] + p['bn']['bias']
   np.testing.assert_allclose(block.apply(variables, x, train=False), jax.nn.relu(bn),
                              rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ quantized end to end
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.parametrize('model, kinds', [
+    (TINY_REGNET, ['conv', 'bottleneck', 'bottleneck', 'bottleneck', 'head']),
+    (TINY_MNASNET, ['conv', 'conv', 'linear_conv', 'inverted', 'inverted', 'inverted', 'conv',
+                    'head']),
+], ids=['regnetx', 'mnasnet'])
+def test_tiny_variants_quantize_and_run_on_integers(model, kinds):
+  """Read by the adapter like any model (RegNet's grouped bottlenecks with projection
+  shortcuts, MnasNet's separable stem, 5x5 depthwise inverted residuals), quantized with
+  RAPQ on a tiny budget: exact powers of two, integer-only inference equal to the
+  simulation."""
+  images = jax.random.normal(jax.random.key(0), (32, 16, 16, 3), jnp.float32)
+  variables = nets.random_variables(model, 16)
+  net = adapter.read_model(model, variables, images, apply_kwargs={'train': False})
+  assert [u.kind for u in net.units] == kinds
+  assert {u.activation for u in net.units if u.kind not in ('head', 'linear_conv')} == {'relu'}
+  cfg = config.for_method('rapq', weight_iters=8, act_iters=4, batch_size=8,
+                          search_samples=16)
+  result = ptq.quantize_network(net, images, cfg, progress=False)
+  quantized.check_power_of_two(result.model)
+  program = integer.lower(result.model)
+  chex.assert_trees_all_equal(integer.apply(program, images[:8]), result.apply(images[:8]))

@@ -3,9 +3,6 @@
 BRECQ's hub entry (and so its release ``mnasnet.pth.tar``) builds ``MNASNet(scale=2.0)``,
 not torchvision's width-1.0 ``mnasnet1_0``. Its keys read the same under the
 'torchvision' and 'brecq' schemes.
-
-The quantizing methods fold the network with ``rapq_jax.fold.build_network``, which does
-not know MnasNet's units yet; until it does, only the checkpoint and the model are ready.
 """
 import ml_collections
 

@@ -1,9 +1,4 @@
-"""RegNetX-3.2GF on ImageNet (TFDS imagenet2012, BRECQ's FP32 checkpoint, key scheme 'brecq').
-
-The quantizing methods fold the network with ``rapq_jax.fold.build_network``, which does
-not know RegNet's X blocks (grouped 3x3 convs) yet; until it does, only the checkpoint
-and the model are ready.
-"""
+"""RegNetX-3.2GF on ImageNet (TFDS imagenet2012, BRECQ's FP32 checkpoint, key scheme 'brecq')."""
 import ml_collections
 
 from experiments.configs import imagenet_resnet18
