@@ -88,24 +88,22 @@ def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return shape
 
 
+def _relaid(kind: str, array, conv_axes: tuple[int, ...]) -> np.ndarray:
+  """``array`` as float32, a kernel transposed (conv: ``conv_axes``; dense: reversed)."""
+  array = np.asarray(array, dtype=np.float32)
+  if kind != 'kernel':
+    return array
+  return np.ascontiguousarray(array.transpose(conv_axes) if array.ndim == 4 else array.T)
+
+
 def _to_torch(kind: str, array) -> np.ndarray:
   """Flax array -> PyTorch float32 array: HWIO -> OIHW, [in, out] -> [out, in], vectors as is."""
-  array = np.asarray(array, dtype=np.float32)
-  if kind == 'kernel' and array.ndim == 4:
-    return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-  if kind == 'kernel':
-    return np.ascontiguousarray(array.T)
-  return array
+  return _relaid(kind, array, (3, 2, 0, 1))
 
 
 def _to_flax(kind: str, array: np.ndarray) -> np.ndarray:
-  """PyTorch array -> Flax float32 array (inverse of ``_torch_shape``)."""
-  array = np.asarray(array, dtype=np.float32)
-  if kind == 'kernel' and array.ndim == 4:
-    return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
-  if kind == 'kernel':
-    return np.ascontiguousarray(array.T)
-  return array
+  """PyTorch array -> Flax float32 array (inverse of ``_to_torch``)."""
+  return _relaid(kind, array, (2, 3, 1, 0))
 
 
 def expected_layout(model: nn.Module, model_name: str,

@@ -1,9 +1,10 @@
 """Random Flax variables for tiny test networks, shared by the test modules."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax import adapter
+from rapq_jax import adapter, config, integer, ptq, quantized
 
 
 def random_variables(model, hw: int, seed: int = 0, init_kwargs=None) -> dict:
@@ -35,3 +36,16 @@ def folded(model, variables, hw: int, channels: int = 3):
   read by the adapter from random images."""
   images = jax.random.normal(jax.random.PRNGKey(0), (adapter.VERIFY_SAMPLES, hw, hw, channels))
   return adapter.read_model(model, variables, images, apply_kwargs={"train": False})
+
+
+def quantize_to_integers(net, images, weight_iters: int = 8, act_iters: int = 4):
+  """RAPQ on a tiny budget (8-image batches, 16 held-out search images); asserts every
+  scale is a power of two and integer-only inference equals the simulation on the first
+  8 images. Returns the integer ``Program``."""
+  cfg = config.for_method("rapq", weight_iters=weight_iters, act_iters=act_iters,
+                          batch_size=8, search_samples=16)
+  result = ptq.quantize_network(net, images, cfg, progress=False)
+  quantized.check_power_of_two(result.model)
+  program = integer.lower(result.model)
+  chex.assert_trees_all_equal(integer.apply(program, images[:8]), result.apply(images[:8]))
+  return program

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rapq_jax import config, integer, ptq, quantized, units
+import nets
+from rapq_jax import units
 from rapq_jax.network import Network, network_apply
 from rapq_jax.units import ActPoint, Layer, Op, Unit
 
@@ -129,11 +130,6 @@ def test_a_kind_registered_once_is_reconstructed_simulated_and_lowered(pair_kind
   net = Network((stem, pair, head), params, targets)
   images = jax.random.normal(jax.random.PRNGKey(0), (48, 16, 16, 3), jnp.float32)
   chex.assert_shape(network_apply(net, images[:4]), (4, 10))
-  cfg = config.for_method("rapq", weight_iters=20, act_iters=10, batch_size=8,
-                          search_samples=16)
-  result = ptq.quantize_network(net, images, cfg, progress=False)
-  quantized.check_power_of_two(result.model)
-  program = integer.lower(result.model)
-  chex.assert_trees_all_equal(integer.apply(program, images[:8]), result.apply(images[:8]))
+  program = nets.quantize_to_integers(net, images, weight_iters=20, act_iters=10)
   ops = [op["op"] for op in program.spec["ops"]]
   assert ops.count("requantize") == 3 and ops.count("conv") == 3

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import nets
-from rapq_jax import adapter, config, integer, ptq, quantized
+from rapq_jax import adapter
 from rapq_jax.convert import CheckpointError, convert_state_dict, expected_layout, to_state_dict
 from rapq_jax.models import MnasInvertedResidual, MnasNet, RegNetX, XBlock, get_model
 from rapq_jax.models.mnasnet import mnasnet_depths
@@ -240,9 +240,4 @@ def test_tiny_variants_quantize_and_run_on_integers(model, kinds):
   net = adapter.read_model(model, variables, images, apply_kwargs={'train': False})
   assert [u.kind for u in net.units] == kinds
   assert {u.activation for u in net.units if u.kind not in ('head', 'linear_conv')} == {'relu'}
-  cfg = config.for_method('rapq', weight_iters=8, act_iters=4, batch_size=8,
-                          search_samples=16)
-  result = ptq.quantize_network(net, images, cfg, progress=False)
-  quantized.check_power_of_two(result.model)
-  program = integer.lower(result.model)
-  chex.assert_trees_all_equal(integer.apply(program, images[:8]), result.apply(images[:8]))
+  nets.quantize_to_integers(net, images)

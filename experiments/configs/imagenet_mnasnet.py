@@ -10,8 +10,4 @@ from experiments.configs import imagenet_resnet18
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = imagenet_resnet18.get_config()
-  config.model = "mnasnet"
-  config.checkpoint = "https://github.com/yhhhli/BRECQ/releases/download/v1.0/mnasnet.pth.tar"
-  config.checkpoint_scheme = "brecq"
-  return config
+  return imagenet_resnet18.brecq_zoo_config("mnasnet", "mnasnet.pth.tar")

@@ -5,8 +5,4 @@ from experiments.configs import imagenet_resnet18
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = imagenet_resnet18.get_config()
-  config.model = "mobilenetv2"
-  config.checkpoint = "https://github.com/yhhhli/BRECQ/releases/download/v1.0/mobilenetv2.pth.tar"
-  config.checkpoint_scheme = "brecq"
-  return config
+  return imagenet_resnet18.brecq_zoo_config("mobilenetv2", "mobilenetv2.pth.tar")

@@ -7,12 +7,13 @@ import ml_collections
 from experiments import data
 from experiments.configs import base
 
+BRECQ_RELEASE = "https://github.com/yhhhli/BRECQ/releases/download/v1.0/"
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = base.get_base_config()
   config.model = "resnet18"
-  config.checkpoint = (
-      "https://github.com/yhhhli/BRECQ/releases/download/v1.0/resnet18_imagenet.pth.tar")
+  config.checkpoint = BRECQ_RELEASE + "resnet18_imagenet.pth.tar"
   config.checkpoint_scheme = "torchvision"
   config.dataset.source = "tfds"
   config.dataset.name = "imagenet2012"
@@ -23,4 +24,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.mean = data.IMAGENET_MEAN
   config.dataset.std = data.IMAGENET_STD
   config.weight_iters = 20000
+  return config
+
+
+def brecq_zoo_config(model: str, checkpoint_file: str) -> ml_collections.ConfigDict:
+  """This config for another model of BRECQ's zoo: its release checkpoint, key scheme
+  'brecq'."""
+  config = get_config()
+  config.model = model
+  config.checkpoint = BRECQ_RELEASE + checkpoint_file
+  config.checkpoint_scheme = "brecq"
   return config

@@ -76,11 +76,6 @@ class MnasInvertedResidual(nn.Module):
     """Channels of the depthwise conv."""
     return self.in_planes * self.expand_ratio
 
-  @property
-  def use_residual(self) -> bool:
-    """Whether the input is added to the output (stride 1 and in_planes == out_planes)."""
-    return self.stride == 1 and self.in_planes == self.out_planes
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[N, H, W, in_planes] -> [N, H / stride, W / stride, out_planes]."""
@@ -90,6 +85,11 @@ class MnasInvertedResidual(nn.Module):
     out = nn.relu(batch_norm(train, 'layers_4')(out))
     out = batch_norm(train, 'layers_7')(conv(self.out_planes, 1, 1, 'layers_6')(out))
     return x + out if self.use_residual else out
+
+  @property
+  def use_residual(self) -> bool:
+    """Whether the input is added to the output (stride 1 and equal channels)."""
+    return self.stride == 1 and self.in_planes == self.out_planes
 
 
 class MnasNet(nn.Module):
