@@ -39,7 +39,7 @@ QUANT_METHODS = {
     "rapq_grid": ("rapq", {"exp_init": "grid"},
                   "RAPQ with each weight channel's exponent (floor - 1 .. ceil) and zero point "
                   "chosen together by Lp error"),
-    "rapq_no_bnp": ("rapq", {"lp_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),
+    "rapq_no_bnp": ("rapq", {"loss_p_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),
     "rapq_bnstats": ("rapq", {"bn_stats_weight": 1.0}, "RAPQ plus the BN-statistics term"),
     "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),
     "rapq_search_folds": ("rapq", {"search_folds": 2},

@@ -74,7 +74,7 @@ def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: boo
     mode: one of ``ALIGN_MODES`` (``'none'`` returns ``net``).
     wbits / abits: the bit widths of the rescaled layers and ReLU points.
     weight_signed: the weight quantizers' range (``PTQConfig.weight_signed``).
-    p: the Lp exponent of the scale searches (``PTQConfig.init_p``).
+    p: the Lp exponent of the scale searches (``PTQConfig.scale_p``).
     calib: float32 NHWC calibration images (``'acts'`` only: the factors come from the
       FP activations of these).
   """

@@ -4,7 +4,7 @@ import math
 
 from rapq_jax import pot
 
-_NEAREST = dict(exp_init="nearest", lp_source="fixed", learn_exponent=False)
+_NEAREST = dict(exp_init="nearest", loss_p_source="fixed", learn_exponent=False)
 # Method -> the PTQConfig fields it sets (``for_method``); the rest keep their defaults.
 PRESETS = {
     "naive": dict(_NEAREST, reconstruct=False, search="none"),
@@ -15,7 +15,11 @@ PRESETS = {
 METHODS = tuple(PRESETS)
 # Old field name -> its name now: records written before a rename (result files, stores)
 # are read through ``current_names``.
-RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters"}
+# "lp" named three things (the scale search's p, the loss exponent's fields, exp_init='lp'):
+# the loss exponent's fields are loss_p_*, the scale search's p is scale_p.
+RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters", "lp_source": "loss_p_source",
+           "lp_coef": "loss_p_coef", "lp_digits": "loss_p_digits", "lp_fixed": "loss_p_fixed",
+           "init_p": "scale_p"}
 # Field added after records were written -> the value that reproduces what those records
 # did: ``current_names`` fills it in where a record lacks it.
 ADDED = {"align_scales": "none", "search_folds": 1}
@@ -31,8 +35,8 @@ FLOAT_RANGES = {
     "b_start": (0.0, False, None), "b_end": (0.0, False, None),   # AdaRound temperatures
     "warmup": (0.0, True, 1.0),
     "exp_reg_factor": (0.0, True, None),
-    "lp_coef": (0.0, True, None),            # p = 1 + lp_coef * sigmoid(.) stays >= 1
-    "lp_fixed": (0.0, False, None), "init_p": (0.0, False, None),   # Lp exponents p > 0
+    "loss_p_coef": (0.0, True, None),            # p = 1 + loss_p_coef * sigmoid(.) stays >= 1
+    "loss_p_fixed": (0.0, False, None), "scale_p": (0.0, False, None),   # Lp exponents p > 0
     "bn_stats_weight": (0.0, True, None),
     "weight_phase_act_quant": (0.0, True, 1.0),
     "weight_exp_at": (0.0, True, 1.0),
@@ -67,14 +71,14 @@ class PTQConfig:
   weight_phase_act_quant: during the weight phase, the probability that an activation
     inside the unit is quantized (0: FP activations as in BRECQ's first stage, 1: all
     quantized, in between: QDrop's random mix), drawn per element and step.
-  lp_source, lp_coef, lp_digits: the unit's Lp exponent. ``'bn'``: RAPQ's
-    ``p = round(1 + lp_coef * sigmoid((sum(gamma) - 1) / C), lp_digits)`` from the unit's
+  loss_p_source, loss_p_coef, loss_p_digits: the unit's Lp exponent. ``'bn'``: RAPQ's
+    ``p = round(1 + loss_p_coef * sigmoid((sum(gamma) - 1) / C), loss_p_digits)`` from the unit's
     last BN scale (``objective.bn_lp_exponent``), as in the official code. With its
-    ``lp_coef = 0.1, lp_digits = 1`` (the defaults) p is 1.1 for every unit whose BN
+    ``loss_p_coef = 0.1, loss_p_digits = 1`` (the defaults) p is 1.1 for every unit whose BN
     gammas sum above 1 and 1.0 below: one value for nearly every unit of a real network,
     so the BN information barely reaches the objective. Reports record the unrounded
-    value beside p (``p_unrounded``). ``'fixed'``: ``lp_fixed`` for every unit. Units
-    without BN (the classifier) always get ``lp_fixed``.
+    value beside p (``p_unrounded``). ``'fixed'``: ``loss_p_fixed`` for every unit. Units
+    without BN (the classifier) always get ``loss_p_fixed``.
   protocol: which units are reconstructed, in which order and on what inputs (first and
     last layers at ``first_last_bits``, 8 by default, in both):
 
@@ -89,7 +93,8 @@ class PTQConfig:
                                activation at ``abits``       nearest 8-bit weights; output
                                                              activation at 8 bits, at its
                                                              initial exponent
-    p of stem / classifier     BN-derived / ``lp_fixed``     ``lp_fixed`` (2) / ``lp_fixed``
+    p of stem / classifier     BN-derived /                  ``loss_p_fixed`` (2) /
+                               ``loss_p_fixed``              ``loss_p_fixed``
     order                      unit by unit: its weights,    every unit's weights in order,
                                then its activations          then every unit's activations
     inputs of a unit's         the network quantized so far  the network with quantized
@@ -134,12 +139,12 @@ class PTQConfig:
   # The temperature of v's regulariser in the exponent phase: annealed b_start -> b_end
   # over it (False) or held at b_start (True, the official code's schedule).
   exp_b_hold: bool = False
-  lp_source: str = "bn"
-  lp_coef: float = 0.1
-  lp_digits: int | None = 1
-  lp_fixed: float = 2.0
+  loss_p_source: str = "bn"
+  loss_p_coef: float = 0.1
+  loss_p_digits: int | None = 1
+  loss_p_fixed: float = 2.0
   bn_stats_weight: float = 0.0
-  init_p: float = 2.4
+  scale_p: float = 2.4
   weight_phase_act_quant: float = 0.0
   # Before quantization, rescale the channels between layers that only a ReLU separates
   # (rapq_jax.align, FP function unchanged) so that float-optimal scales are powers of
@@ -190,9 +195,10 @@ class PTQConfig:
       raise ValueError(f"seed = {self.seed!r}: expected an integer")
     for name, limits in FLOAT_RANGES.items():
       _check_float(name, getattr(self, name), *limits)
-    if self.lp_digits is not None and (isinstance(self.lp_digits, bool) or not isinstance(
-        self.lp_digits, int) or self.lp_digits < 0):
-      raise ValueError(f"lp_digits = {self.lp_digits!r}: expected None or an integer >= 0")
+    digits = self.loss_p_digits
+    if digits is not None and (isinstance(digits, bool) or not isinstance(digits, int)
+                               or digits < 0):
+      raise ValueError(f"loss_p_digits = {digits!r}: expected None or an integer >= 0")
     for name in ("wbits", "abits", "first_last_bits"):
       try:
         pot.check_bits(getattr(self, name))
@@ -208,8 +214,8 @@ class PTQConfig:
     if self.search_samples % self.search_folds:
       raise ValueError(f"search_folds = {self.search_folds}: must divide search_samples = "
                        f"{self.search_samples}")
-    if self.lp_source not in ("bn", "fixed"):
-      raise ValueError(f"lp_source = {self.lp_source!r}: expected 'bn' or 'fixed'")
+    if self.loss_p_source not in ("bn", "fixed"):
+      raise ValueError(f"loss_p_source = {self.loss_p_source!r}: expected 'bn' or 'fixed'")
     if self.exp_init not in EXP_INITS:
       raise ValueError(f"exp_init = {self.exp_init!r}: expected one of {EXP_INITS}")
     if self.search not in SEARCH_MODES:

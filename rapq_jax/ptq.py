@@ -66,18 +66,18 @@ def unit_specs(net: Network, cfg: PTQConfig) -> dict:
 
 
 def unit_lp(net: Network, unit_name: str, cfg: PTQConfig, *, rounded: bool = True) -> float:
-  """Lp exponent of a unit's reconstruction loss: BN-derived (``cfg.lp_source='bn'``,
-  rounded to ``cfg.lp_digits``, or not with ``rounded=False``: the ``p_unrounded`` of
-  the reports) or ``cfg.lp_fixed`` (``lp_source='fixed'``, units without BN, and under
+  """Lp exponent of a unit's reconstruction loss: BN-derived (``cfg.loss_p_source='bn'``,
+  rounded to ``cfg.loss_p_digits``, or not with ``rounded=False``: the ``p_unrounded`` of
+  the reports) or ``cfg.loss_p_fixed`` (``loss_p_source='fixed'``, units without BN, and under
   the 'official' protocol the stem and the classifier, as the official driver's p = 2)."""
   unit = next(u for u in net.units if u.name == unit_name)
   role = unit.last_bn_layer
   edge = cfg.protocol == "official" and unit_name in (net.units[0].name, net.units[-1].name)
-  if cfg.lp_source == "fixed" or edge or role is None or role not in net.bn[unit_name]:
-    return cfg.lp_fixed
-  return objective.bn_lp_exponent(net.bn[unit_name][role]["gamma"], coef=cfg.lp_coef,
-                                  digits=cfg.lp_digits if rounded else None,
-                                  default=cfg.lp_fixed)
+  if cfg.loss_p_source == "fixed" or edge or role is None or role not in net.bn[unit_name]:
+    return cfg.loss_p_fixed
+  return objective.bn_lp_exponent(net.bn[unit_name][role]["gamma"], coef=cfg.loss_p_coef,
+                                  digits=cfg.loss_p_digits if rounded else None,
+                                  default=cfg.loss_p_fixed)
 
 
 def calibration_network(net: Network, cfg: PTQConfig) -> Network:
@@ -130,7 +130,7 @@ def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
     astates = {}
 
     def aq(name, h):
-      astates[name] = quantizers.init_act(h, aspecs[name], p=cfg.init_p)
+      astates[name] = quantizers.init_act(h, aspecs[name], p=cfg.scale_p)
       return quantizers.act_fake_quant(h, astates[name], aspecs[name])
 
     wq, _ = hooks(wstates, {}, wspecs, aspecs, soft=soft, acts_on=False)
@@ -142,7 +142,7 @@ def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
     # Lp-initialised weights, then activation states with those weights (soft).
     wstates = {l.role: quantizers.init_weight(
         params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.runs_exponent_relaxation,
-        learn_rounding=cfg.reconstruct, p=cfg.init_p, exponent_choice=cfg.exp_init)
+        learn_rounding=cfg.reconstruct, p=cfg.scale_p, exponent_choice=cfg.exp_init)
         for l in unit.layers}
     return wstates, act_states(params, wstates, x, True)
 
@@ -231,15 +231,19 @@ def _shift_weights(net, states, specs, offsets: dict) -> dict:
 
 
 def _load(store: resume.Store | None, name: str):
-  """``store.load(name)``, or None without a store or for a damaged entry (reported: it
-  is computed again and replaced, never used)."""
+  """``store.load(name)`` (unit states under the field names now), or None without a
+  store or for a damaged entry (reported: it is computed again and replaced, never
+  used)."""
   if store is None:
     return None
   try:
-    return store.load(name)
+    loaded = store.load(name)
   except integrity.IntegrityError as err:
     warnings.warn(f"{err}; computing {name} again", RuntimeWarning, stacklevel=3)
     return None
+  if loaded is None or loaded[1] is None:
+    return loaded
+  return loaded[0], quantizers.current_state_names(loaded[1])
 
 
 def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
@@ -360,7 +364,7 @@ def _with_input_quantizer(net, states, specs, calib, cfg):
   spec = specs[first][1].get("input")
   if spec is None or "input" in states[first]["a"]:
     return states
-  init = jax.jit(functools.partial(quantizers.init_act, spec=spec, p=cfg.init_p))
+  init = jax.jit(functools.partial(quantizers.init_act, spec=spec, p=cfg.scale_p))
   return {**states, first: {"w": states[first]["w"],
                             "a": {"input": init(calib[:INIT_SAMPLES]), **states[first]["a"]}}}
 
@@ -452,7 +456,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
                 held_out=search_rows.start >= fit_rows.stop)
   fit, sub = calib[fit_rows], calib[search_rows]
   net, factors = align.align(net, cfg.align_scales, wbits=cfg.wbits, abits=cfg.abits,
-                             weight_signed=cfg.weight_signed, p=cfg.init_p,
+                             weight_signed=cfg.weight_signed, p=cfg.scale_p,
                              calib=fit[:INIT_SAMPLES])
   # Calibration (initialisation, the search before and reconstruction) runs on cal_net;
   # the search after it and the returned model on net (the same but under 'official',

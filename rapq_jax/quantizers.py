@@ -39,6 +39,19 @@ class ActSpec:
   pot: bool = True
 
 
+# State fields under the names an older version saved them (resumed runs): the exponent
+# was 'log2s' in weight states and 't' in activation states.
+OLD_STATE_NAMES = {"log2s": "exp", "t": "exp"}
+
+
+def current_state_names(states: dict) -> dict:
+  """A unit's states ``{'w': {layer: state}, 'a': {point: state}}`` with every field of
+  ``OLD_STATE_NAMES`` under its name now."""
+  rename = lambda state: {OLD_STATE_NAMES.get(k, k): v for k, v in state.items()}
+  return {group: {name: rename(state) for name, state in members.items()}
+          for group, members in states.items()}
+
+
 def spec_items(specs: dict) -> tuple:
   """Hashable form of a network's specs ``{unit: (wspecs, aspecs)}``, for the static
   arguments of jitted functions (``specs_of`` reads it back)."""

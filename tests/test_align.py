@@ -168,10 +168,10 @@ def test_aligned_rapq_is_power_of_two_and_integer_exact():
       "layer1_0/relu1", "layer2_0/relu1", "layer3_0/relu1"}
   # The producers' exponents are the float methods' grids: 2**e equals the aligned Lp
   # scale, channel by channel.
-  aligned, _ = align.align(net, mode, wbits=4, abits=4, weight_signed=False, p=cfg.init_p)
+  aligned, _ = align.align(net, mode, wbits=4, abits=4, weight_signed=False, p=cfg.scale_p)
   for unit in ("layer1_0", "layer2_0", "layer3_0"):
     lp = pot.lp_scale_search(aligned.params[unit]["conv1"]["kernel"], 4, signed=False,
-                             per_channel=True, p=cfg.init_p).scale
+                             per_channel=True, p=cfg.scale_p).scale
     np.testing.assert_allclose(pot.exp2(result.model.weights[unit]["conv1"]["e"]), lp,
                                rtol=1e-5)
 

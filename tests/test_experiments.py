@@ -25,7 +25,7 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("brecq", "pot_scales", False),
     ("brecq_pot", "learn_exponent", False),
     ("rapq", "exp_init", "lp"),
-    ("rapq", "lp_source", "bn"),
+    ("rapq", "loss_p_source", "bn"),
     ("rapq_learned_exp", "learn_exponent", True),
     ("rapq_learned_exp", "exp_b_hold", False),
     ("rapq_learned_exp_official", "learn_exponent", True),
@@ -38,14 +38,14 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq", "align_scales", "none"),
     ("rapq_align_weights", "align_scales", "weights"),
     ("rapq_align_acts", "align_scales", "acts"),
-    ("rapq_no_bnp", "lp_source", "fixed"),
+    ("rapq_no_bnp", "loss_p_source", "fixed"),
     ("rapq_bnstats", "bn_stats_weight", 1.0),
     ("rapq", "search", "after"),
     ("rapq_no_search", "search", "none"),
     ("rapq_search_folds", "search_folds", 2),
     ("rapq", "protocol", "strict"),
     ("rapq_official", "protocol", "official"),
-    ("rapq_official", "lp_source", "bn"),
+    ("rapq_official", "loss_p_source", "bn"),
     ("brecq_official", "protocol", "official"),
     ("brecq_official", "pot_scales", False),
 ])
@@ -55,13 +55,13 @@ def test_method_presets(method, field, value):
 
 def test_config_fields_reach_the_method_but_presets_survive_unset_fields():
   config = base.get_base_config()
-  config.wbits, config.weight_iters, config.ptq.lp_coef = 2, 700, 0.5
+  config.wbits, config.weight_iters, config.ptq.loss_p_coef = 2, 700, 0.5
   cfg = methods.ptq_config(config, "rapq")
-  assert (cfg.wbits, cfg.weight_iters, cfg.lp_coef) == (2, 700, 0.5)
+  assert (cfg.wbits, cfg.weight_iters, cfg.loss_p_coef) == (2, 700, 0.5)
   assert not methods.ptq_config(config, "naive").reconstruct
 
 
-@pytest.mark.parametrize("field, value", [("search", "after"), ("lp_source", "bn")])
+@pytest.mark.parametrize("field, value", [("search", "after"), ("loss_p_source", "bn")])
 def test_a_given_field_wins_over_the_preset_even_at_its_default(field, value):
   """``--methods brecq_pot --config.ptq.search=after``: the preset sets search='none',
   the given value equals PTQConfig's default, and the given value wins; the rest of the

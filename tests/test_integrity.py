@@ -41,9 +41,9 @@ def _set(config, field: str, value):
 # ------------------------------------------------------------------ config fields
 
 @pytest.mark.parametrize("method, field, value, message", [
-    ("naive", "ptq.init_p", -1, r"init_p = -1.0: expected a finite number > 0"),
-    ("naive", "ptq.init_p", math.nan, "init_p = nan: expected a finite number > 0"),
-    ("rapq", "ptq.lp_coef", math.nan, "lp_coef = nan: expected a finite number >= 0"),
+    ("naive", "ptq.scale_p", -1, r"scale_p = -1.0: expected a finite number > 0"),
+    ("naive", "ptq.scale_p", math.nan, "scale_p = nan: expected a finite number > 0"),
+    ("rapq", "ptq.loss_p_coef", math.nan, "loss_p_coef = nan: expected a finite number >= 0"),
     ("rapq", "ptq.lr_w", 0.0, "lr_w = 0.0: expected a finite number > 0"),
     ("rapq", "ptq.b_end", math.inf, "b_end = inf: expected a finite number > 0"),
     ("rapq", "ptq.warmup", 1.5, r"warmup = 1.5: expected a finite number >= 0 and <= 1"),
@@ -71,8 +71,8 @@ def test_bad_config_fields_are_named_before_any_data_is_read(method, field, valu
 def test_config_ptq_fields_refuse_a_value_of_another_type():
   """``config.ptq`` fields are typed placeholders: a string for a float is refused when it
   is set, naming the field, before any run starts."""
-  with pytest.raises(TypeError, match="lp_fixed"):
-    _set(fmnist_config(), "ptq.lp_fixed", "two")
+  with pytest.raises(TypeError, match="loss_p_fixed"):
+    _set(fmnist_config(), "ptq.loss_p_fixed", "two")
 
 
 def test_library_config_checks_every_float_field():

@@ -373,7 +373,7 @@ def test_official_protocol_stem_round_to_nearest_at_8_bits(tiny, official):
   stem = net.units[0].name
   kernel = net.params[stem]["conv"]["kernel"]
   wspec = result.specs[stem][0]["conv"]
-  rtn = quantizers.init_weight(kernel, wspec, learn_rounding=False, p=OFFICIAL.init_p,
+  rtn = quantizers.init_weight(kernel, wspec, learn_rounding=False, p=OFFICIAL.scale_p,
                                exponent_choice=OFFICIAL.exp_init)
   for got, want in zip((result.model.weights[stem]["conv"][k] for k in ("q", "e", "zp")),
                        quantizers.weight_integers(kernel, rtn, wspec)):
@@ -390,7 +390,7 @@ def test_official_protocol_stem_round_to_nearest_at_8_bits(tiny, official):
       (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
       + net.params[stem]["conv"]["bias"])
   assert int(result.model.acts[stem]["out"]) == int(quantizers.act_exponent(
-      quantizers.init_act(h, out_spec, p=OFFICIAL.init_p), out_spec))
+      quantizers.init_act(h, out_spec, p=OFFICIAL.scale_p), out_spec))
   assert result.report["protocol"]["input"] == {"bits": 8, "in_calibration": False}
 
 
@@ -642,7 +642,7 @@ def test_calibration_split(overrides, fit, scored):
     ("brecq_pot", dict(pot_scales=True, reconstruct=True, runs_exponent_relaxation=False,
                        search="none")),
     ("rapq", dict(pot_scales=True, reconstruct=True, runs_exponent_relaxation=False,
-                  exp_init="lp", search="after", lp_source="bn")),
+                  exp_init="lp", search="after", loss_p_source="bn")),
 ])
 def test_method_presets(method, expected):
   cfg = config.for_method(method)
@@ -665,11 +665,13 @@ def test_method_presets(method, expected):
     (lambda: config.for_method("rapq", search_objective="l1"), "search_objective", "'l1'"),
     (lambda: config.for_method("rapq", search_reach=0), "search_reach", "0"),
     (lambda: config.for_method("rapq", search_holdout=1), "search_holdout", "1"),
-    (lambda: config.for_method("rapq", lp_source="gamma"), "lp_source", "'gamma'"),
+    (lambda: config.for_method("rapq", loss_p_source="gamma"), "loss_p_source", "'gamma'"),
     (lambda: config.for_method("rapq", learn_exponent=True, weight_iters=100, exp_warm_iters=101),
      "exp_warm_iters", "101"),
     (lambda: config.for_method("brecq", search="after"), "search", "none"),
     (lambda: config.for_method("rapq", iters_w=10), "iters_w", "now called weight_iters"),
+    (lambda: config.for_method("rapq", lp_coef=0.5), "lp_coef", "now called loss_p_coef"),
+    (lambda: config.for_method("rapq", init_p=2.0), "init_p", "now called scale_p"),
 ])
 def test_config_validation(make, field, value):
   with pytest.raises(ValueError) as err:

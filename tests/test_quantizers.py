@@ -372,3 +372,12 @@ def test_act_quantizer_is_pot_fake_quant(spec):
   off = {"exp": state["exp"] + 0.3}
   chex.assert_trees_all_equal(quantizers.act_fake_quant(x, off, spec),
                               pot.fake_quant(x, e, spec.bits, signed=spec.signed))
+
+
+def test_states_saved_by_an_older_version_read_under_the_names_now():
+  old = {"w": {"conv1": {"log2s": jnp.zeros(4), "lo": jnp.ones(4), "alpha": jnp.ones((1, 4))}},
+         "a": {"out": {"t": jnp.float32(-3.0)}}}
+  new = quantizers.current_state_names(old)
+  assert set(new["w"]["conv1"]) == {"exp", "lo", "alpha"} and set(new["a"]["out"]) == {"exp"}
+  chex.assert_trees_all_equal(new["a"]["out"]["exp"], old["a"]["out"]["t"])
+  assert quantizers.current_state_names(new) == new

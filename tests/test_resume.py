@@ -227,7 +227,8 @@ def test_store_of_an_older_version_is_read(tiny, tmp_path):
   new.bind(dataclasses.asdict(CFG), upgrade=config.current_names)
   assert new.load("unit_x")[0] == {"p": 2.0}
   with pytest.raises(resume.ConfigMismatchError, match=r"align_scales = '<missing>' there, "
-                     r"'none' now; iters_a = 5 there, '<missing>' now; iters_w = 20 there"):
+                     r"'none' now; init_p = 2.4 there, '<missing>' now; iters_a = 5 there, "
+                     r"'<missing>' now; iters_w = 20 there"):
     resume.Store(tmp_path).bind(dataclasses.asdict(CFG))
   resume.Store(tmp_path / "b").bind(_with_old_names(CFG, iters_w=21))
   with pytest.raises(resume.ConfigMismatchError, match=r"^[^;]*weight_iters = 21 there, 20 now"):
