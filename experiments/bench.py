@@ -101,7 +101,7 @@ def bench_model(name: str, size: int, channels: int) -> list[dict]:
     if ident in seen:
       continue
     seen.add(ident)
-    compile_s, weight_s, act_s = _time_unit(unit, net.params[unit.name], net.bn[unit.name],
+    compile_s, weight_s, act_s = _time_unit(unit, net.params[unit.name], net.bn_targets[unit.name],
                                             shape, specs[unit.name], cfg, key)
     rows.append(dict(model=name, name=unit.name, kind=unit.kind, input_shape=list(shape[1:]),
                      weight_s_per_iter=weight_s, act_s_per_iter=act_s, compile_s=compile_s))

@@ -57,12 +57,13 @@ def rescale_link(net: Network, unit: str, producer: str, consumer: str,
   group_of_out = jnp.arange(out) // (out // groups)
   channel = group_of_out[None, :] * per_group_in + jnp.arange(per_group_in)[:, None]
   params[consumer] = {"kernel": kernel / g[channel], "bias": cons["bias"]}
-  bn = dict(net.bn[unit])
-  if producer in bn:
-    t = bn[producer]
-    bn[producer] = {**t, "mean": t["mean"] * g, "var": t["var"] * g * g, "gamma": t["gamma"] * g}
+  targets = dict(net.bn_targets[unit])
+  if producer in targets:
+    t = targets[producer]
+    targets[producer] = {**t, "mean": t["mean"] * g, "var": t["var"] * g * g,
+                         "gamma": t["gamma"] * g}
   return dataclasses.replace(net, params={**net.params, unit: params},
-                             bn={**net.bn, unit: bn})
+                             bn_targets={**net.bn_targets, unit: targets})
 
 
 def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: bool,

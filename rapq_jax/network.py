@@ -5,7 +5,7 @@ wired, where activations are quantized; ``rapq_jax.units``) plus pytrees of arra
 
 * ``params[unit][layer] = {'kernel': HWIO or [in, out] float32, 'bias': [out] float32}``
   (BatchNorm already folded in),
-* ``bn[unit][layer] = {'mean': [out], 'var': [out], 'gamma': [out]}``: the statistics a
+* ``bn_targets[unit][layer] = {'mean': [out], 'var': [out], 'gamma': [out]}``: the statistics a
   folded layer's output should have (BN ``beta`` and ``gamma**2 * var / (var + eps)``)
   and the BN scale, for layers that had a BatchNorm.
 
@@ -31,7 +31,7 @@ ActHook = Callable[[str, jax.Array], jax.Array]
 class Network:
   units: tuple[Unit, ...] = dataclasses.field(metadata=dict(static=True))
   params: dict
-  bn: dict
+  bn_targets: dict
 
 
 def identity_hook(_, x):

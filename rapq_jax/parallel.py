@@ -17,7 +17,7 @@ def _sharding(spec: PartitionSpec) -> NamedSharding:
   return NamedSharding(Mesh(np.asarray(jax.devices()), (AXIS,)), spec)
 
 
-def rows() -> NamedSharding:
+def row_sharding() -> NamedSharding:
   """Sharding that splits axis 0 evenly over a 1-D mesh (``AXIS``) of all devices."""
   return _sharding(PartitionSpec(AXIS))
 
@@ -49,12 +49,12 @@ def pad_rows(x):
 
 def shard_rows(x) -> jax.Array:
   """x [N, ...] padded (``pad_rows``) and placed split along rows over all devices."""
-  return jax.device_put(pad_rows(x), rows())
+  return jax.device_put(pad_rows(x), row_sharding())
 
 
 def constrain_rows(x: jax.Array) -> jax.Array:
   """Inside jit: x [B, ...] (B a multiple of the device count) computed split along rows."""
-  return jax.lax.with_sharding_constraint(x, rows())
+  return jax.lax.with_sharding_constraint(x, row_sharding())
 
 
 def map_rows(fn, x, chunk: int) -> jax.Array:

@@ -73,9 +73,9 @@ def unit_lp(net: Network, unit_name: str, cfg: PTQConfig, *, rounded: bool = Tru
   unit = next(u for u in net.units if u.name == unit_name)
   role = unit.last_bn_layer
   edge = cfg.protocol == "official" and unit_name in (net.units[0].name, net.units[-1].name)
-  if cfg.loss_p_source == "fixed" or edge or role is None or role not in net.bn[unit_name]:
+  if cfg.loss_p_source == "fixed" or edge or role is None or role not in net.bn_targets[unit_name]:
     return cfg.loss_p_fixed
-  return objective.bn_lp_exponent(net.bn[unit_name][role]["gamma"], coef=cfg.loss_p_coef,
+  return objective.bn_lp_exponent(net.bn_targets[unit_name][role]["gamma"], coef=cfg.loss_p_coef,
                                   digits=cfg.loss_p_digits if rounded else None,
                                   default=cfg.loss_p_fixed)
 
@@ -88,7 +88,7 @@ def calibration_network(net: Network, cfg: PTQConfig) -> Network:
   if cfg.protocol != "official" or not any(a.name == "input" for a in first.acts):
     return net
   stem = dataclasses.replace(first, acts=tuple(a for a in first.acts if a.name != "input"))
-  return Network((stem,) + net.units[1:], net.params, net.bn)
+  return Network((stem,) + net.units[1:], net.params, net.bn_targets)
 
 
 def frozen_units(net: Network, cfg: PTQConfig) -> tuple[str, ...]:
@@ -282,7 +282,7 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
   astates = _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x,
                         final_weights="weights" not in stages)
   p = unit_lp(net, unit.name, cfg)
-  res = reconstruct_unit(unit, params, net.bn[unit.name], wstates, astates, wspecs, aspecs,
+  res = reconstruct_unit(unit, params, net.bn_targets[unit.name], wstates, astates, wspecs, aspecs,
                          q_x, fp_y, cfg, p, key, progress=progress,
                          weights="weights" in stages, acts="acts" in stages)
   return {"w": res.wstates, "a": res.astates}, {

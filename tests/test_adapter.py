@@ -194,7 +194,7 @@ def test_user_model_folds_like_the_builtin_model(pair):
     assert [(l.role, l.stride, l.groups, l.dense) for l in ours.layers] == \
         [(l.role, l.stride, l.groups, l.dense) for l in theirs.layers]
     chex.assert_trees_all_equal(read.params[ours.name], net.params[theirs.name])
-    chex.assert_trees_all_equal(read.bn[ours.name], net.bn[theirs.name])
+    chex.assert_trees_all_equal(read.bn_targets[ours.name], net.bn_targets[theirs.name])
   np.testing.assert_allclose(network_apply(read, images[:8]), model.apply(variables, images[:8]),
                              rtol=1e-5, atol=1e-4)
 

@@ -88,8 +88,8 @@ def test_rescaling_any_link_keeps_the_function(name):
     prev, moved = moved, align.rescale_link(moved, unit.name, producer, consumer, g)
     chex.assert_trees_all_close(moved.params[unit.name][producer]["kernel"],
                                 prev.params[unit.name][producer]["kernel"] * g, rtol=1e-6)
-    chex.assert_trees_all_close(moved.bn[unit.name][producer]["var"],
-                                prev.bn[unit.name][producer]["var"] * g * g, rtol=1e-6)
+    chex.assert_trees_all_close(moved.bn_targets[unit.name][producer]["var"],
+                                prev.bn_targets[unit.name][producer]["var"] * g * g, rtol=1e-6)
   out = network_apply(net, x) if net.units[-1].kind == "head" else unit_apply(
       net.units[0], net.params["u"], x)[0]
   new = network_apply(moved, x) if net.units[-1].kind == "head" else unit_apply(

@@ -85,13 +85,13 @@ def test_folded_params_and_targets_are_float32_and_shaped(networks):
       out = p["kernel"].shape[-1]
       chex.assert_shape(p["bias"], (out,))
       if layer.dense:
-        assert layer.role not in net.bn[unit.name]
+        assert layer.role not in net.bn_targets[unit.name]
       else:
-        t = net.bn[unit.name][layer.role]
+        t = net.bn_targets[unit.name][layer.role]
         chex.assert_shape([t["mean"], t["var"], t["gamma"]], (out,))
   # conv1 of the stem: targets are exactly the formula on the model's own BN.
   bn, stats = variables["params"]["bn1"], variables["batch_stats"]["bn1"]
-  t = net.bn["conv1"]["conv"]
+  t = net.bn_targets["conv1"]["conv"]
   np.testing.assert_array_equal(t["mean"], bn["bias"])
   np.testing.assert_array_equal(t["gamma"], bn["scale"])
   np.testing.assert_allclose(

@@ -255,7 +255,7 @@ def states_logits(net, states, specs, x):
       return jnp.clip(jnp.round(h / s), qmin, qmax) * s
     return aq
 
-  return network_apply(Network(net.units, params, net.bn), x, None, aq_for)
+  return network_apply(Network(net.units, params, net.bn_targets), x, None, aq_for)
 
 
 @pytest.mark.parametrize("method", config.METHODS)
@@ -439,7 +439,7 @@ def test_reconstruction_decreases_objective(block, monkeypatch):
   the initial round-to-nearest states."""
   net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, start = block
   monkeypatch.setattr(reconstruct, "REPORT_EVERY", 10)
-  result = reconstruct.reconstruct_unit(unit, params, net.bn[unit.name], start["w"], start["a"],
+  result = reconstruct.reconstruct_unit(unit, params, net.bn_targets[unit.name], start["w"], start["a"],
                                         wspecs, aspecs, x_in, y_fp, cfg, 2.0,
                                         jax.random.PRNGKey(3), progress=False)
   steps, losses = zip(*result.history["weights"])
@@ -461,7 +461,7 @@ def test_reconstruction_raises_on_non_finite_inputs(block):
   net, unit, params, cfg, (wspecs, aspecs), _, x_in, y_fp, start = block
   bad = x_in.at[:, 0, 0, 0].set(jnp.nan)
   with pytest.raises(FloatingPointError, match=r"unit 'layer1_0'.*non-finite.*rounding phase"):
-    reconstruct.reconstruct_unit(unit, params, net.bn[unit.name], start["w"], start["a"],
+    reconstruct.reconstruct_unit(unit, params, net.bn_targets[unit.name], start["w"], start["a"],
                                  wspecs, aspecs, bad, y_fp, cfg, 2.0, jax.random.PRNGKey(3),
                                  progress=False)
 
@@ -492,7 +492,7 @@ def test_reconstruction_chooses_a_better_activation_exponent(block):
   for window in (0, 2):
     c = dataclasses.replace(cfg, weight_iters=20, act_iters=20, act_exp_window=window)
     results[window] = reconstruct.reconstruct_unit(
-        unit, params, net.bn[unit.name], start["w"], coarse, wspecs, aspecs, x_in, y_fp, c,
+        unit, params, net.bn_targets[unit.name], start["w"], coarse, wspecs, aspecs, x_in, y_fp, c,
         2.0, jax.random.PRNGKey(3), progress=False)
   assert results[0].act_moves == {}
   assert results[2].act_moves["relu1"] < 0
@@ -513,7 +513,7 @@ def test_learned_exponents_on_the_official_schedule(block):
              for r in wspecs}
   c = dataclasses.replace(cfg, weight_iters=40, learn_exponent=True, exp_warm_iters=10,
                           exp_b_hold=True, reinit_alpha_on_harden=False)
-  res = reconstruct.reconstruct_unit(unit, params, net.bn[unit.name], learned, {}, wspecs,
+  res = reconstruct.reconstruct_unit(unit, params, net.bn_targets[unit.name], learned, {}, wspecs,
                                      {}, x_in, y_fp, c, 2.0, jax.random.PRNGKey(3),
                                      progress=False)
   for role, state in res.wstates.items():
@@ -584,7 +584,7 @@ def test_reconstruction_moves_weight_exponents_to_a_better_grid(block):
   for window in (0, 2):
     c = dataclasses.replace(cfg, weight_iters=40, weight_exp_window=window, weight_exp_at=0.5)
     results[window] = reconstruct.reconstruct_unit(
-        unit, params, net.bn[unit.name], coarse, start["a"], wspecs, aspecs, x_in, y_fp, c,
+        unit, params, net.bn_targets[unit.name], coarse, start["a"], wspecs, aspecs, x_in, y_fp, c,
         2.0, jax.random.PRNGKey(3), progress=False)
   assert results[0].weight_moves == {}
   assert results[2].weight_moves["conv1"] > 0
