@@ -516,10 +516,10 @@ def _read(capture: Callable, variables, images, unit_patterns) -> Network:
       p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
       ys = _outputs_if_close(unit, p, hs, refs[i])
       if ys is not None:
-        twin = dataclasses.replace(unit, activation=_TWINS.get(unit.activation, "none"))
-        if (unit.activation in _TWINS and twin in [u for u, _ in candidates]
-            and _outputs_if_close(twin, p, hs, refs[i])):
-          unclear.add(i)
+        if unit.activation in _TWINS:
+          twin = dataclasses.replace(unit, activation=_TWINS[unit.activation])
+          if twin in [u for u, _ in candidates] and _outputs_if_close(twin, p, hs, refs[i]):
+            unclear.add(i)
         found.append(unit)
         params[unit.name] = p
         targets[unit.name] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)

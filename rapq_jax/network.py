@@ -59,18 +59,12 @@ def unit_apply(unit: Unit, params: dict, x, wq: WeightHook = identity_hook,
       pre[op.role] = y
     elif op.op == "quant":
       y = aq(op.point, a[0])
-    elif op.op == "act":
-      y = units.activation(unit.activation, a[0])
-    elif op.op == "maxpool":
-      y = units.maxpool(a[0])
     elif op.op == "avgpool":
       y = jnp.mean(a[0], axis=(1, 2))
-    elif op.op == "subsample_pad":
-      y = units.option_a(a[0], a[1].shape[-1])
     elif op.op == "add":
       y = a[0] + a[1]
     else:
-      raise ValueError(f"unit {unit.name!r}: unknown op {op.op!r}")
+      y = units.wiring_op(unit, op, a)
     values[op.out] = y
   return y, pre
 

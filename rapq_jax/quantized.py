@@ -186,19 +186,13 @@ def _unit_sim(unit: Unit, params: dict, acc_e: dict, acts: dict, aq, x, e_x):
       e = acc_e[op.role]
     elif op.op == "quant":
       y, e = aq(op.point, a[0]), acts[op.point]
-    elif op.op == "act":
-      y = units.activation(unit.activation, a[0])
-    elif op.op == "maxpool":
-      y = units.maxpool(a[0])
     elif op.op == "avgpool":
       y = pool_sim(a[0], e)
-    elif op.op == "subsample_pad":
-      y = units.option_a(a[0], a[1].shape[-1])
     elif op.op == "add":
       e = residual_exponents(e, exps[op.inputs[1]], acts[op.point])
       y = align_sim(a[0], e) + align_sim(a[1], e)
     else:
-      raise ValueError(f"unit {unit.name!r}: unknown op {op.op!r}")
+      y = units.wiring_op(unit, op, a)       # keeps the grid of its input
     values[op.out], exps[op.out] = y, e
   return y
 

@@ -324,6 +324,19 @@ def layer_inputs(unit: Unit) -> dict:
 
 # ------------------------------------------------------------------ float operations
 
+def wiring_op(unit: Unit, op: Op, args: list):
+  """The float value of an ``'act'``, ``'maxpool'`` or ``'subsample_pad'``: the ops every
+  float interpreter computes alike (the integer path keeps each value's grid through
+  them)."""
+  if op.op == "act":
+    return activation(unit.activation, args[0])
+  if op.op == "maxpool":
+    return maxpool(args[0])
+  if op.op == "subsample_pad":
+    return option_a(args[0], args[1].shape[-1])
+  raise ValueError(f"unit {unit.name!r}: {op.op!r} is not a wiring op")
+
+
 def activation(kind: str, x):
   """A unit's activation: ``'relu6'`` or ReLU."""
   return jax.nn.relu6(x) if kind == "relu6" else jax.nn.relu(x)
