@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from experiments import report
 from rapq_jax import config as ptq_config_lib
-from rapq_jax import adapter, integrity, parallel, ptq, reconstruct
+from rapq_jax import adapter, integrity, ptq, reconstruct
 from rapq_jax.network import unit_apply
 from rapq_jax.models import get_model
 
@@ -38,6 +38,20 @@ _CACHE = flags.DEFINE_integer("cache", 256, "Cached calibration samples per unit
 _PIPELINE = flags.DEFINE_string("pipeline", None, "Arguments of an experiments.run call to time "
                                 "as a whole (wall time and peak RSS).")
 _OUT = flags.DEFINE_string("out", None, "Output JSON (default results/bench_<model>.json).")
+
+
+def _time_phase(step, state, *inputs):
+  """Seconds of the first call of a phase's ``step`` (compilation) and seconds per
+  iteration of the next ``--iters``."""
+  t0 = time.perf_counter()
+  state, loss = step(state, *inputs, 0)
+  loss.block_until_ready()
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for it in range(1, _ITERS.value + 1):
+    state, loss = step(state, *inputs, it)
+  loss.block_until_ready()
+  return compile_s, (time.perf_counter() - t0) / _ITERS.value
 
 
 def _time_unit(unit, params, bn, shape, specs, cfg, key):
@@ -53,32 +67,16 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key):
   shape_unit = reconstruct.structural(unit)
   ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
   learn_v = any("v" in s for s in wstates.values())
-  train, frozen = reconstruct.split_states(wstates, ("alpha", "v") if learn_v else ("alpha",))
-  opt, step = reconstruct.weight_step(shape_unit, ws_t, as_t, cfg, 2.0, learn_v, n)
-  state = parallel.replicate(opt.init(train))
-  t0 = time.perf_counter()
-  train, state, loss = step(train, state, frozen, astates, params, bn, xs, ys, key, 0)
-  loss.block_until_ready()
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for it in range(1, _ITERS.value + 1):
-    train, state, loss = step(train, state, frozen, astates, params, bn, xs, ys, key, it)
-  loss.block_until_ready()
-  weight_s = (time.perf_counter() - t0) / _ITERS.value
+  weights = reconstruct.weight_phase(shape_unit, ws_t, as_t, cfg, 2.0, learn_v, n)
+  compile_s, weight_s = _time_phase(
+      weights.step, weights.init(wstates), astates, params, bn, xs, ys, key)
   act_s = 0.0
   if aspecs:
     hard = {r: {k: v for k, v in s.items() if k != "v"} for r, s in wstates.items()}
-    opt, astep = reconstruct.act_step(shape_unit, ws_t, as_t, cfg, 2.0, n)
-    state = parallel.replicate(opt.init(astates))
-    t0 = time.perf_counter()
-    astates, state, loss = astep(astates, state, hard, params, xs, ys, key, 0)
-    loss.block_until_ready()
-    compile_s += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for it in range(1, _ITERS.value + 1):
-      astates, state, loss = astep(astates, state, hard, params, xs, ys, key, it)
-    loss.block_until_ready()
-    act_s = (time.perf_counter() - t0) / _ITERS.value
+    acts = reconstruct.act_phase(shape_unit, ws_t, as_t, cfg, 2.0, n)
+    act_compile_s, act_s = _time_phase(
+        acts.step, acts.init(astates), hard, params, xs, ys, key)
+    compile_s += act_compile_s
   return compile_s, weight_s, act_s
 
 

@@ -67,7 +67,7 @@ class PTQConfig:
     exp_init: fixed exponents (no learning) start at the Lp scale's ``nearest`` power of
       two, at whichever of floor/ceil quantizes the weights with less Lp error (``lp``),
       or at the exponent and zero point with the least Lp error (``grid``:
-      ``quantizers.best_grid``).
+      ``fake_quant.best_grid``).
   weight_phase_act_quant: during the weight phase, the probability that an activation
     inside the unit is quantized (0: FP activations as in BRECQ's first stage, 1: all
     quantized, in between: QDrop's random mix), drawn per element and step.
@@ -111,7 +111,7 @@ class PTQConfig:
     changes has its output quantizer disabled, so there the last block's output stays at
     ``abits``). An integer model needs integer inputs, so under 'official' the returned
     model, and every figure measured with it (``PTQResult.apply``), quantizes the input
-    at ``first_last_bits`` with the exponent ``quantizers.init_act`` chooses on the
+    at ``first_last_bits`` with the exponent ``fake_quant.init_act`` chooses on the
     calibration images, although calibration saw float inputs; ``report['protocol']``
     says so.
   """

@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rapq_jax import (align, integrity, objective, parallel, quantized, quantizers, resume,
+from rapq_jax import (align, fake_quant, integrity, objective, parallel, quantized, resume,
                       rounding, search)
 from rapq_jax.config import PTQConfig, current_names
+from rapq_jax.fake_quant import hooks
 from rapq_jax.network import Network, identity_hook, network_apply, unit_apply
-from rapq_jax.quantizers import hooks
 from rapq_jax.reconstruct import reconstruct_unit, structural
 from rapq_jax.units import Unit
 
@@ -54,13 +54,13 @@ def unit_specs(net: Network, cfg: PTQConfig) -> dict:
   specs = {}
   for unit in net.units:
     wb = cfg.first_last_bits if unit.name in (first, head) else cfg.wbits
-    wspecs = {l.role: quantizers.WeightSpec(wb, pot=cfg.pot_scales, signed=cfg.weight_signed)
+    wspecs = {l.role: fake_quant.WeightSpec(wb, pot=cfg.pot_scales, signed=cfg.weight_signed)
               for l in unit.layers}
     aspecs = {}
     for a in unit.acts:
       ab = cfg.first_last_bits if (a.name == "input" or (
           unit.name in eight_bit_outputs and a.name == "out")) else cfg.abits
-      aspecs[a.name] = quantizers.ActSpec(ab, signed=a.signed, pot=cfg.pot_scales)
+      aspecs[a.name] = fake_quant.ActSpec(ab, signed=a.signed, pot=cfg.pot_scales)
     specs[unit.name] = (wspecs, aspecs)
   return specs
 
@@ -130,8 +130,8 @@ def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
     astates = {}
 
     def aq(name, h):
-      astates[name] = quantizers.init_act(h, aspecs[name], p=cfg.scale_p)
-      return quantizers.act_fake_quant(h, astates[name], aspecs[name])
+      astates[name] = fake_quant.init_act(h, aspecs[name], p=cfg.scale_p)
+      return fake_quant.act_fake_quant(h, astates[name], aspecs[name])
 
     wq, _ = hooks(wstates, {}, wspecs, aspecs, soft=soft, acts_on=False)
     unit_apply(unit, params, x, wq, aq)
@@ -140,7 +140,7 @@ def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
   @jax.jit
   def init(params, x):
     # Lp-initialised weights, then activation states with those weights (soft).
-    wstates = {l.role: quantizers.init_weight(
+    wstates = {l.role: fake_quant.init_weight(
         params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.runs_exponent_relaxation,
         learn_rounding=cfg.reconstruct, p=cfg.scale_p, exponent_choice=cfg.exp_init)
         for l in unit.layers}
@@ -224,7 +224,7 @@ def _shift_weights(net, states, specs, offsets: dict) -> dict:
     w = {}
     for r, s in st["w"].items():
       off = float(offsets.get((u, "w", r), 0))
-      w[r] = s if not off else quantizers.reset_rounding(
+      w[r] = s if not off else fake_quant.reset_rounding(
           net.params[u][r]["kernel"], {**s, "exp": s["exp"] + off}, specs[u][0][r])
     out[u] = {"w": w, "a": st["a"]}
   return out
@@ -243,7 +243,7 @@ def _load(store: resume.Store | None, name: str):
     return None
   if loaded is None or loaded[1] is None:
     return loaded
-  return loaded[0], quantizers.current_state_names(loaded[1])
+  return loaded[0], fake_quant.current_state_names(loaded[1])
 
 
 def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
@@ -359,12 +359,12 @@ def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, re
 def _with_input_quantizer(net, states, specs, calib, cfg):
   """``states`` plus the network input's quantizer where calibration ran without one
   (the 'official' protocol): initialised on the calibration images like any activation
-  quantizer (``quantizers.init_act``), never learned."""
+  quantizer (``fake_quant.init_act``), never learned."""
   first = net.units[0].name
   spec = specs[first][1].get("input")
   if spec is None or "input" in states[first]["a"]:
     return states
-  init = jax.jit(functools.partial(quantizers.init_act, spec=spec, p=cfg.scale_p))
+  init = jax.jit(functools.partial(fake_quant.init_act, spec=spec, p=cfg.scale_p))
   return {**states, first: {"w": states[first]["w"],
                             "a": {"input": init(calib[:INIT_SAMPLES]), **states[first]["a"]}}}
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rapq_jax import pot, quantizers, units
+from rapq_jax import fake_quant, pot, units
 from rapq_jax.units import Unit
 
 ADD_GUARD_BITS = 8
@@ -62,7 +62,7 @@ class QuantizedModel:
 def from_states(net, states: dict, specs: dict, metadata: dict) -> QuantizedModel:
   """Integers and exponents of a folded ``network.Network`` from its hard PoT quantizer
   states (see ``rapq_jax.ptq``)."""
-  weights, acts = _integers(net, states, quantizers.spec_items(specs))
+  weights, acts = _integers(net, states, fake_quant.spec_items(specs))
   bits = []
   for unit in net.units:
     wspecs, aspecs = specs[unit.name]
@@ -77,18 +77,18 @@ def from_states(net, states: dict, specs: dict, metadata: dict) -> QuantizedMode
 def _integers(net, states: dict, spec_items: tuple) -> tuple[dict, dict]:
   """``(weights, acts)`` of ``QuantizedModel`` from the states, as one compiled program
   (op by op, its small integer conversions cost seconds on a ResNet)."""
-  specs = quantizers.specs_of(spec_items)
+  specs = fake_quant.specs_of(spec_items)
   weights, acts = {}, {}
   for unit in net.units:
     wspecs, aspecs = specs[unit.name]
     weights[unit.name] = {}
     for layer in unit.layers:
-      q, e, zp = quantizers.weight_integers(
+      q, e, zp = fake_quant.weight_integers(
           net.params[unit.name][layer.role]["kernel"], states[unit.name]["w"][layer.role],
           wspecs[layer.role])
       weights[unit.name][layer.role] = {"q": q, "e": e, "zp": zp,
                                         "bias": net.params[unit.name][layer.role]["bias"]}
-    acts[unit.name] = {point: quantizers.act_exponent(states[unit.name]["a"][point], spec)
+    acts[unit.name] = {point: fake_quant.act_exponent(states[unit.name]["a"][point], spec)
                        for point, spec in aspecs.items()}
   return weights, acts
 

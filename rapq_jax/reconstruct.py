@@ -1,9 +1,11 @@
 """Per-unit reconstruction: learn weight rounding (AdaRound), RAPQ's weight exponents and
 then activation exponents, against an Lp reconstruction of the FP unit's output.
 
-Gradient steps are one jitted function each, driven from Python (on CPU a conv weight
-gradient inside ``lax.fori_loop`` measured ~15x slower than the same jitted step called
-from a loop). Calibration inputs and targets are cached once per unit on the devices,
+Each phase is a ``Phase``: a pure ``init`` and a jitted ``step`` over a NamedTuple state
+(``WeightPhaseState``, ``ActPhaseState``), as an optax transformation, compiled once per
+unit shape (``weight_phase``, ``act_phase``). The steps are driven from Python (on CPU a
+conv weight gradient inside ``lax.fori_loop`` measured ~15x slower than the same jitted
+step called from a loop). Calibration inputs and targets are cached once per unit on the devices,
 split along rows over all of them (``parallel``), and each step draws its batch there,
 so the loop has no host transfer except the periodic progress read-out. Each device
 computes its share of the batch; the loss is a batch mean, so XLA averages the shares of
@@ -35,7 +37,7 @@ whole calibration cache (``choose_act_exponents``).
 import dataclasses
 import functools
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +45,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from rapq_jax import objective, parallel, quantizers, rounding
+from rapq_jax import fake_quant, objective, parallel, rounding
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import unit_apply
 from rapq_jax.units import Unit
@@ -70,7 +72,7 @@ def structural(unit: Unit) -> Unit:
       unit, name="", layers=tuple(dataclasses.replace(l, path="") for l in unit.layers))
 
 
-def split_states(wstates, keys):
+def _split_states(wstates, keys):
   """``(train, frozen)``: the entries ``keys`` of each layer's weight state, and the rest."""
   train = {r: {k: v for k, v in s.items() if k in keys} for r, s in wstates.items()}
   frozen = {r: {k: v for k, v in s.items() if k not in keys} for r, s in wstates.items()}
@@ -104,14 +106,44 @@ def exponent_temperature(cfg: PTQConfig):
   return optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1))
 
 
+class WeightPhaseState(NamedTuple):
+  """State of a weight phase: the entries of each layer's quantizer state it trains
+  (``alpha``, and ``v`` while the exponent learns), their optimizer state, and the
+  entries it holds fixed."""
+  train: dict
+  opt_state: optax.OptState
+  frozen: dict
+
+  @property
+  def wstates(self) -> dict:
+    """The layers' whole quantizer states."""
+    return _merge(self.train, self.frozen)
+
+
+class ActPhaseState(NamedTuple):
+  """State of the activation phase: the activation quantizer states and their optimizer
+  state."""
+  astates: dict
+  opt_state: optax.OptState
+
+
+class Phase(NamedTuple):
+  """A reconstruction phase as a pair of pure functions, as an optax transformation:
+  ``init(states) -> state`` (placed replicated on the devices) and the jitted
+  ``step(state, ...inputs, key, it) -> (state, loss)``."""
+  init: Callable
+  step: Callable
+
+
 @functools.lru_cache(maxsize=None)
-def weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
-                learn_v: bool, n: int):
-  """``(optimizer, step)`` of the weight stage of a ``structural`` unit (specs as sorted
-  item tuples, ``n`` real cache rows): ``step(train, opt_state, frozen, astates, params,
-  bn_targets, xs, ys, key, it) -> (train, opt_state, reconstruction loss)`` over
-  ``split_states`` of the weight states (``alpha``, and ``v`` when ``learn_v``)."""
+def weight_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
+                 learn_v: bool, n: int) -> Phase:
+  """The weight phase of a ``structural`` unit (specs as sorted item tuples, ``n`` real
+  cache rows): ``init(wstates) -> WeightPhaseState`` training ``alpha``, and ``v`` when
+  ``learn_v``; ``step(state, astates, params, bn_targets, xs, ys, key, it) -> (state,
+  reconstruction loss)``."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
+  keys = ("alpha", "v") if learn_v else ("alpha",)
   # alpha and the exponent logits v learn at their own rates.
   opt = optax.multi_transform({"alpha": optax.adam(cfg.lr_w), "v": optax.adam(cfg.lr_exp)},
                               lambda tree: {r: {k: k for k in s} for r, s in tree.items()})
@@ -124,7 +156,7 @@ def weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: flo
 
   def loss_fn(train, frozen, astates, params, targets, x, y_t, it, key):
     ws = _merge(train, frozen)
-    wq, aq_all = quantizers.hooks(ws, astates, wspecs, aspecs, soft=True, acts_on=True)
+    wq, aq_all = fake_quant.hooks(ws, astates, wspecs, aspecs, soft=True, acts_on=True)
 
     def aq(name, h):
       if prob == 0.0:
@@ -146,38 +178,46 @@ def weight_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: flo
       loss = loss + cfg.bn_stats_weight * objective.bn_stats_loss(pre, targets)
     return loss, rec
 
+  def init(wstates):
+    train, frozen = _split_states(wstates, keys)
+    return WeightPhaseState(train, parallel.replicate(opt.init(train)), frozen)
+
   @jax.jit
-  def step(train, opt_state, frozen, astates, params, targets, xs, ys, key, it):
+  def step(state, astates, params, targets, xs, ys, key, it):
     kb, kd = jax.random.split(jax.random.fold_in(key, it))
     x, y_t = _batch(xs, ys, kb, cfg.batch_size, n)
     (loss, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        train, frozen, astates, params, targets, x, y_t, it, kd)
-    updates, opt_state = opt.update(grads, opt_state, train)
-    return optax.apply_updates(train, updates), opt_state, rec
+        state.train, state.frozen, astates, params, targets, x, y_t, it, kd)
+    updates, opt_state = opt.update(grads, state.opt_state, state.train)
+    return state._replace(train=optax.apply_updates(state.train, updates),
+                          opt_state=opt_state), rec
 
-  return opt, step
+  return Phase(init, step)
 
 
 @functools.lru_cache(maxsize=None)
-def act_step(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float, n: int):
-  """``(optimizer, step)`` of the activation stage, as ``weight_step``:
-  ``step(astates, opt_state, wstates, params, xs, ys, key, it) -> (astates, opt_state,
-  loss)`` with hard weights."""
+def act_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
+              n: int) -> Phase:
+  """The activation phase, as ``weight_phase``: ``init(astates) -> ActPhaseState``;
+  ``step(state, wstates, params, xs, ys, key, it) -> (state, loss)`` with hard weights."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
   opt = optax.adam(optax.cosine_decay_schedule(cfg.lr_a, max(cfg.act_iters, 1)))
 
   def loss_fn(astates, wstates, params, x, y_t):
-    wq, aq = quantizers.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
+    wq, aq = fake_quant.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
     return objective.lp_loss(unit_apply(unit, params, x, wq, aq)[0], y_t, p)
 
-  @jax.jit
-  def step(astates, opt_state, wstates, params, xs, ys, key, it):
-    x, y_t = _batch(xs, ys, jax.random.fold_in(key, it), cfg.batch_size, n)
-    loss, grads = jax.value_and_grad(loss_fn)(astates, wstates, params, x, y_t)
-    updates, opt_state = opt.update(grads, opt_state, astates)
-    return optax.apply_updates(astates, updates), opt_state, loss
+  def init(astates):
+    return ActPhaseState(astates, parallel.replicate(opt.init(astates)))
 
-  return opt, step
+  @jax.jit
+  def step(state, wstates, params, xs, ys, key, it):
+    x, y_t = _batch(xs, ys, jax.random.fold_in(key, it), cfg.batch_size, n)
+    loss, grads = jax.value_and_grad(loss_fn)(state.astates, wstates, params, x, y_t)
+    updates, opt_state = opt.update(grads, state.opt_state, state.astates)
+    return ActPhaseState(optax.apply_updates(state.astates, updates), opt_state), loss
+
+  return Phase(init, step)
 
 
 CHOICE_ROWS = 256  # rows per forward pass when a whole cache is scored
@@ -199,7 +239,7 @@ def _cache_loss(unit: Unit, wspecs: tuple, aspecs: tuple, p: float, n: int):
 
   @jax.jit
   def loss(astates, wstates, params, xs, ys):
-    wq, aq = quantizers.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
+    wq, aq = fake_quant.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
     mask = _chunked(jnp.arange(xs.shape[0]) < n)
 
     def chunk_loss(args):
@@ -255,14 +295,14 @@ def _channel_errors(unit: Unit, wspecs: tuple, aspecs: tuple, role: str, p: floa
   def errors(wstates, astates, params, xs):
     kernel = params[role]["kernel"]
     nearest = {k: v for k, v in wstates[role].items() if k != "alpha"}
-    kernels = [kernel] + [quantizers.weight_fake_quant(
+    kernels = [kernel] + [fake_quant.weight_fake_quant(
         kernel, wstates[role] if k == 0 else {**nearest, "exp": nearest["exp"] + k},
         wspecs[role], soft=False) for k in range(-window, window + 1)]
-    _, aq = quantizers.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=acts_on)
+    _, aq = fake_quant.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=acts_on)
 
     def output(x, own):
       def wq(r, k):
-        return own if r == role else quantizers.weight_fake_quant(k, wstates[r], wspecs[r],
+        return own if r == role else fake_quant.weight_fake_quant(k, wstates[r], wspecs[r],
                                                                  soft=False)
       return unit_apply(unit, params, x, wq, aq)[1][role]
 
@@ -286,7 +326,7 @@ def choose_weight_exponents(unit: Unit, errors_for, params: dict, wstates: dict,
   smallest ``errors_for(role, wstates)[k + window, channel]``, a strict improvement on
   ``k = 0`` needed to move; the PoT layers in the unit's order, each scored with the
   choices of the layers before it. Moved channels restart their rounding
-  (``quantizers.move_exponents``).
+  (``fake_quant.move_exponents``).
 
   Returns:
     (weight states, {role: number of channels moved}).
@@ -299,14 +339,14 @@ def choose_weight_exponents(unit: Unit, errors_for, params: dict, wstates: dict,
     err = errors_for(layer.role, wstates)
     best = jnp.argmin(err, axis=0)
     moves = jnp.where(jnp.min(err, axis=0) < err[window], best - window, 0)
-    state = quantizers.move_exponents(params[layer.role]["kernel"], wstates[layer.role],
+    state = fake_quant.move_exponents(params[layer.role]["kernel"], wstates[layer.role],
                                       spec, moves)
     moved[layer.role] = int(jnp.sum(state["exp"] != wstates[layer.role]["exp"]))
     wstates = {**wstates, layer.role: state}
   return wstates, moved
 
 
-_harden = jax.jit(quantizers.harden_exponent, static_argnames=("spec", "reinit_alpha"))
+_harden = jax.jit(fake_quant.harden_exponent, static_argnames=("spec", "reinit_alpha"))
 
 
 def _exponent_state(train) -> str:
@@ -382,38 +422,36 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
       choose_at = None                            # once, also when it is step 0
     if first >= last:
       continue
-    keys = ("alpha", "v") if with_v else ("alpha",)
-    train, frozen = split_states(wstates, keys)
-    opt, step = weight_step(shape, ws_t, as_t, cfg, p, with_v, n)
-    opt_state = parallel.replicate(opt.init(train))
+    phase_fns = weight_phase(shape, ws_t, as_t, cfg, p, with_v, n)
+    state = phase_fns.init(wstates)
     for it in range(first, last):
-      train, opt_state, rec = step(train, opt_state, frozen, astates, params, bn_targets,
-                                   xs, ys, kw, it)
+      state, rec = phase_fns.step(state, astates, params, bn_targets, xs, ys, kw, it)
       if (it + 1) % REPORT_EVERY == 0 or it + 1 == last:
         value = float(rec)
         _check_finite(value, unit.name, phase, it)
         history["weights"].append((it + 1, value))
         post = {"loss": f"{value:.4g}", "phase": phase}
         if with_v:
-          post["exp"] = _exponent_state(train)
+          post["exp"] = _exponent_state(state.train)
         bar.set_postfix(post, refresh=False)
         bar.update((it + 1) - bar.n)
-    wstates = _merge(train, frozen)
+    wstates = state.wstates
     if with_v:
       wstates = {r: _harden(params[r]["kernel"], s, wspecs[r],
                             reinit_alpha=cfg.reinit_alpha_on_harden)
                  for r, s in wstates.items()}
   if acts and cfg.act_iters:
-    opt, step = act_step(shape, ws_t, as_t, cfg, p, n)
-    opt_state = parallel.replicate(opt.init(astates))
+    phase_fns = act_phase(shape, ws_t, as_t, cfg, p, n)
+    state = phase_fns.init(astates)
     for it in range(cfg.act_iters):
-      astates, opt_state, loss = step(astates, opt_state, wstates, params, xs, ys, ka, it)
+      state, loss = phase_fns.step(state, wstates, params, xs, ys, ka, it)
       if (it + 1) % REPORT_EVERY == 0 or it + 1 == cfg.act_iters:
         value = float(loss)
         _check_finite(value, unit.name, "activation", it)
         history["acts"].append((it + 1, value))
         bar.set_postfix({"loss": f"{value:.4g}", "phase": "activations"}, refresh=False)
         bar.update(done_w + it + 1 - bar.n)
+    astates = state.astates
   moves = {}
   if acts and cfg.act_exp_window:
     loss = _cache_loss(shape, ws_t, as_t, p, n)

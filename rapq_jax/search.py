@@ -30,9 +30,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rapq_jax import objective, quantized, quantizers
+from rapq_jax import fake_quant, objective, quantized
+from rapq_jax.fake_quant import hooks
 from rapq_jax.network import Network, network_apply
-from rapq_jax.quantizers import hooks
 
 
 class SearchResult(NamedTuple):
@@ -92,7 +92,7 @@ def _program(names: tuple, spec_items: tuple, kind: str, folds: int):
   """The jitted search ``(net, states, x, fp_logits, max_sweeps, reach) -> (offsets,
   before, after, sweeps, capped)``. It is one ``while_loop`` that evaluates one
   candidate per step, so the network appears once in the compiled program."""
-  specs = quantizers.specs_of(spec_items)
+  specs = fake_quant.specs_of(spec_items)
   n = len(names)
 
   def value(net, states, x, fp_logits, offsets):
@@ -170,7 +170,7 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
   # The network, states and images are arguments, not closed-over constants: XLA would
   # otherwise fold convolutions over them at compile time (seconds per conv), and equal
   # architectures share compiled programs.
-  run = _program(names, quantizers.spec_items(specs), kind, folds)
+  run = _program(names, fake_quant.spec_items(specs), kind, folds)
   offsets, before, after, sweeps, capped = run(net, states, x, fp_logits,
                                                jnp.int32(max_sweeps if names else 0),
                                                jnp.int32(reach))

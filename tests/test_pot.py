@@ -24,7 +24,7 @@ lp_scale_search = jax.jit(pot.lp_scale_search, static_argnames=STATIC)
 
 def nearest_pot(x, bits: int, *, signed: bool, per_channel: bool, p: float = 2.4):
   """(e, zero_point) int32: the nearest power-of-two exponent of the Lp scale and its
-  zero point (0 when signed), composed as ``quantizers`` composes them."""
+  zero point (0 when signed), composed as ``fake_quant`` composes them."""
   lp = pot.lp_scale_search(x, bits, signed=signed, per_channel=per_channel, p=p)
   e = pot.log2_exponents(lp.scale)[0]
   return e, jnp.zeros_like(e) if signed else pot.zero_point_for(lp.lo, e, bits)

@@ -18,8 +18,8 @@ import pytest
 
 from nets import folded, random_variables
 
-from rapq_jax import (config, integer, objective, pot, ptq, quantized, quantizers, reconstruct,
-                      search)
+from rapq_jax import (config, fake_quant, integer, objective, pot, ptq, quantized,
+                      reconstruct, search)
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import Network, network_apply, unit_apply
 from rapq_jax.units import Layer, Unit
@@ -354,7 +354,7 @@ def test_official_protocol_stage_inputs(tiny, official):
   result, stages = official
   cal_net = ptq.calibration_network(net, OFFICIAL)
   assert [a.name for a in cal_net.units[0].acts] == ["out"]
-  hk = {u: quantizers.hooks(s["w"], {p: s["a"][p] for p in result.specs[u][1] if p != "input"},
+  hk = {u: fake_quant.hooks(s["w"], {p: s["a"][p] for p in result.specs[u][1] if p != "input"},
                              *result.specs[u], soft=False, acts_on=True)
         for u, s in result.states.items()}
   for i, (unit, stage, xs) in enumerate(stages):
@@ -373,10 +373,10 @@ def test_official_protocol_stem_round_to_nearest_at_8_bits(tiny, official):
   stem = net.units[0].name
   kernel = net.params[stem]["conv"]["kernel"]
   wspec = result.specs[stem][0]["conv"]
-  rtn = quantizers.init_weight(kernel, wspec, learn_rounding=False, p=OFFICIAL.scale_p,
+  rtn = fake_quant.init_weight(kernel, wspec, learn_rounding=False, p=OFFICIAL.scale_p,
                                exponent_choice=OFFICIAL.exp_init)
   for got, want in zip((result.model.weights[stem]["conv"][k] for k in ("q", "e", "zp")),
-                       quantizers.weight_integers(kernel, rtn, wspec)):
+                       fake_quant.weight_integers(kernel, rtn, wspec)):
     np.testing.assert_array_equal(got, want)
   table = result.model.bit_table()
   assert table[f"{stem}/conv"] == (8, False) and table[f"{stem}/@out"] == (8, False)
@@ -386,11 +386,11 @@ def test_official_protocol_stem_round_to_nearest_at_8_bits(tiny, official):
   assert strict[stem][1]["out"].bits == OFFICIAL.abits        # strict: the stem's output at abits
   out_spec = result.specs[stem][1]["out"]
   h = jax.nn.relu(jax.lax.conv_general_dilated(
-      calib[:ptq.INIT_SAMPLES], quantizers.weight_fake_quant(kernel, rtn, wspec, soft=False),
+      calib[:ptq.INIT_SAMPLES], fake_quant.weight_fake_quant(kernel, rtn, wspec, soft=False),
       (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
       + net.params[stem]["conv"]["bias"])
-  assert int(result.model.acts[stem]["out"]) == int(quantizers.act_exponent(
-      quantizers.init_act(h, out_spec, p=OFFICIAL.scale_p), out_spec))
+  assert int(result.model.acts[stem]["out"]) == int(fake_quant.act_exponent(
+      fake_quant.init_act(h, out_spec, p=OFFICIAL.scale_p), out_spec))
   assert result.report["protocol"]["input"] == {"bits": 8, "in_calibration": False}
 
 
@@ -457,6 +457,37 @@ def test_reconstruction_decreases_objective(block, monkeypatch):
     chex.assert_equal_shape([w["alpha"], params[role]["kernel"]])
 
 
+def test_phases_are_pure_init_step_pairs_that_reconstruct_a_unit(block):
+  """The weight and activation phases as optax-style pairs: ``init`` gives a NamedTuple
+  state, ``step`` a new state without touching the old one (the same call twice gives the
+  same state), and driving them by hand gives reconstruct_unit's states bit for bit."""
+  net, unit, params, cfg, (wspecs, aspecs), _, x_in, y_fp, start = block
+  cfg = dataclasses.replace(cfg, weight_iters=6, act_iters=4)
+  bn, key = net.bn_targets[unit.name], jax.random.PRNGKey(3)
+  result = reconstruct.reconstruct_unit(unit, params, bn, start["w"], start["a"], wspecs,
+                                        aspecs, x_in, y_fp, cfg, 2.0, key, progress=False)
+  xs, ys, (p, b, ws, acts) = reconstruct.place(x_in, y_fp, (params, bn, start["w"], start["a"]))
+  shape, n = reconstruct.structural(unit), x_in.shape[0]
+  ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
+  kw, ka = jax.random.split(key)
+  weights = reconstruct.weight_phase(shape, ws_t, as_t, cfg, 2.0, False, n)
+  state = weights.init(ws)
+  assert isinstance(state, reconstruct.WeightPhaseState)
+  assert all(set(s) == {"alpha"} for s in state.train.values())
+  assert all("alpha" not in s for s in state.frozen.values())
+  once, _ = weights.step(state, acts, p, b, xs, ys, kw, 0)
+  again, _ = weights.step(state, acts, p, b, xs, ys, kw, 0)
+  chex.assert_trees_all_equal(once, again)
+  for it in range(cfg.weight_iters):
+    state, _ = weights.step(state, acts, p, b, xs, ys, kw, it)
+  chex.assert_trees_all_equal(state.wstates, result.wstates)
+  activations = reconstruct.act_phase(shape, ws_t, as_t, cfg, 2.0, n)
+  astate = activations.init(acts)
+  for it in range(cfg.act_iters):
+    astate, _ = activations.step(astate, state.wstates, p, xs, ys, ka, it)
+  chex.assert_trees_all_equal(astate.astates, result.astates)
+
+
 def test_reconstruction_raises_on_non_finite_inputs(block):
   net, unit, params, cfg, (wspecs, aspecs), _, x_in, y_fp, start = block
   bad = x_in.at[:, 0, 0, 0].set(jnp.nan)
@@ -469,8 +500,8 @@ def test_reconstruction_raises_on_non_finite_inputs(block):
 def test_activation_exponent_choice_moves_to_the_best_integer():
   """Coordinate descent over integer exponents: each point walks by up to the window per
   sweep towards the loss minimum; a float-scale point and a flat loss do not move."""
-  specs = {"a": quantizers.ActSpec(4), "b": quantizers.ActSpec(4),
-           "f": quantizers.ActSpec(4, pot=False)}
+  specs = {"a": fake_quant.ActSpec(4), "b": fake_quant.ActSpec(4),
+           "f": fake_quant.ActSpec(4, pot=False)}
   start = {"a": {"exp": jnp.float32(0.4)}, "b": {"exp": jnp.float32(0.0)},
            "f": {"exp": jnp.float32(0.3)}}
   loss = lambda s: (s["a"]["exp"] - 3.0) ** 2 + (s["b"]["exp"] + 1.0) ** 2 + s["f"]["exp"]
@@ -509,7 +540,7 @@ def test_learned_exponents_on_the_official_schedule(block):
   ceil of the Lp scale's log2), and the unit's loss falls below that of the untrained
   relaxation hardened."""
   net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, _ = block
-  learned = {r: quantizers.init_weight(params[r]["kernel"], wspecs[r], learn_exponent=True)
+  learned = {r: fake_quant.init_weight(params[r]["kernel"], wspecs[r], learn_exponent=True)
              for r in wspecs}
   c = dataclasses.replace(cfg, weight_iters=40, learn_exponent=True, exp_warm_iters=10,
                           exp_b_hold=True, reinit_alpha_on_harden=False)
@@ -520,7 +551,7 @@ def test_learned_exponents_on_the_official_schedule(block):
     assert "v" not in state
     floor = np.asarray(learned[role]["exp"])
     assert set(np.unique(np.asarray(state["exp"]) - floor)) <= {0.0, 1.0}
-  start = {r: quantizers.harden_exponent(params[r]["kernel"], s, wspecs[r])
+  start = {r: fake_quant.harden_exponent(params[r]["kernel"], s, wspecs[r])
            for r, s in learned.items()}                  # the same relaxation, untrained
   before, after = (float(objective.lp_loss(unit_out(unit, params, w, wspecs, x_in), y_fp, 2.0))
                    for w in (start, res.wstates))
@@ -541,7 +572,7 @@ def test_exponent_temperature_is_held_only_on_the_official_schedule(hold):
 
 def unit_out(unit, params, wstates, wspecs, x):
   """The unit's output with hard weights and float activations."""
-  wq, aq = quantizers.hooks(wstates, {}, wspecs, {}, soft=False, acts_on=False)
+  wq, aq = fake_quant.hooks(wstates, {}, wspecs, {}, soft=False, acts_on=False)
   return unit_apply(unit, params, x, wq, aq)[0]
 
 
@@ -550,8 +581,8 @@ def test_weight_exponent_choice_takes_each_channels_least_error():
   stay); layers in order, each scored with the choices made before it; a float-scale
   layer does not move."""
   unit = Unit("stub", "conv", tuple(Layer(r, r) for r in ("a", "b", "f")), ())
-  specs = {"a": quantizers.WeightSpec(4), "b": quantizers.WeightSpec(4),
-           "f": quantizers.WeightSpec(4, pot=False)}
+  specs = {"a": fake_quant.WeightSpec(4), "b": fake_quant.WeightSpec(4),
+           "f": fake_quant.WeightSpec(4, pot=False)}
   params = {r: {"kernel": jnp.ones((1, 1, 1, 3)), "bias": jnp.zeros(3)} for r in specs}
   states = {r: {"exp": jnp.zeros(3), "lo": jnp.zeros(3)} for r in specs}
   seen = []
@@ -577,7 +608,7 @@ def test_reconstruction_moves_weight_exponents_to_a_better_grid(block):
   through and ends with a lower unit loss than the same reconstruction keeping them;
   every exponent stays an exact integer."""
   net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, start = block
-  coarse = {**start["w"], "conv1": quantizers.move_exponents(
+  coarse = {**start["w"], "conv1": fake_quant.move_exponents(
       params["conv1"]["kernel"], start["w"]["conv1"], wspecs["conv1"],
       jnp.full(start["w"]["conv1"]["exp"].shape, 2, jnp.int32))}
   results = {}

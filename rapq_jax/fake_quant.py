@@ -1,4 +1,5 @@
-"""Learnable weight and activation quantizers used during reconstruction.
+"""Fake quantization: the learnable weight and activation quantizers reconstruction trains
+through, and the exact integers they give the deployed model (``quantized``).
 
 Weight quantizer state (a dict pytree per layer; ``O`` output channels, last axis):
 

@@ -1,4 +1,4 @@
-"""Specification of rapq_jax.quantizers: learnable weight and activation quantizer states.
+"""Specification of rapq_jax.fake_quant: learnable weight and activation quantizer states.
 
 Weights: Lp-initialised per-channel (last axis) step sizes that are exact powers of two
 (nearest exponent), float (BRECQ), or a floor exponent plus a learnable fraction h(v)
@@ -16,8 +16,8 @@ import pytest
 from absl.testing import parameterized
 from hypothesis import given, settings, strategies as st
 
-from rapq_jax import pot, quantizers, rounding
-from rapq_jax.quantizers import ActSpec, WeightSpec
+from rapq_jax import fake_quant, pot, rounding
+from rapq_jax.fake_quant import ActSpec, WeightSpec
 
 HYPOTHESIS = settings(max_examples=30, deadline=None)
 SPECS = [WeightSpec(4, signed=False), WeightSpec(3, signed=True), WeightSpec(8, signed=True)]
@@ -28,10 +28,10 @@ CASES = pytest.mark.parametrize("shape, spec", [
 
 # Jitted once per (shape, spec): the Lp search's lax.map would recompile on every
 # eager call.
-_init_weight = jax.jit(quantizers.init_weight, static_argnums=1,
+_init_weight = jax.jit(fake_quant.init_weight, static_argnums=1,
                        static_argnames=("learn_exponent", "learn_rounding", "p",
                                         "exponent_choice"))
-_init_act = jax.jit(quantizers.init_act, static_argnums=1, static_argnames=("p",))
+_init_act = jax.jit(fake_quant.init_act, static_argnums=1, static_argnames=("p",))
 _lp_search = jax.jit(pot.lp_scale_search, static_argnums=1,
                      static_argnames=("signed", "per_channel", "p", "num_candidates", "shrink"))
 
@@ -56,8 +56,8 @@ def grid_position(w, state, spec):
   the weight lies inside the quantizer's range ``[qmin, qmax - 1]`` (so that both
   rounding choices are representable)."""
   qmin, qmax = pot.int_range(spec.bits, spec.signed)
-  scale = quantizers.weight_scale(state, spec)
-  zp = quantizers.zero_point(state, spec, scale)
+  scale = fake_quant.weight_scale(state, spec)
+  zp = fake_quant.zero_point(state, spec, scale)
   x = w / scale
   inside = (jnp.floor(x) + zp >= qmin) & (jnp.floor(x) + zp + 1 <= qmax)
   return x, zp, inside
@@ -71,7 +71,7 @@ def assert_soft_reproduces(w, fq, state, spec):
   x, _, inside = grid_position(w, state, spec)
   inside = np.asarray(inside)
   assert np.mean(inside) > 0.5
-  scale = np.broadcast_to(np.asarray(quantizers.weight_scale(state, spec)), w.shape)[inside]
+  scale = np.broadcast_to(np.asarray(fake_quant.weight_scale(state, spec)), w.shape)[inside]
   err = np.abs(np.asarray(fq - w))[inside]
   x = np.asarray(x)[inside]
   frac = x - np.floor(x)
@@ -97,7 +97,7 @@ def test_init_weight_pot_is_nearest_exponent(shape, spec):
   lp = lp_of(w, spec)
   np.testing.assert_array_equal(state["exp"], pot.log2_exponents(lp.scale)[0])
   np.testing.assert_array_equal(state["lo"], lp.lo)
-  scale = quantizers.weight_scale(state, spec)
+  scale = fake_quant.weight_scale(state, spec)
   np.testing.assert_array_equal(scale, pot.exp2(state["exp"].astype(jnp.int32)))
   assert np.all(np.frexp(np.asarray(scale))[0] == 0.5)
 
@@ -112,12 +112,12 @@ def test_init_weight_grid_is_the_least_error_power_of_two_grid(shape, spec):
   axes = tuple(range(w.ndim - 1))
 
   def error(state):
-    q = quantizers.weight_fake_quant(w, state, spec, soft=False)
+    q = fake_quant.weight_fake_quant(w, state, spec, soft=False)
     return np.mean(np.abs(np.asarray(q, np.float64) - np.asarray(w, np.float64)) ** p, axis=axes)
 
   grid = init_weight(w, spec, learn_rounding=False, exponent_choice="grid")
   lp = init_weight(w, spec, learn_rounding=False, exponent_choice="lp")
-  _, e, zp = quantizers.weight_integers(w, grid, spec)
+  _, e, zp = fake_quant.weight_integers(w, grid, spec)
   np.testing.assert_array_equal(grid["exp"], e)
   assert np.all((zp >= 0) & (zp <= max(qmax, 0)))
   floor_e = pot.log2_exponents(lp_of(w, spec).scale)[1]
@@ -140,7 +140,7 @@ def test_init_weight_float_is_lp_scale(shape, spec):
   state = init_weight(w, spec)
   assert "v" not in state
   lp = lp_of(w, spec)
-  np.testing.assert_allclose(quantizers.weight_scale(state, spec), lp.scale, rtol=1e-6)
+  np.testing.assert_allclose(fake_quant.weight_scale(state, spec), lp.scale, rtol=1e-6)
 
 
 @CASES
@@ -161,7 +161,7 @@ def test_init_weight_learn_exponent_starts_at_lp_scale(shape, spec):
   frac = log2s - e0
   inner = (frac > 1e-4) & (frac < 1 - 1e-4)
   np.testing.assert_allclose(h[inner], frac[inner], atol=1e-5)      # h(v) = fractional part
-  scale = np.asarray(quantizers.weight_scale(state, spec))
+  scale = np.asarray(fake_quant.weight_scale(state, spec))
   np.testing.assert_allclose(scale[inner], lp.scale[inner], rtol=1e-5)
   np.testing.assert_allclose(scale, lp.scale, rtol=1e-4)           # soft scale = Lp scale
 
@@ -177,10 +177,10 @@ def test_init_weight_all_zero_channel():
     state = init_weight(w, SPECS[0], learn_exponent=learn_exponent)
     chex.assert_tree_all_finite(state)
     np.testing.assert_array_equal(state["exp"][1], pot.EXP_MIN)
-    fq = quantizers.weight_fake_quant(w, state, SPECS[0], soft=False)
+    fq = fake_quant.weight_fake_quant(w, state, SPECS[0], soft=False)
     chex.assert_tree_all_finite(fq)
     np.testing.assert_array_equal(fq[..., 1], 0.0)
-    soft = quantizers.weight_fake_quant(w, state, SPECS[0], soft=True)
+    soft = fake_quant.weight_fake_quant(w, state, SPECS[0], soft=True)
     assert np.all(np.abs(soft[..., 1]) <= 1.1e-4 * 2.0 ** pot.EXP_MIN)
 
 
@@ -194,7 +194,7 @@ def test_soft_fake_quant_starts_at_weights(shape, spec, mode):
     spec = dataclasses.replace(spec, pot=False)
   w = kernel(shape, seed=1)
   state = init_weight(w, spec, learn_exponent=mode == "learn_exponent")
-  fq = quantizers.weight_fake_quant(w, state, spec, soft=True)
+  fq = fake_quant.weight_fake_quant(w, state, spec, soft=True)
   chex.assert_shape(fq, shape)
   chex.assert_type(fq, jnp.float32)
   assert_soft_reproduces(w, fq, state, spec)
@@ -207,7 +207,7 @@ def test_hard_fake_quant_without_alpha_is_round_to_nearest(shape, spec):
   e = state["exp"].astype(jnp.int32)
   zp = pot.zero_point_for(state["lo"], e, spec.bits) if not spec.signed else 0
   for soft in (True, False):
-    fq = quantizers.weight_fake_quant(w, state, spec, soft=soft)
+    fq = fake_quant.weight_fake_quant(w, state, spec, soft=soft)
     chex.assert_trees_all_equal(fq, pot.fake_quant(w, e, spec.bits, signed=spec.signed,
                                                    zero_point=zp))
 
@@ -219,7 +219,7 @@ def test_hard_fake_quant_with_fresh_alpha_is_round_to_nearest(shape, spec):
   state = init_weight(w, spec)
   e = state["exp"].astype(jnp.int32)
   zp = pot.zero_point_for(state["lo"], e, spec.bits) if not spec.signed else 0
-  fq = quantizers.weight_fake_quant(w, state, spec, soft=False)
+  fq = fake_quant.weight_fake_quant(w, state, spec, soft=False)
   rtn = pot.fake_quant(w, e, spec.bits, signed=spec.signed, zero_point=zp)
   x = np.asarray(w / pot.exp2(e))
   tie = np.abs(x - np.floor(x) - 0.5) < 1e-3    # half-to-even vs half-up: both fine
@@ -235,18 +235,18 @@ def test_harden_exponent(shape, spec):
   # Move some logits across 0 to exercise both choices.
   state["v"] = state["v"] + jnp.asarray(np.random.default_rng(0).normal(size=shape[-1]) * 3,
                                         jnp.float32)
-  hard = quantizers.harden_exponent(w, state, spec)
+  hard = fake_quant.harden_exponent(w, state, spec)
   assert set(hard) == {"exp", "alpha", "lo"}
   expected = np.asarray(state["exp"]) + (np.asarray(state["v"]) >= 0)
   np.testing.assert_array_equal(hard["exp"], expected)
   np.testing.assert_array_equal(hard["exp"], np.round(hard["exp"]))
   chex.assert_type(hard["exp"], jnp.float32)
   np.testing.assert_array_equal(hard["lo"], state["lo"])
-  scale = quantizers.weight_scale(hard, spec)
+  scale = fake_quant.weight_scale(hard, spec)
   np.testing.assert_array_equal(scale, np.ldexp(np.float32(1), expected.astype(np.int32)))
   # alpha restarts on the new integer grid: soft rounding reproduces w again.
-  assert_soft_reproduces(w, quantizers.weight_fake_quant(w, hard, spec, soft=True), hard, spec)
-  kept = quantizers.harden_exponent(w, state, spec, reinit_alpha=False)
+  assert_soft_reproduces(w, fake_quant.weight_fake_quant(w, hard, spec, soft=True), hard, spec)
+  kept = fake_quant.harden_exponent(w, state, spec, reinit_alpha=False)
   np.testing.assert_array_equal(kept["alpha"], state["alpha"])
   np.testing.assert_array_equal(kept["exp"], hard["exp"])
 
@@ -261,20 +261,20 @@ def test_move_exponents_restarts_only_the_moved_channels(shape, spec):
   state["alpha"] = state["alpha"] + jnp.asarray(
       np.random.default_rng(2).normal(size=shape), jnp.float32)
   moves = jnp.asarray(np.arange(shape[-1]) % 3 - 1, jnp.int32)        # -1, 0, +1, ...
-  moved = quantizers.move_exponents(w, state, spec, moves)
+  moved = fake_quant.move_exponents(w, state, spec, moves)
   np.testing.assert_array_equal(moved["exp"], np.asarray(state["exp"]) + np.asarray(moves))
   chex.assert_type(moved["exp"], jnp.float32)
   np.testing.assert_array_equal(moved["lo"], state["lo"])
   same = np.asarray(moves) == 0
   np.testing.assert_array_equal(np.asarray(moved["alpha"])[..., same],
                                 np.asarray(state["alpha"])[..., same])
-  fresh = quantizers.reset_rounding(w, {**state, "exp": moved["exp"]}, spec)
+  fresh = fake_quant.reset_rounding(w, {**state, "exp": moved["exp"]}, spec)
   np.testing.assert_array_equal(np.asarray(moved["alpha"])[..., ~same],
                                 np.asarray(fresh["alpha"])[..., ~same])
-  low = quantizers.move_exponents(w, state, spec, jnp.full(shape[-1], -100, jnp.int32))
+  low = fake_quant.move_exponents(w, state, spec, jnp.full(shape[-1], -100, jnp.int32))
   np.testing.assert_array_equal(low["exp"], np.full(shape[-1], pot.EXP_MIN, np.float32))
   with pytest.raises(AssertionError):
-    quantizers.move_exponents(w, state, spec, moves[:-1])
+    fake_quant.move_exponents(w, state, spec, moves[:-1])
 
 
 @CASES
@@ -285,12 +285,12 @@ def test_weight_integers(shape, spec, learn):
                                  learn_rounding=learn != "none")
   if learn == "exponent":
     with pytest.raises(ValueError, match="harden"):
-      quantizers.weight_integers(w, state, spec)
-    state = quantizers.harden_exponent(w, state, spec)
+      fake_quant.weight_integers(w, state, spec)
+    state = fake_quant.harden_exponent(w, state, spec)
   if "alpha" in state:   # a learned rounding, not round to nearest
     state["alpha"] = state["alpha"] + jnp.asarray(
         np.random.default_rng(1).normal(size=shape), jnp.float32)
-  q, e, zp = quantizers.weight_integers(w, state, spec)
+  q, e, zp = fake_quant.weight_integers(w, state, spec)
   chex.assert_shape(q, shape)
   chex.assert_shape([e, zp], (shape[-1],))
   chex.assert_type(q, jnp.int8 if spec.signed else jnp.uint8)
@@ -300,14 +300,14 @@ def test_weight_integers(shape, spec, learn):
   assert np.all(zp >= 0) and np.all(zp <= (0 if spec.signed else qmax))
   np.testing.assert_array_equal(e, state["exp"])
   deq = pot.dequantize(q.astype(jnp.int32), e, zp)
-  chex.assert_trees_all_equal(deq, quantizers.weight_fake_quant(w, state, spec, soft=False))
+  chex.assert_trees_all_equal(deq, fake_quant.weight_fake_quant(w, state, spec, soft=False))
 
 
 def test_weight_integers_needs_pot():
   w = kernel((3, 3, 4, 8))
   spec = WeightSpec(4, pot=False)
   with pytest.raises(ValueError, match="power-of-two"):
-    quantizers.weight_integers(w, init_weight(w, spec), spec)
+    fake_quant.weight_integers(w, init_weight(w, spec), spec)
 
 
 class WeightJitTest(chex.TestCase):
@@ -317,10 +317,10 @@ class WeightJitTest(chex.TestCase):
   def test_fake_quant_matches_integers(self, signed):
     spec = WeightSpec(4, signed=signed)
     w = kernel((3, 3, 4, 8), seed=6)
-    state = quantizers.harden_exponent(w, init_weight(w, spec, learn_exponent=True),
+    state = fake_quant.harden_exponent(w, init_weight(w, spec, learn_exponent=True),
                                        spec)
-    fq = self.variant(lambda w, s: quantizers.weight_fake_quant(w, s, spec, soft=False))(w, state)
-    q, e, zp = self.variant(lambda w, s: quantizers.weight_integers(w, s, spec))(w, state)
+    fq = self.variant(lambda w, s: fake_quant.weight_fake_quant(w, s, spec, soft=False))(w, state)
+    q, e, zp = self.variant(lambda w, s: fake_quant.weight_integers(w, s, spec))(w, state)
     chex.assert_trees_all_equal(fq, pot.dequantize(q.astype(jnp.int32), e, zp))
 
 
@@ -331,25 +331,25 @@ class WeightJitTest(chex.TestCase):
 def test_act_scale_pot_forward_and_gradient(t):
   spec = ActSpec(4)
   state = {"exp": jnp.float32(t)}
-  scale = quantizers.act_scale(state, spec)
+  scale = fake_quant.act_scale(state, spec)
   chex.assert_shape(scale, ())
   chex.assert_type(scale, jnp.float32)
   expected = pot.exp2(jnp.round(jnp.float32(t)).astype(jnp.int32))
   assert float(scale) == float(expected)                         # exactly 2**round(t)
   assert np.frexp(np.float32(scale))[0] == 0.5
-  grad = jax.grad(lambda t: quantizers.act_scale({"exp": t}, spec))(jnp.float32(t))
+  grad = jax.grad(lambda t: fake_quant.act_scale({"exp": t}, spec))(jnp.float32(t))
   np.testing.assert_allclose(grad, float(expected) * math.log(2.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("t", [-3.7, 0.0, 2.25])
 def test_act_scale_float(t):
   spec = ActSpec(4, pot=False)
-  np.testing.assert_allclose(quantizers.act_scale({"exp": jnp.float32(t)}, spec), 2.0 ** t,
+  np.testing.assert_allclose(fake_quant.act_scale({"exp": jnp.float32(t)}, spec), 2.0 ** t,
                              rtol=1e-6)
-  grad = jax.grad(lambda t: quantizers.act_scale({"exp": t}, spec))(jnp.float32(t))
+  grad = jax.grad(lambda t: fake_quant.act_scale({"exp": t}, spec))(jnp.float32(t))
   np.testing.assert_allclose(grad, 2.0 ** t * math.log(2.0), rtol=1e-5)
   with pytest.raises(ValueError, match="power-of-two"):
-    quantizers.act_exponent({"exp": jnp.float32(t)}, spec)
+    fake_quant.act_exponent({"exp": jnp.float32(t)}, spec)
 
 
 @pytest.mark.parametrize("spec", [ActSpec(4), ActSpec(4, signed=True), ActSpec(8), ActSpec(2)])
@@ -364,20 +364,20 @@ def test_act_quantizer_is_pot_fake_quant(spec):
   assert float(state["exp"]) == round(float(state["exp"]))
   lp = _lp_search(x, spec.bits, signed=spec.signed, per_channel=False)
   assert float(state["exp"]) == float(pot.log2_exponents(lp.scale)[0])
-  e = quantizers.act_exponent(state, spec)
+  e = fake_quant.act_exponent(state, spec)
   chex.assert_type(e, jnp.int32)
-  chex.assert_trees_all_equal(quantizers.act_fake_quant(x, state, spec),
+  chex.assert_trees_all_equal(fake_quant.act_fake_quant(x, state, spec),
                               pot.fake_quant(x, e, spec.bits, signed=spec.signed))
   # Off-integer t: still quantized on 2**round(t).
   off = {"exp": state["exp"] + 0.3}
-  chex.assert_trees_all_equal(quantizers.act_fake_quant(x, off, spec),
+  chex.assert_trees_all_equal(fake_quant.act_fake_quant(x, off, spec),
                               pot.fake_quant(x, e, spec.bits, signed=spec.signed))
 
 
 def test_states_saved_by_an_older_version_read_under_the_names_now():
   old = {"w": {"conv1": {"log2s": jnp.zeros(4), "lo": jnp.ones(4), "alpha": jnp.ones((1, 4))}},
          "a": {"out": {"t": jnp.float32(-3.0)}}}
-  new = quantizers.current_state_names(old)
+  new = fake_quant.current_state_names(old)
   assert set(new["w"]["conv1"]) == {"exp", "lo", "alpha"} and set(new["a"]["out"]) == {"exp"}
   chex.assert_trees_all_equal(new["a"]["out"]["exp"], old["a"]["out"]["t"])
-  assert quantizers.current_state_names(new) == new
+  assert fake_quant.current_state_names(new) == new
