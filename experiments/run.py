@@ -25,6 +25,7 @@ import jax
 from ml_collections import config_flags
 
 from experiments import configs
+from experiments import host_memory
 from experiments import job
 from experiments import pipeline
 from experiments import validate
@@ -148,6 +149,7 @@ def main(argv):
     # Quiet by default: progress, per-unit lines and the table, but no library INFO logs
     # (orbax checkpoint saves, JAX backend probes); --verbosity=0 (-v 0) shows them.
     logging.set_verbosity(logging.WARNING)
+  host_memory.trim_periodically()
   if _DISTRIBUTED.value is not None:
     # CPU processes exchange their collectives over gloo (GPU and TPU use their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -14,5 +14,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.test = "$RAPQ_SHARED_DIR/data/cifar10_jpeg/test.npz"
   config.dataset.mean = data.CIFAR_MEAN
   config.dataset.std = data.CIFAR_STD
-  config.eval_batch_size = 1000
   return config
