@@ -42,8 +42,18 @@ def read_record(path: pathlib.Path) -> dict:
   return record
 
 
+def compilation_cache() -> dict:
+  """JAX's persistent compilation cache: its directory (None: off) and how many compiled
+  programs it held (0: every program of the run was compiled, a cold start)."""
+  directory = jax.config.jax_compilation_cache_dir
+  entries = (sum(1 for p in pathlib.Path(directory).glob("*-cache"))
+             if directory and os.path.isdir(directory) else 0)
+  return dict(dir=directory, entries=entries)
+
+
 def environment() -> dict:
-  """Versions, machine and git commit: what is needed to rerun a result."""
+  """Versions, machine, git commit and the compilation cache's state: what is needed to
+  rerun a result and to read its timings."""
   import flax
   import jaxlib
   import optax
@@ -65,6 +75,7 @@ def environment() -> dict:
                    device_kind=jax.devices()[0].device_kind,
                    matmul_precision=jax.config.jax_default_matmul_precision or "default"),
       git=dict(commit=commit, dirty=dirty),
+      compilation_cache=compilation_cache(),
   )
 
 

@@ -121,6 +121,16 @@ def _bench_section(name: str, record: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _compiled(cache: dict | None) -> str:
+  """How a ladder run got its programs: 'cold' (compiled them all), 'warm' (a persistent
+  compilation cache held programs of an earlier run), 'no cache'; blank if not recorded."""
+  if cache is None:
+    return ""
+  if cache.get("dir") is None:
+    return "no cache"
+  return "warm" if cache.get("entries") else "cold"
+
+
 def _ladder_section(name: str, record: dict) -> str:
   """A time-to-accuracy record (``experiments.time_to_accuracy``): its plot and one row
   per method, bit width and budget."""
@@ -133,11 +143,12 @@ def _ladder_section(name: str, record: dict) -> str:
            f"{cfg.get('calibration_size', '?')} calibration images, seed "
            f"{cfg.get('seed', '?')}; device {device}; commit `{_commit(record)[:10]}`. "
            "Wall seconds are each method's and bit width's own (quantization and its test-set "
-           "evaluation); the FP32 top-1 is "
+           "evaluation); 'compiled' says whether its run found programs of earlier runs in the "
+           "persistent compilation cache (warm) or compiled them all (cold). The FP32 top-1 is "
            + (f"{t['fp_top1']:.2f} %." if t.get("fp_top1") is not None else "not recorded."),
            "", f"![top-1 against wall time](../results/{name}.png)", "",
            "| method | bits | iterations | top-1 % | agrees with FP % | KL to FP | PoT | "
-           "wall s | quantize s |", "|---|---|---|---|---|---|---|---|---|"]
+           "wall s | quantize s | compiled |", "|---|---|---|---|---|---|---|---|---|---|"]
   fmt = lambda v, spec: "" if v is None else format(v, spec)
   for r in sorted(record["rows"], key=lambda r: (r["method"], report.bits_label(r),
                                                   r["weight_iters"], r["act_iters"])):
@@ -145,12 +156,13 @@ def _ladder_section(name: str, record: dict) -> str:
     lines.append(f"| {r['method']} | {report.bits_label(r)} | {r['weight_iters']}/"
                  f"{r['act_iters']} | {r['top1']:.2f} | {fmt(r.get('agreement'), '.2f')} | "
                  f"{fmt(r.get('kl_to_reference'), '.4f')} | {pot} | "
-                 f"{fmt(r.get('wall_seconds'), '.0f')} | {fmt(r.get('quantize_seconds'), '.0f')} |")
+                 f"{fmt(r.get('wall_seconds'), '.0f')} | {fmt(r.get('quantize_seconds'), '.0f')} | "
+                 f"{_compiled(r.get('compilation_cache'))} |")
   for r in record.get("peer", []):
     pot = "" if r.get("power_of_two") is None else ("yes" if r["power_of_two"] else "no")
     lines.append(f"| {r['method']} (`{r['commit'][:10]}`) | {report.bits_label(r)} | "
                  f"{r['weight_iters']}/{r['act_iters']} | {r['top1']:.2f} |  |  | {pot} | "
-                 f"{r['wall_seconds']:.0f} |  |")
+                 f"{r['wall_seconds']:.0f} |  |  |")
   lines += _time_fractions(record)
   if record.get("note"):
     lines += ["", record["note"]]

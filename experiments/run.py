@@ -34,6 +34,7 @@ from rapq_jax import resume
 
 DEFAULT_SHARED_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared"
 MIN_BITS, MAX_BITS = 2, 8
+CACHED_COMPILE_S = 0.2   # programs compiled faster are not worth a file read
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
@@ -111,6 +112,11 @@ _DISTRIBUTED = flags.DEFINE(
     "(calls jax.distributed.initialize first; see README).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default runs/<config>-<timestamp>).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Directory of JAX's persistent compilation cache, where a run finds the programs an "
+    "earlier run with the same code, shapes and XLA flags compiled (default: "
+    "$JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/rapq_jax/xla; '' turns it off).")
 _SHARED_DIR = flags.DEFINE_string(
     "shared_dir", None,
     "Replaces $RAPQ_SHARED_DIR in config paths (default: env RAPQ_SHARED_DIR, else ../shared).")
@@ -137,6 +143,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(_unknown_field(e, argv))
 
 
+def compilation_cache_dir(flag: str | None) -> str | None:
+  """The persistent compilation cache's directory: ``flag`` if given ('' is none), else
+  ``$JAX_COMPILATION_CACHE_DIR``, else ``rapq_jax/xla`` under ``$XDG_CACHE_HOME``
+  (``~/.cache``)."""
+  if flag is not None:
+    return flag or None
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "rapq_jax", "xla")
+
+
+def use_compilation_cache(directory: str | None) -> None:
+  """Makes JAX keep every program that took ``CACHED_COMPILE_S`` (or
+  ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``) or more to compile in ``directory``
+  and load it from there on a later compilation (None: off). A program read back is the
+  one compiled before: results are unchanged."""
+  jax.config.update("jax_compilation_cache_dir", directory)
+  if directory is not None and "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHED_COMPILE_S)
+
+
 def _fail(err) -> None:
   """Stops the run with one line on stderr: the command, not the code, is wrong."""
   sys.exit(f"experiments.run: error: {err}")
@@ -150,6 +178,7 @@ def main(argv):
     # (orbax checkpoint saves, JAX backend probes); --verbosity=0 (-v 0) shows them.
     logging.set_verbosity(logging.WARNING)
   host_memory.trim_periodically()
+  use_compilation_cache(compilation_cache_dir(_COMPILATION_CACHE.value))
   if _DISTRIBUTED.value is not None:
     # CPU processes exchange their collectives over gloo (GPU and TPU use their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

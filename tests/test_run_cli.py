@@ -19,9 +19,10 @@ from rapq_jax.models import MODEL_NAMES
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, timeout=120):
+def run_cli(*args, timeout=120, **env):
   return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=REPO_ROOT,
-                        capture_output=True, text=True, timeout=timeout, check=False)
+                        capture_output=True, text=True, timeout=timeout, check=False,
+                        env={**os.environ, **env})
 
 
 # --bits and --methods
@@ -147,6 +148,39 @@ def test_cli_rejects_bad_flags(args, message):
   proc = run_cli(*args)
   assert proc.returncode != 0
   assert re.search(message, proc.stderr), proc.stderr
+
+
+# The persistent compilation cache
+
+@pytest.mark.parametrize("flag, env, expected", [
+    ("/c/flag", {"JAX_COMPILATION_CACHE_DIR": "/c/env"}, "/c/flag"),
+    ("", {"JAX_COMPILATION_CACHE_DIR": "/c/env"}, None),
+    (None, {"JAX_COMPILATION_CACHE_DIR": "/c/env", "XDG_CACHE_HOME": "/x"}, "/c/env"),
+    (None, {"XDG_CACHE_HOME": "/x"}, "/x/rapq_jax/xla"),
+    (None, {"HOME": "/home/u"}, "/home/u/.cache/rapq_jax/xla"),
+])
+def test_compilation_cache_dir_flag_then_jax_env_then_user_cache(flag, env, expected,
+                                                                 monkeypatch):
+  for name in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  assert run.compilation_cache_dir(flag) == expected
+
+
+@pytest.mark.slow(seconds=12)
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
+  cache = tmp_path / "xla"
+  args = ("--methods", "fp", "--config.test_size=200", f"--compilation_cache={cache}")
+  first = run_cli(*args, "--workdir", str(tmp_path / "a"))
+  assert first.returncode == 0, first.stderr
+  assert any(cache.iterdir()), "nothing was written to the compilation cache"
+  second = run_cli(*args, "--workdir", str(tmp_path / "b"), JAX_LOG_COMPILES="1")
+  assert second.returncode == 0, second.stderr
+  assert "Persistent compilation cache hit" in second.stderr
+  top1 = [json.loads((tmp_path / d / "results.json").read_text())["results"][0]["top1"]
+          for d in "ab"]
+  assert top1[0] == top1[1]
 
 
 # End to end (shared CIFAR-10 data and checkpoint)
