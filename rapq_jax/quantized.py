@@ -203,6 +203,18 @@ def apply(qm: QuantizedModel, x):
   rounding is the integer path's (``rapq_jax.integer``), so the logits equal its
   dequantized ones exactly while intermediate integers stay below 2**23 (the
   ``checks.exact_float32`` of ``integer.lower``)."""
+  return unit_outputs(qm, x)[-1]
+
+
+def unit_outputs(qm: QuantizedModel, x, cached: tuple | None = None, start=None) -> tuple:
+  """The output of every unit of ``apply`` (the last: the logits).
+
+  With ``cached`` (the outputs of an earlier call) and ``start`` (an int32 scalar, may be
+  traced), the units before ``start`` are not computed: their outputs are read from
+  ``cached`` (``jax.lax.cond``, so the skipped units cost nothing). ``cached`` must come
+  from a model equal to ``qm`` in those units, whose outputs depend on nothing after
+  them: that is how the exponent search scores a move of unit ``start`` without the
+  units before it."""
   table = qm.bit_table()
   acc_e = accumulator_exponents(qm)
   params = {u: {r: {"kernel": pot.dequantize(w["q"].astype(jnp.int32), w["e"], w["zp"]),
@@ -217,13 +229,16 @@ def apply(qm: QuantizedModel, x):
       return requant_sim(h, qm.acts[u][point], b, signed)
     return aq
 
-  e_x = None
+  e_x, outs = None, []
   with jax.default_matmul_precision("float32"):   # no TF32/bf16 passes on accelerators
-    for unit in qm.units:
+    for i, unit in enumerate(qm.units):
       acts = qm.acts[unit.name]
-      x = _unit_sim(unit, params[unit.name], acc_e[unit.name], acts, aq_for(unit.name), x, e_x)
+      run = functools.partial(_unit_sim, unit, params[unit.name], acc_e[unit.name], acts,
+                              aq_for(unit.name), x, e_x)
+      x = run() if cached is None else jax.lax.cond(i < start, lambda i=i: cached[i], run)
+      outs.append(x)
       e_x = acts.get("out", e_x)
-  return x
+  return tuple(outs)
 
 
 def _require(ok, message: str) -> None:

@@ -82,6 +82,58 @@ def test_objective_is_the_deployed_models(problem):
     np.testing.assert_allclose(value, objective_of(net, st, specs, x, fp_logits), rtol=1e-5)
 
 
+def reference_search(net, states, specs, x, fp_logits, names, *, max_sweeps, reach):
+  """The coordinate descent ``search`` documents, written plainly: every candidate is
+  scored by a whole forward pass of its deployed model (no outputs reused)."""
+  value = lambda o: objective_of(net, search.shift_states(states, names, jnp.asarray(o)),
+                                 specs, x, fp_logits)
+  offsets = np.zeros(len(names), np.int32)
+  best = value(offsets)
+  for _ in range(max_sweeps):
+    changed = False
+    for q in range(len(names)):
+      for step in (1, -1):
+        k = 0
+        while k < reach:
+          cand = offsets.copy()
+          cand[q] += step
+          v = value(cand)
+          if not v < best:
+            break
+          offsets, best, k, changed = cand, v, k + 1, True
+        if k:
+          break
+    if not changed:
+      break
+  return offsets, best
+
+
+def test_search_takes_the_moves_of_a_search_without_reused_outputs(problem):
+  """The search scores a move of one unit's quantizer reusing the outputs of the units
+  before it; its moves are those of the plain coordinate descent."""
+  net, states, specs, x, fp_logits, result = problem
+  offsets, best = reference_search(net, states, specs, x, fp_logits, result.names,
+                                   max_sweeps=3, reach=1)
+  np.testing.assert_array_equal(result.offsets, offsets)
+  np.testing.assert_allclose(result.after, best, rtol=1e-5)
+
+
+def test_unit_outputs_take_the_units_before_start_from_the_cache(problem):
+  """``quantized.unit_outputs(qm, x, cached, start)``: the units before ``start`` are
+  read from ``cached``, not computed (here a marker for all but the last of them), and
+  the others equal the whole forward pass."""
+  net, states, specs, x, _, _ = problem
+  qm = deployed(net, states, specs)
+  outputs = jax.jit(quantized.unit_outputs)
+  full = outputs(qm, x)
+  np.testing.assert_array_equal(full[-1], jax.jit(quantized.apply)(qm, x))
+  for start in range(len(full) + 1):
+    cached = tuple(jnp.full_like(o, 7.0) if i < start - 1 else o for i, o in enumerate(full))
+    got = outputs(qm, x, cached, jnp.int32(start))
+    for i, (g, c, f) in enumerate(zip(got, cached, full)):
+      np.testing.assert_array_equal(g, c if i < start else f, err_msg=f"unit {i}, start {start}")
+
+
 def test_search_returns_integral_exponents(problem):
   _, states, _, _, _, result = problem
   chex.assert_type(result.offsets, jnp.int32)
