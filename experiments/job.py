@@ -101,11 +101,13 @@ def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int |
       return record
     except integrity.IntegrityError as err:   # never reported: computed again
       print(f"{err}; computing it again", flush=True)
-  start = time.perf_counter()
+  start, lookups = time.perf_counter(), report.cache_lookups()
   kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models",
                                              "store_dir": workdir / "units"}
   result = METHODS[method](config, data, **kwargs)
   result.setdefault("wall_seconds", time.perf_counter() - start)
+  # What the persistent compilation cache saved this run (its timings depend on it).
+  result["compilation_cache"] = {k: v - lookups[k] for k, v in report.cache_lookups().items()}
   record = dict(method=method, wbits=wbits, abits=abits, **result)
   return report.write_record(path, record) if _primary() else report.as_written(record)
 

@@ -96,8 +96,8 @@ def run_budget(args: list[str], budget: tuple[int, int], workdir: pathlib.Path) 
 
 
 def rows_of(record: dict, budget: tuple[int, int], process_seconds: float | None) -> list[dict]:
-  """One row per quantized result of a budget's results.json (with the state of the
-  compilation cache its run started with)."""
+  """One row per quantized result of a budget's results.json (with the compilation
+  cache's hits and misses during that result's run)."""
   rows = []
   for r in record["results"]:
     if r["method"] == "fp":
@@ -108,7 +108,7 @@ def rows_of(record: dict, budget: tuple[int, int], process_seconds: float | None
                      power_of_two=r.get("power_of_two"),
                      quantize_seconds=r.get("quantize_seconds"),
                      wall_seconds=r.get("wall_seconds"), process_seconds=process_seconds,
-                     compilation_cache=record.get("compilation_cache")))
+                     compilation_cache=r.get("compilation_cache")))
   return rows
 
 

@@ -1,5 +1,6 @@
 """Run outputs: checked result records, the results table, plots and the environment
 record (versions, machine, commit) of every experiment output."""
+import collections
 import json
 import os
 import pathlib
@@ -40,6 +41,24 @@ def read_record(path: pathlib.Path) -> dict:
   if digest != integrity.json_digest(record):
     raise integrity.IntegrityError(f"{path}: checksum mismatch (or none): the file is damaged")
   return record
+
+
+_CACHE_EVENTS = "/jax/compilation_cache/"
+_cache_counts = collections.Counter()
+
+
+def _count_cache_event(event: str, **_) -> None:
+  if event.startswith(_CACHE_EVENTS):
+    _cache_counts[event[len(_CACHE_EVENTS):]] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_event)
+
+
+def cache_lookups() -> dict:
+  """How many compilations of this process the persistent compilation cache has served
+  (``hits``) and not served (``misses``: compiled, then stored if slow enough) so far."""
+  return dict(hits=_cache_counts["cache_hits"], misses=_cache_counts["cache_misses"])
 
 
 def compilation_cache() -> dict:

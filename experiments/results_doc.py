@@ -122,13 +122,9 @@ def _bench_section(name: str, record: dict) -> str:
 
 
 def _compiled(cache: dict | None) -> str:
-  """How a ladder run got its programs: 'cold' (compiled them all), 'warm' (a persistent
-  compilation cache held programs of an earlier run), 'no cache'; blank if not recorded."""
-  if cache is None:
-    return ""
-  if cache.get("dir") is None:
-    return "no cache"
-  return "warm" if cache.get("entries") else "cold"
+  """'hits / misses' of the persistent compilation cache during a ladder run (misses are
+  programs compiled); blank if not recorded."""
+  return "" if cache is None else f"{cache['hits']} / {cache['misses']}"
 
 
 def _ladder_section(name: str, record: dict) -> str:
@@ -143,12 +139,13 @@ def _ladder_section(name: str, record: dict) -> str:
            f"{cfg.get('calibration_size', '?')} calibration images, seed "
            f"{cfg.get('seed', '?')}; device {device}; commit `{_commit(record)[:10]}`. "
            "Wall seconds are each method's and bit width's own (quantization and its test-set "
-           "evaluation); 'compiled' says whether its run found programs of earlier runs in the "
-           "persistent compilation cache (warm) or compiled them all (cold). The FP32 top-1 is "
+           "evaluation); 'cache hits / misses' counts the programs of that run that the persistent "
+           "compilation cache served and those it compiled (blank: not recorded). The FP32 "
+           "top-1 is "
            + (f"{t['fp_top1']:.2f} %." if t.get("fp_top1") is not None else "not recorded."),
            "", f"![top-1 against wall time](../results/{name}.png)", "",
            "| method | bits | iterations | top-1 % | agrees with FP % | KL to FP | PoT | "
-           "wall s | quantize s | compiled |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "wall s | quantize s | cache hits / misses |", "|---|---|---|---|---|---|---|---|---|---|"]
   fmt = lambda v, spec: "" if v is None else format(v, spec)
   for r in sorted(record["rows"], key=lambda r: (r["method"], report.bits_label(r),
                                                   r["weight_iters"], r["act_iters"])):

@@ -178,9 +178,12 @@ def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
   second = run_cli(*args, "--workdir", str(tmp_path / "b"), JAX_LOG_COMPILES="1")
   assert second.returncode == 0, second.stderr
   assert "Persistent compilation cache hit" in second.stderr
-  top1 = [json.loads((tmp_path / d / "results.json").read_text())["results"][0]["top1"]
-          for d in "ab"]
-  assert top1[0] == top1[1]
+  first, again = (json.loads((tmp_path / d / "results.json").read_text())["results"][0]
+                  for d in "ab")
+  assert first["top1"] == again["top1"]
+  assert first["compilation_cache"]["hits"] == 0 < first["compilation_cache"]["misses"]
+  assert again["compilation_cache"] == {"hits": first["compilation_cache"]["misses"],
+                                        "misses": 0}
 
 
 # End to end (shared CIFAR-10 data and checkpoint)
