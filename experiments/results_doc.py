@@ -121,7 +121,7 @@ def _bench_section(name: str, record: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _compiled(cache: dict | None) -> str:
+def _cache_lookups(cache: dict | None) -> str:
   """'hits / misses' of the persistent compilation cache during a ladder run (misses are
   programs compiled); blank if not recorded."""
   return "" if cache is None else f"{cache['hits']} / {cache['misses']}"
@@ -154,7 +154,7 @@ def _ladder_section(name: str, record: dict) -> str:
                  f"{r['act_iters']} | {r['top1']:.2f} | {fmt(r.get('agreement'), '.2f')} | "
                  f"{fmt(r.get('kl_to_reference'), '.4f')} | {pot} | "
                  f"{fmt(r.get('wall_seconds'), '.0f')} | {fmt(r.get('quantize_seconds'), '.0f')} | "
-                 f"{_compiled(r.get('compilation_cache'))} |")
+                 f"{_cache_lookups(r.get('compilation_cache'))} |")
   for r in record.get("peer", []):
     pot = "" if r.get("power_of_two") is None else ("yes" if r["power_of_two"] else "no")
     lines.append(f"| {r['method']} (`{r['commit'][:10]}`) | {report.bits_label(r)} | "

@@ -81,10 +81,20 @@ def quantized_logits(net: Network, states: dict, specs: dict, x):
   return network_apply(net, x, lambda u: hk[u][0], lambda u: hk[u][1])
 
 
+def deployed_unit_outputs(net: Network, states: dict, specs: dict, x, cached=None,
+                          start=None) -> tuple:
+  """Every unit's output (the last: the logits) of the deployed integer model of hard
+  power-of-two states, ``quantized.unit_outputs(quantized.from_states(...), x)``
+  (jit-able, states may be traced); with ``cached`` and ``start`` the units before
+  ``start`` are read from ``cached``."""
+  return quantized.unit_outputs(quantized.from_states(net, states, specs, {}), x, cached,
+                                start)
+
+
 def deployed_logits(net: Network, states: dict, specs: dict, x):
   """Logits of the deployed integer model of hard power-of-two states:
   ``quantized.apply(quantized.from_states(...), x)`` (jit-able, states may be traced)."""
-  return quantized.apply(quantized.from_states(net, states, specs, {}), x)
+  return deployed_unit_outputs(net, states, specs, x)[-1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,11 +108,11 @@ def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, fold
   about half its time."""
   specs = fake_quant.specs_of(spec_items)
   n = len(names)
-  first_unit = jnp.asarray(unit_index or (0,), jnp.int32)
+  first_unit = jnp.asarray(unit_index or (0,), jnp.int32)   # q < n, and q = 0 when n = 0
 
   def outputs(net, states, x, offsets, cached=None, start=None):
-    qm = quantized.from_states(net, shift_states(states, names, offsets), specs, {})
-    return quantized.unit_outputs(qm, x, cached, start)
+    return deployed_unit_outputs(net, shift_states(states, names, offsets), specs, x, cached,
+                                 start)
 
   def value(logits, fp_logits):
     """The objective on each of the ``folds`` parts of the images: float32 [folds]."""
@@ -119,7 +129,7 @@ def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, fold
     first = step == 0
     # The first evaluation reads every unit from the cache (the offsets as given).
     outs = outputs(net, states, x, cand, cached,
-                   jnp.where(first, len(cached), first_unit[jnp.minimum(q, max(n - 1, 0))]))
+                   jnp.where(first, len(cached), first_unit[q]))
     v = value(outs[-1], fp_logits)
     before = jnp.where(first, v, before)
     better = jnp.all(v < best) & ~first
