@@ -15,6 +15,7 @@ import functools
 import json
 import pathlib
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -26,18 +27,21 @@ from experiments import pipeline
 from experiments import report
 from experiments import validate
 from rapq_jax import config as ptq_config_lib
+from rapq_jax import evaluate as evaluate_lib
 from rapq_jax import integrity
 from rapq_jax import resume
 
 
-def run_fp(config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
-  """Accuracy of the pretrained full-precision model."""
-  model, variables = pipeline.load_model(config)
-  return pipeline.evaluate_model(model, variables, data, config, desc="fp")
+def run_fp(config: ml_collections.ConfigDict, data: pipeline.Data, *,
+           reference_logits: np.ndarray) -> dict:
+  """Accuracy of the pretrained full-precision model, from its logits on the test split."""
+  del config
+  return evaluate_lib.scores(reference_logits, data.test_labels)
 
 
-# Method name -> function(config, data) -> dict(top1, top5, n, ...). Quantized methods
-# run once per --bits pair, with config.wbits / config.abits set to it.
+# Method name -> function(config, data, reference_logits=FP logits, ...) -> dict(top1,
+# top5, n, ...). Quantized methods run once per --bits pair, with config.wbits /
+# config.abits set to it.
 METHODS = {"fp": run_fp, **{name: functools.partial(methods.run_method, method=name)
                             for name in methods.QUANT_METHODS}}
 UNQUANTIZED = frozenset({"fp"})
@@ -84,11 +88,14 @@ def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> No
 
 
 def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int | None,
-             config: ml_collections.ConfigDict, data: pipeline.Data) -> dict:
+             config: ml_collections.ConfigDict, data: pipeline.Data,
+             fp_logits: Callable[[], np.ndarray]) -> dict:
   """The record of one method at one bit width: loaded from ``workdir/results/`` if it
   finished before (and its checksum matches), else computed (quantized units kept in
   ``workdir/units/`` as they finish, so a killed run resumes after the last one) and
-  saved there atomically with its checksum."""
+  saved there atomically with its checksum. ``fp_logits()`` gives the FP model's test
+  logits, computed by the first run that needs them (``fp``, or a quantized run
+  resumed after ``fp`` was loaded) and kept for the job's other runs."""
   path = workdir / "results" / f"{methods.run_name(method, wbits, abits)}.json"
   if _on_process_0(path.exists()):
     if not path.exists():
@@ -104,7 +111,7 @@ def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int |
   start, lookups = time.perf_counter(), report.cache_lookups()
   kwargs = {} if method in UNQUANTIZED else {"save_dir": workdir / "models",
                                              "store_dir": workdir / "units"}
-  result = METHODS[method](config, data, **kwargs)
+  result = METHODS[method](config, data, reference_logits=fp_logits(), **kwargs)
   result.setdefault("wall_seconds", time.perf_counter() - start)
   # What the persistent compilation cache saved this run (its timings depend on it).
   result["compilation_cache"] = {k: v - lookups[k] for k, v in report.cache_lookups().items()}
@@ -162,9 +169,10 @@ def run(config: ml_collections.ConfigDict, names, bits, workdir: pathlib.Path) -
     if _primary():
       open_workdir(workdir, config)
     env = report.environment()  # the code as it was when the run started
+    fp_logits = functools.cache(lambda: pipeline.fp_logits(config, data))
     results = []
     for method, wbits, abits, method_config in runs:
-      results.append(run_once(workdir, method, wbits, abits, method_config, data))
+      results.append(run_once(workdir, method, wbits, abits, method_config, data, fp_logits))
       print(format_result(results[-1]), flush=True)
     if _primary():
       write_outputs(workdir, config, results, env)

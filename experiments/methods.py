@@ -7,11 +7,9 @@ ablation's own switch cannot be overridden. ``run_method`` quantizes the config'
 with it and measures top-1, wall time and what the plots need.
 """
 import dataclasses
-import functools
 import pathlib
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -20,7 +18,6 @@ from experiments.configs import base as base_config
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
 from rapq_jax import adapter, export, parallel, ptq, quantized, resume
-from rapq_jax.network import network_apply
 
 # name -> (base method, PTQConfig overrides, one-line description)
 QUANT_METHODS = {
@@ -90,9 +87,6 @@ def ptq_config(config: ml_collections.ConfigDict, method: str) -> ptq_config_lib
     raise ValueError(f"method {method!r}: {err}") from None
 
 
-_fp_logits = jax.jit(network_apply)
-
-
 def _weight_exponents(result: ptq.PTQResult) -> dict:
   """``{'unit/role': {exponent: count}}`` of the final per-channel weight exponents."""
   if result.model is None:
@@ -126,12 +120,15 @@ def run_name(method: str, wbits: int | None, abits: int | None) -> str:
 
 def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: str, *,
                progress: bool = True, save_dir: str | pathlib.Path | None = None,
-               store_dir: str | pathlib.Path | None = None) -> dict:
+               store_dir: str | pathlib.Path | None = None,
+               reference_logits: np.ndarray | None = None) -> dict:
   """Quantizes and evaluates; returns a JSON-serialisable record of the run. With
   ``save_dir``, a power-of-two model is saved (orbax, atomically) to
   ``save_dir/<run_name>`` with its input shape and preprocessing. With
   ``store_dir``, finished units are kept in ``store_dir/<run_name>`` and loaded
-  from there by a later call (``rapq_jax.resume.Store``)."""
+  from there by a later call (``rapq_jax.resume.Store``). The agreement and KL figures
+  compare with ``reference_logits``, the FP model's logits on the test split
+  (``pipeline.fp_logits``, computed here when not given)."""
   cfg = ptq_config(config, method)
   start = time.perf_counter()
   model, variables = pipeline.load_model(config)
@@ -147,11 +144,12 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
                       extra=dict(input_shape=list(calib.shape[1:]),
                                  preprocess=dict(scale=1 / 255, mean=config.dataset.mean,
                                                  std=config.dataset.std)))
-  # The folded FP network is the reference of the agreement and KL figures.
+  if reference_logits is None:
+    reference_logits = pipeline.fp_logits(config, data, progress=progress)
   metrics = evaluate_lib.evaluate(result.apply, data.test_images, data.test_labels,
                                   batch_size=config.eval_batch_size, preprocess=data.preprocess,
                                   desc=f"{method} W{cfg.wbits}A{cfg.abits}", progress=progress,
-                                  reference_fn=functools.partial(_fp_logits, net))
+                                  reference_logits=reference_logits)
   units = result.report["units"]
   iters = cfg.weight_iters + cfg.act_iters
   return dict(

@@ -101,9 +101,25 @@ def load_model(config: ml_collections.ConfigDict) -> tuple[nn.Module, dict]:
                                  scheme=config.checkpoint_scheme)
 
 
+def model_logits(model: nn.Module, variables: dict, data: Data,
+                 config: ml_collections.ConfigDict, *, desc: str,
+                 progress: bool = True) -> np.ndarray:
+  """Logits [N, num_classes] of `model` in eval mode on the test split."""
+  return evaluate_lib.predict(
+      lambda x: model.apply(variables, x, train=False), data.test_images,
+      batch_size=config.eval_batch_size, preprocess=data.preprocess, desc=desc,
+      progress=progress)
+
+
 def evaluate_model(model: nn.Module, variables: dict, data: Data, config: ml_collections.ConfigDict,
                    *, desc: str) -> dict:
   """dict(top1, top5, n) of `model` in eval mode on the test split."""
-  return evaluate_lib.evaluate(
-      lambda x: model.apply(variables, x, train=False), data.test_images, data.test_labels,
-      batch_size=config.eval_batch_size, preprocess=data.preprocess, desc=desc)
+  return evaluate_lib.scores(model_logits(model, variables, data, config, desc=desc),
+                             data.test_labels)
+
+
+def fp_logits(config: ml_collections.ConfigDict, data: Data, *, progress: bool = True) -> np.ndarray:
+  """Logits of config's pretrained model on the test split: its FP figures, and the
+  reference of each quantized model's agreement and KL."""
+  model, variables = load_model(config)
+  return model_logits(model, variables, data, config, desc="fp", progress=progress)

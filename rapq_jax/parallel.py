@@ -22,11 +22,16 @@ def row_sharding() -> NamedSharding:
   return _sharding(PartitionSpec(AXIS))
 
 
+def replicated() -> NamedSharding:
+  """Sharding that keeps a full copy on every device of the mesh."""
+  return _sharding(PartitionSpec())
+
+
 def replicate(tree):
   """A pytree of arrays with a full copy on every device of the mesh. Jitted functions
   key their compilations on input placement, so states and parameters placed here
   before a loop match the placement of the loop's own outputs (one compilation)."""
-  return jax.device_put(tree, _sharding(PartitionSpec()))
+  return jax.device_put(tree, replicated())
 
 
 def check_batch(batch_size: int) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from rapq_jax.evaluate import evaluate
+from rapq_jax.evaluate import evaluate, predict, scores
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def test_agreement_and_kl_against_a_reference_match_numpy(n, batch_size):
   images, labels, weights = linear_problem(n)
   noisy = weights + np.random.default_rng(1).normal(size=weights.shape).astype(np.float32) * 0.5
   result = evaluate(linear_apply(noisy), images, labels, batch_size=batch_size,
-                    preprocess=to_float, progress=False, reference_fn=linear_apply(weights))
+                    preprocess=to_float, progress=False, reference_logits=_logits(images, weights))
   x = to_float(images).reshape(n, -1).astype(np.float64)
   ref, q = x @ weights, x @ noisy
   log_softmax = lambda z: z - z.max(1, keepdims=True) - np.log(
@@ -69,18 +69,52 @@ def test_agreement_and_kl_against_a_reference_match_numpy(n, batch_size):
                               rtol=1e-4, atol=1e-6)
   assert 0 < result["kl_to_reference"] and (n == 1 or result["agreement"] < 100)
   same = evaluate(linear_apply(weights), images, labels, batch_size=batch_size,
-                  preprocess=to_float, progress=False, reference_fn=linear_apply(weights))
+                  preprocess=to_float, progress=False, reference_logits=_logits(images, weights))
   assert same["agreement"] == 100.0 and abs(same["kl_to_reference"]) < 1e-6
   plain = evaluate(linear_apply(noisy), images, labels, batch_size=batch_size,
                    preprocess=to_float, progress=False)
   assert "agreement" not in plain and plain["top1"] == result["top1"]
 
 
-def test_a_reference_of_another_shape_is_refused():
+def _logits(images, weights):
+  return predict(linear_apply(weights), images, preprocess=to_float, progress=False)
+
+
+@pytest.mark.parametrize("rows,classes", [(8, 5), (7, 10)])
+def test_a_reference_of_another_shape_is_refused_before_predicting(rows, classes):
   images, labels, weights = linear_problem(8)
-  with pytest.raises(ValueError, match=r"reference_fn must return logits shaped like"):
-    evaluate(linear_apply(weights), images, labels, preprocess=to_float, progress=False,
-             reference_fn=linear_apply(weights[:, :5]))
+  calls = []
+
+  def apply_fn(x):
+    calls.append(x.shape)
+    return linear_apply(weights)(x)
+
+  with pytest.raises(ValueError, match=r"reference_logits must be shaped like the logits "
+                                       rf"\(8, 10\); got \({rows}, {classes}\)"):
+    evaluate(apply_fn, images, labels, preprocess=to_float, progress=False,
+             reference_logits=np.zeros((rows, classes), np.float32))
+  assert len(calls) == 1   # traced once for the logits' shape, never predicted
+
+
+@pytest.mark.parametrize("n,batch_size", [(1, 256), (37, 10), (100, 7)])
+def test_predict_returns_every_row_and_scores_give_evaluate(n, batch_size):
+  """predict's logits are the classifier's, one row per image (padded rows dropped);
+  scores of them are evaluate's figures."""
+  images, labels, weights = linear_problem(n)
+  logits = predict(linear_apply(weights), images, batch_size=batch_size, preprocess=to_float,
+                   progress=False)
+  chex.assert_shape(logits, (n, 10))
+  np.testing.assert_allclose(logits, to_float(images).reshape(n, -1) @ weights, rtol=1e-5,
+                             atol=1e-5)
+  assert scores(logits, labels) == evaluate(linear_apply(weights), images, labels,
+                                            batch_size=batch_size, preprocess=to_float,
+                                            progress=False)
+
+
+def test_scores_break_ties_toward_the_lower_class():
+  logits = np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]], np.float32)
+  assert scores(logits, np.array([0, 1]))["top1"] == 100.0
+  assert scores(logits, np.array([1, 2]))["top1"] == 0.0
 
 
 def test_float_images_need_no_preprocess():
