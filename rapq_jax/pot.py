@@ -20,6 +20,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rapq_jax import objective
+
 MIN_BITS, MAX_BITS = 2, 8
 EXP_MIN, EXP_MAX = -32, 31
 
@@ -189,7 +191,7 @@ def lp_scale_search(x: chex.Array, bits: int, *, signed: bool, per_channel: bool
       zp = jnp.round(-lo / jnp.where(scale > 0, scale, 1.0))
     safe = jnp.where(scale > 0, scale, 1.0)
     q = jnp.clip(jnp.round(x / safe) + zp, qmin, qmax)
-    err = jnp.mean(jnp.abs((q - zp) * safe - x) ** p, axis=axes)
+    err = jnp.mean(objective.abs_pow((q - zp) * safe - x, p), axis=axes)
     return err, scale, lo, hi
 
   # Sequential over candidates: a vmap would hold num_candidates copies of ``x``.
