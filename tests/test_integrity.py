@@ -271,13 +271,14 @@ def test_directory_lock_names_the_holder_and_survives_its_death(tmp_path):
 def test_damaged_result_record_is_computed_again_never_reported(tmp_path, monkeypatch, capsys):
   from experiments import job  # pylint: disable=import-outside-toplevel
   calls = []
-  monkeypatch.setitem(job.METHODS, "fp", lambda config, data: calls.append(1) or dict(
-      top1=81.25, top5=95.5, n=200, wall_seconds=1.0))
-  first = job.run_once(tmp_path, "fp", None, None, None, None)
-  assert job.run_once(tmp_path, "fp", None, None, None, None) == first and len(calls) == 1
+  monkeypatch.setitem(job.METHODS, "fp", lambda config, data, reference_logits: calls.append(
+      1) or dict(top1=81.25, top5=95.5, n=200, wall_seconds=1.0))
+  args = (tmp_path, "fp", None, None, None, None, lambda: None)
+  first = job.run_once(*args)
+  assert job.run_once(*args) == first and len(calls) == 1
   path = tmp_path / "results" / "fp.json"
   path.write_text(path.read_text().replace("81.25", "91.25"))
-  assert job.run_once(tmp_path, "fp", None, None, None, None) == first and len(calls) == 2
+  assert job.run_once(*args) == first and len(calls) == 2
   assert "fp.json: checksum mismatch (or none): the file is damaged; computing it again" in (
       capsys.readouterr().out)
 
