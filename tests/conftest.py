@@ -12,12 +12,14 @@ computation that several tests or processes build (the same step of a tiny model
 
 Compiling, not running, is most of a test's time: the suite's programs are tiny and each
 is compiled once. So the session and its subprocesses compile for XLA's CPU backend
-without LLVM's optimisation passes (``--xla_backend_optimization_level=0``, added to
-``XLA_FLAGS``). That changes the speed of the machine code, not what it computes: XLA's
-own graph passes still run and floating point stays IEEE (no fast math), so every
-equality a test asserts holds at any level. The test of a real-size run (ResNet-20's
-integer path) runs in a child process at the default level, the users' setting, where
-its reconstruction steps are ten times faster.
+without LLVM's optimisation passes (``--xla_backend_optimization_level=0``) and with its
+older loop emitters (``--xla_cpu_use_fusion_emitters=false``: the tiny Fashion-MNIST job
+of tests/cli.py compiled in 24 s instead of 32 s), added to ``XLA_FLAGS``
+(tests/compile_flags.py). That changes the speed of the machine code, not what it
+computes: XLA's own graph passes still run and floating point stays IEEE (no fast math),
+so every equality a test asserts holds with or without them. The test of a real-size run
+(ResNet-20's integer path) runs in a child process with XLA's defaults, the users'
+setting, where its reconstruction steps are ten times faster.
 
 The suite runs in two worker processes (pytest-xdist, ``-n 2 --dist loadfile`` in
 setup.cfg: a file's tests share one process and its module fixtures). Files are handed
@@ -42,6 +44,7 @@ import tempfile
 
 import pytest
 
+import compile_flags
 from experiments import data
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -50,9 +53,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE_DIR = tempfile.mkdtemp(prefix="rapq-jax-xla-cache-")
   atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+os.environ["XLA_FLAGS"] = compile_flags.with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import chex
+import compile_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,13 +216,12 @@ def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
   enough that the model is far from constant; docs/INTEGER.md has the full test set. It runs in a child process compiled
   at XLA's default CPU optimisation, as users run it (conftest: the rest of the suite
   compiles without LLVM's passes, where these reconstruction steps run 10x slower)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_backend_optimization_level")]
+  flags = compile_flags.without_fast_compile(os.environ.get("XLA_FLAGS", ""))
   code = ("import sys; sys.path.insert(0, 'tests'); import test_integer; "
           f"test_integer._resnet20_child({str(shared_dir)!r})")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                         text=True, timeout=600, check=False,
-                        env={**os.environ, "XLA_FLAGS": " ".join(flags)})
+                        env={**os.environ, "XLA_FLAGS": flags})
   assert proc.returncode == 0, proc.stderr[-5000:]
 
 
