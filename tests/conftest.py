@@ -12,14 +12,13 @@ computation that several tests or processes build (the same step of a tiny model
 
 Compiling, not running, is most of a test's time: the suite's programs are tiny and each
 is compiled once. So the session and its subprocesses compile for XLA's CPU backend
-without LLVM's optimisation passes (``--xla_backend_optimization_level=0``) and with its
-older loop emitters (``--xla_cpu_use_fusion_emitters=false``: the tiny Fashion-MNIST job
-of tests/cli.py compiled in 24 s instead of 32 s), added to ``XLA_FLAGS``
-(tests/compile_flags.py). That changes the speed of the machine code, not what it
-computes: XLA's own graph passes still run and floating point stays IEEE (no fast math),
-so every equality a test asserts holds with or without them. The test of a real-size run
-(ResNet-20's integer path) runs in a child process with XLA's defaults, the users'
-setting, where its reconstruction steps are ten times faster.
+without LLVM's optimisation passes and with its older loop emitters
+(``compile_flags.FAST_COMPILE``, added to ``XLA_FLAGS``; the tiny Fashion-MNIST job of
+tests/cli.py compiled in 24 s with both, 32 s with the first alone). That changes the
+speed of the machine code, not what it computes, so every equality a test asserts holds
+with or without them. The few tests that run real-size work in a child process
+(ResNet-20's integer path, the whole CIFAR-10 test split, the shipped-data job) compile
+it with ``compile_flags.LONG_RUN`` instead.
 
 The suite runs in two worker processes (pytest-xdist, ``-n 2 --dist loadfile`` in
 setup.cfg: a file's tests share one process and its module fixtures). Files are handed

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+import compile_flags
 from experiments import data, embed_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -51,7 +52,8 @@ def test_default_job_runs_from_the_installed_package_with_shipped_data_only(inst
   hidden.mkdir()
   work = tmp_path / "cwd"
   work.mkdir()
-  env = {**os.environ, "PYTHONPATH": str(installed), "RAPQ_FASHION_MNIST_DIR": str(hidden)}
+  env = {**os.environ, "PYTHONPATH": str(installed), "RAPQ_FASHION_MNIST_DIR": str(hidden),
+         "XLA_FLAGS": compile_flags.for_long_run(os.environ.get("XLA_FLAGS", ""))}
   where = subprocess.run([sys.executable, "-c", "import experiments; print(experiments.__file__)"],
                          cwd=work, env=env, capture_output=True, text=True, check=True)
   assert where.stdout.startswith(str(installed)), where.stdout

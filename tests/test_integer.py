@@ -213,10 +213,11 @@ def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
   simulation's and its dequantized logits differ by at most the documented bound, 0.
   The claim is equality, so the budget is small (100 / 20 steps per unit; every
   mechanism still runs: learned rounding, the exponent choice, the search), large
-  enough that the model is far from constant; docs/INTEGER.md has the full test set. It runs in a child process compiled
-  at XLA's default CPU optimisation, as users run it (conftest: the rest of the suite
-  compiles without LLVM's passes, where these reconstruction steps run 10x slower)."""
-  flags = compile_flags.without_fast_compile(os.environ.get("XLA_FLAGS", ""))
+  enough that the model is far from constant; docs/INTEGER.md has the full test set. It
+  runs in a child process compiled for a long run (tests/compile_flags.py: the rest of
+  the suite compiles without LLVM's passes, where these reconstruction steps run 10x
+  slower)."""
+  flags = compile_flags.for_long_run(os.environ.get("XLA_FLAGS", ""))
   code = ("import sys; sys.path.insert(0, 'tests'); import test_integer; "
           f"test_integer._resnet20_child({str(shared_dir)!r})")
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
