@@ -73,7 +73,8 @@ def test_bn_lp_exponent_without_bn_gets_default(default):
 # ------------------------------------------------------------------ abs_pow
 
 # Zero, or magnitudes whose powers and gradients stay normal float32 numbers.
-values = hnp.arrays(np.float32, st.integers(1, 64), elements=st.one_of(
+# (One shape, so that every example runs the same compiled programs.)
+values = hnp.arrays(np.float32, 64, elements=st.one_of(
     st.just(0.0), st.floats(2.0**-10, 2.0**10, width=32), st.floats(-2.0**10, -2.0**-10, width=32)))
 
 
