@@ -111,13 +111,6 @@ def model_logits(model: nn.Module, variables: dict, data: Data,
       progress=progress)
 
 
-def evaluate_model(model: nn.Module, variables: dict, data: Data, config: ml_collections.ConfigDict,
-                   *, desc: str) -> dict:
-  """dict(top1, top5, n) of `model` in eval mode on the test split."""
-  return evaluate_lib.scores(model_logits(model, variables, data, config, desc=desc),
-                             data.test_labels)
-
-
 def fp_logits(config: ml_collections.ConfigDict, data: Data, *, progress: bool = True) -> np.ndarray:
   """Logits of config's pretrained model on the test split: its FP figures, and the
   reference of each quantized model's agreement and KL."""

@@ -14,7 +14,7 @@ from experiments import configs
 from experiments import data
 from experiments import pipeline
 from experiments import pretrain
-from rapq_jax import adapter, convert
+from rapq_jax import adapter, convert, evaluate
 from rapq_jax.models import get_model, input_shape
 from rapq_jax.network import network_apply
 
@@ -172,7 +172,8 @@ def test_committed_checkpoint_reaches_its_recorded_accuracy(name, tmp_path, monk
   model, variables = pipeline.load_model(config)
   assert model == get_model(name)
   test_data = pipeline.load_data(config)
-  result = pipeline.evaluate_model(model, variables, test_data, config, desc=name)
+  result = evaluate.scores(pipeline.model_logits(model, variables, test_data, config, desc=name),
+                           test_data.test_labels)
   assert result['n'] == 10000
   assert abs(result['top1'] - record['test_top1']) <= 0.05
 
