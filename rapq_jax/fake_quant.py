@@ -21,7 +21,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rapq_jax import objective, pot, rounding
+from rapq_jax import pot, power, rounding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,7 @@ def init_weight(w: chex.Array, spec: WeightSpec, *, learn_exponent: bool = False
 
     def err(e):
       st = {"lo": lp.lo, "exp": e.astype(jnp.float32)}
-      return jnp.mean(objective.abs_pow(weight_fake_quant(w, st, spec, soft=False) - w, p),
+      return jnp.mean(power.abs_pow(weight_fake_quant(w, st, spec, soft=False) - w, p),
                       axis=axes)
 
     state["exp"] = jnp.where(err(hi_e) < err(lo_e), hi_e, lo_e).astype(jnp.float32)
@@ -134,7 +134,7 @@ def best_grid(w: chex.Array, scale: chex.Array, spec: WeightSpec, p: float):
     e, zp = exps[k // zps.shape[0]], zps[k % zps.shape[0]]
     s = pot.exp2(e)
     q = jnp.clip(jnp.round(w / s) + zp, qmin, qmax)
-    return jnp.mean(objective.abs_pow((q - zp) * s - w, p), axis=axes)
+    return jnp.mean(power.abs_pow((q - zp) * s - w, p), axis=axes)
 
   # Sequential over candidates, as lp_scale_search: a vmap would hold one copy of w each.
   errs = jax.lax.map(err, jnp.arange(exps.shape[0] * zps.shape[0]))      # [K, O]

@@ -20,7 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from rapq_jax import objective
+from rapq_jax import power
 
 MIN_BITS, MAX_BITS = 2, 8
 EXP_MIN, EXP_MAX = -32, 31
@@ -191,7 +191,7 @@ def lp_scale_search(x: chex.Array, bits: int, *, signed: bool, per_channel: bool
       zp = jnp.round(-lo / jnp.where(scale > 0, scale, 1.0))
     safe = jnp.where(scale > 0, scale, 1.0)
     q = jnp.clip(jnp.round(x / safe) + zp, qmin, qmax)
-    err = jnp.mean(objective.abs_pow((q - zp) * safe - x, p), axis=axes)
+    err = jnp.mean(power.abs_pow((q - zp) * safe - x, p), axis=axes)
     return err, scale, lo, hi
 
   # Sequential over candidates: a vmap would hold num_candidates copies of ``x``.

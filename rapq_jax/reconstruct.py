@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from rapq_jax import fake_quant, objective, parallel, rounding
+from rapq_jax import fake_quant, objective, parallel, power, rounding
 from rapq_jax.config import PTQConfig
 from rapq_jax.network import unit_apply
 from rapq_jax.units import Unit
@@ -244,7 +244,7 @@ def _cache_loss(unit: Unit, wspecs: tuple, aspecs: tuple, p: float, n: int):
 
     def chunk_loss(args):
       x, y_t, m = args
-      err = jnp.sum(objective.abs_pow(unit_apply(unit, params, x, wq, aq)[0] - y_t, p), axis=-1)
+      err = jnp.sum(power.abs_pow(unit_apply(unit, params, x, wq, aq)[0] - y_t, p), axis=-1)
       return jnp.sum(jnp.mean(err.reshape(err.shape[0], -1), axis=1) * m)
 
     return jnp.sum(jax.lax.map(chunk_loss, (_chunked(xs), _chunked(ys), mask))) / n
@@ -312,7 +312,7 @@ def _channel_errors(unit: Unit, wspecs: tuple, aspecs: tuple, role: str, p: floa
       x, m = args
       ref = output(x, kernels[0])
       m = m.reshape((-1,) + (1,) * (ref.ndim - 1))
-      return jnp.stack([jnp.sum(objective.abs_pow(output(x, k) - ref, p) * m,
+      return jnp.stack([jnp.sum(power.abs_pow(output(x, k) - ref, p) * m,
                                 axis=tuple(range(ref.ndim - 1))) for k in kernels[1:]])
 
     return jnp.sum(jax.lax.map(chunk_errors, (_chunked(xs), mask)), axis=0)
