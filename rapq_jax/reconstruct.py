@@ -3,7 +3,8 @@ then activation exponents, against an Lp reconstruction of the FP unit's output.
 
 Each phase is a ``Phase``: a pure ``init`` and a jitted ``step`` over a NamedTuple state
 (``WeightPhaseState``, ``ActPhaseState``), as an optax transformation, compiled once per
-unit shape (``weight_phase``, ``act_phase``). The steps are driven from Python (on CPU a
+unit shape (``weight_phase``, ``act_phase``) and not per budget: the iteration counts their
+schedules read are traced values in the states (``Budget``). The steps are driven from Python (on CPU a
 conv weight gradient inside ``lax.fori_loop`` measured ~15x slower than the same jitted
 step called from a loop). Calibration inputs and targets are cached once per unit on the devices,
 split along rows over all of them (``parallel``), and each step draws its batch there,
@@ -97,13 +98,38 @@ def place(xs, ys, tree):
   return parallel.shard_rows(xs), parallel.shard_rows(ys), parallel.replicate(tree)
 
 
-def exponent_temperature(cfg: PTQConfig):
+class Budget(NamedTuple):
+  """The step counts the phases' schedules read, as int32 scalars in the phase states:
+  the compiled steps do not depend on them, so one compilation serves every budget (and
+  the persistent compilation cache serves a run at another budget)."""
+  weight_iters: jax.Array
+  warmup_steps: jax.Array     # rounding.warmup_steps: AdaRound's regulariser is off before
+  exp_warm_iters: jax.Array
+  act_iters: jax.Array
+
+
+def budget(cfg: PTQConfig) -> Budget:
+  """``cfg``'s step counts, placed replicated on the devices."""
+  counts = (cfg.weight_iters, rounding.warmup_steps(cfg.weight_iters, cfg.warmup),
+            cfg.exp_warm_iters, cfg.act_iters)
+  return parallel.replicate(Budget(*(np.int32(c) for c in counts)))
+
+
+def exponent_temperature(it: jax.Array, steps: Budget, cfg: PTQConfig) -> jax.Array:
   """The temperature of the exponent logits' regulariser at step ``it`` of the weight
-  stage (an optax schedule): held at ``b_start`` with ``exp_b_hold`` (the official
-  schedule), else annealed ``b_start -> b_end`` over the ``exp_warm_iters`` steps."""
+  stage: held at ``b_start`` with ``exp_b_hold`` (the official schedule), else annealed
+  ``b_start -> b_end`` over the ``exp_warm_iters`` steps."""
   if cfg.exp_b_hold:
-    return optax.constant_schedule(cfg.b_start)
-  return optax.linear_schedule(cfg.b_start, cfg.b_end, max(cfg.exp_warm_iters, 1))
+    return jnp.float32(cfg.b_start)
+  return rounding.linear(it, jnp.maximum(steps.exp_warm_iters, 1), cfg.b_start, cfg.b_end)
+
+
+def act_learning_rate(it: jax.Array, steps: Budget, cfg: PTQConfig) -> jax.Array:
+  """``lr_a`` at step ``it`` of the activation phase, cosine-decayed to 0 over
+  ``act_iters`` steps (the arithmetic of ``optax.cosine_decay_schedule``, whose step count
+  must be a python int)."""
+  decay = jnp.maximum(steps.act_iters, 1)
+  return cfg.lr_a * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(it, decay) / decay)))
 
 
 class WeightPhaseState(NamedTuple):
@@ -113,6 +139,7 @@ class WeightPhaseState(NamedTuple):
   train: dict
   opt_state: optax.OptState
   frozen: dict
+  steps: Budget
 
   @property
   def wstates(self) -> dict:
@@ -125,6 +152,7 @@ class ActPhaseState(NamedTuple):
   state."""
   astates: dict
   opt_state: optax.OptState
+  steps: Budget
 
 
 class Phase(NamedTuple):
@@ -147,14 +175,10 @@ def weight_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
   # alpha and the exponent logits v learn at their own rates.
   opt = optax.multi_transform({"alpha": optax.adam(cfg.lr_w), "v": optax.adam(cfg.lr_exp)},
                               lambda tree: {r: {k: k for k in s} for r, s in tree.items()})
-  b_round = rounding.temperature_schedule(cfg.weight_iters, start_b=cfg.b_start,
-                                          end_b=cfg.b_end, warmup=cfg.warmup)
-  b_exp = exponent_temperature(cfg)
-
   points = sorted(aspecs)
   prob = cfg.weight_phase_act_quant
 
-  def loss_fn(train, frozen, astates, params, targets, x, y_t, it, key):
+  def loss_fn(train, frozen, astates, params, targets, x, y_t, it, steps, key):
     ws = _merge(train, frozen)
     wq, aq_all = fake_quant.hooks(ws, astates, wspecs, aspecs, soft=True, acts_on=True)
 
@@ -168,11 +192,14 @@ def weight_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
 
     y, pre = unit_apply(unit, params, x, wq, aq)
     rec = objective.lp_loss(y, y_t, p)
-    reg = sum(rounding.regularizer(s["alpha"], b_round(it)) for s in train.values())
-    active = rounding.regularizer_active(it, cfg.weight_iters, cfg.warmup)
+    b_round = rounding.temperature(it, steps.weight_iters, steps.warmup_steps,
+                                   start_b=cfg.b_start, end_b=cfg.b_end)
+    reg = sum(rounding.regularizer(s["alpha"], b_round) for s in train.values())
+    active = rounding.regularizer_active(it, steps.warmup_steps)
     loss = rec + cfg.round_weight * active * reg
     if learn_v:
-      reg_v = sum(rounding.regularizer(s["v"], b_exp(it)) for s in train.values())
+      b_exp = exponent_temperature(it, steps, cfg)
+      reg_v = sum(rounding.regularizer(s["v"], b_exp) for s in train.values())
       loss = loss + cfg.round_weight * cfg.exp_reg_factor * reg_v
     if cfg.bn_stats_weight:
       loss = loss + cfg.bn_stats_weight * objective.bn_stats_loss(pre, targets)
@@ -180,14 +207,14 @@ def weight_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
 
   def init(wstates):
     train, frozen = _split_states(wstates, keys)
-    return WeightPhaseState(train, parallel.replicate(opt.init(train)), frozen)
+    return WeightPhaseState(train, parallel.replicate(opt.init(train)), frozen, budget(cfg))
 
   @jax.jit
   def step(state, astates, params, targets, xs, ys, key, it):
     kb, kd = jax.random.split(jax.random.fold_in(key, it))
     x, y_t = _batch(xs, ys, kb, cfg.batch_size, n)
     (loss, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.train, state.frozen, astates, params, targets, x, y_t, it, kd)
+        state.train, state.frozen, astates, params, targets, x, y_t, it, state.steps, kd)
     updates, opt_state = opt.update(grads, state.opt_state, state.train)
     return state._replace(train=optax.apply_updates(state.train, updates),
                           opt_state=opt_state), rec
@@ -201,21 +228,25 @@ def act_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float
   """The activation phase, as ``weight_phase``: ``init(astates) -> ActPhaseState``;
   ``step(state, wstates, params, xs, ys, key, it) -> (state, loss)`` with hard weights."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
-  opt = optax.adam(optax.cosine_decay_schedule(cfg.lr_a, max(cfg.act_iters, 1)))
+  opt = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr_a)
 
   def loss_fn(astates, wstates, params, x, y_t):
     wq, aq = fake_quant.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
     return objective.lp_loss(unit_apply(unit, params, x, wq, aq)[0], y_t, p)
 
   def init(astates):
-    return ActPhaseState(astates, parallel.replicate(opt.init(astates)))
+    return ActPhaseState(astates, parallel.replicate(opt.init(astates)), budget(cfg))
 
   @jax.jit
   def step(state, wstates, params, xs, ys, key, it):
     x, y_t = _batch(xs, ys, jax.random.fold_in(key, it), cfg.batch_size, n)
     loss, grads = jax.value_and_grad(loss_fn)(state.astates, wstates, params, x, y_t)
-    updates, opt_state = opt.update(grads, state.opt_state, state.astates)
-    return ActPhaseState(optax.apply_updates(state.astates, updates), opt_state), loss
+    lr = act_learning_rate(it, state.steps, cfg)
+    opt_state = state.opt_state._replace(
+        hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+    updates, opt_state = opt.update(grads, opt_state, state.astates)
+    return state._replace(astates=optax.apply_updates(state.astates, updates),
+                          opt_state=opt_state), loss
 
   return Phase(init, step)
 

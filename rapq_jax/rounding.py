@@ -8,7 +8,6 @@ the rounding of every weight and the floor/ceil choice of every PoT exponent (RA
 import chex
 import jax
 import jax.numpy as jnp
-import optax
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -35,16 +34,30 @@ def regularizer(v: chex.Array, b: chex.Array) -> chex.Array:
   return jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(v) - 1.0) ** b)
 
 
-def temperature_schedule(num_steps: int, *, start_b: float = 20.0, end_b: float = 2.0,
-                         warmup: float = 0.2) -> optax.Schedule:
-  """AdaRound's ``b``: ``start_b`` for the first ``warmup`` fraction of steps (where the
-  regulariser is off, see ``regularizer_active``), then linear down to ``end_b``."""
-  warm = int(warmup * num_steps)
-  return optax.join_schedules(
-      [optax.constant_schedule(start_b),
-       optax.linear_schedule(start_b, end_b, max(num_steps - warm, 1))], [warm])
+def warmup_steps(num_steps: int, warmup: float) -> int:
+  """The steps before the regulariser starts: the first ``warmup`` fraction of
+  ``num_steps`` (python int)."""
+  return int(warmup * num_steps)
 
 
-def regularizer_active(step: chex.Array, num_steps: int, warmup: float = 0.2) -> chex.Array:
-  """1.0 once ``step`` is past the warm-up fraction, else 0.0 (float scalar)."""
-  return (step >= int(warmup * num_steps)).astype(jnp.float32)
+def linear(count: chex.Array, steps: chex.Array, start: float, end: float) -> chex.Array:
+  """``start`` at ``count = 0`` to ``end`` at ``count >= steps`` (> 0), linearly (float32
+  scalar); ``steps`` may be traced. The same arithmetic as ``optax.linear_schedule``,
+  whose step count must be a python int."""
+  count = jnp.clip(count, 0, steps)
+  return (start - end) * (1 - count / steps) + end
+
+
+def temperature(step: chex.Array, num_steps: chex.Array, warm: chex.Array, *,
+                start_b: float = 20.0, end_b: float = 2.0) -> chex.Array:
+  """AdaRound's ``b`` at ``step`` of ``num_steps`` (float32 scalar): ``start_b`` for the
+  first ``warm`` steps (``warmup_steps``; the regulariser is off there, see
+  ``regularizer_active``), then linear down to ``end_b``. The counts may be traced, so one
+  compiled step serves every budget."""
+  return jnp.where(step < warm, start_b,
+                   linear(step - warm, jnp.maximum(num_steps - warm, 1), start_b, end_b))
+
+
+def regularizer_active(step: chex.Array, warm: chex.Array) -> chex.Array:
+  """1.0 once ``step`` is past the ``warm`` warm-up steps, else 0.0 (float scalar)."""
+  return (step >= warm).astype(jnp.float32)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import optax
 
 from nets import folded, random_variables
 
@@ -562,12 +563,44 @@ def test_learned_exponents_on_the_official_schedule(block):
 def test_exponent_temperature_is_held_only_on_the_official_schedule(hold):
   cfg = config.for_method("rapq", learn_exponent=True, exp_warm_iters=50, exp_b_hold=hold,
                           b_start=20.0, b_end=2.0)
-  b = reconstruct.exponent_temperature(cfg)
-  values = [float(b(it)) for it in (0, 10, 25, 49, 50)]
+  steps = reconstruct.budget(cfg)
+  values = [float(reconstruct.exponent_temperature(jnp.int32(it), steps, cfg))
+            for it in (0, 10, 25, 49, 50)]
   if hold:
     assert values == [20.0] * 5
   else:
     assert values[0] == 20.0 and values[-1] == 2.0 and values == sorted(values, reverse=True)
+
+
+def test_activation_learning_rate_is_optax_cosine_decay():
+  cfg = config.for_method("rapq", act_iters=40, lr_a=4e-4)
+  steps = reconstruct.budget(cfg)
+  lr = jax.jit(reconstruct.act_learning_rate, static_argnums=2)
+  got = np.array([lr(jnp.int32(it), steps, cfg) for it in range(45)])
+  expected = np.array([optax.cosine_decay_schedule(4e-4, 40)(it) for it in range(45)])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12)
+  assert got[0] == np.float32(4e-4) and np.all(got[40:] == 0)
+
+
+def test_compiled_steps_do_not_depend_on_the_budget(block):
+  """The iteration counts reach the steps as traced values in the phase states, so runs
+  at different budgets share their compiled steps (and the persistent cache's)."""
+  net, unit, params, cfg, (wspecs, aspecs), _, x_in, y_fp, start = block
+  xs, ys, (p, b, ws, acts) = reconstruct.place(x_in, y_fp, (params, net.bn_targets[unit.name],
+                                                            start["w"], start["a"]))
+  shape, n = reconstruct.structural(unit), x_in.shape[0]
+  ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
+  key = jax.random.PRNGKey(0)
+  texts = []
+  for iters in ((6, 4, 2), (2000, 500, 500)):
+    c = dataclasses.replace(cfg, weight_iters=iters[0], act_iters=iters[1], exp_warm_iters=iters[2])
+    weights = reconstruct.weight_phase(shape, ws_t, as_t, c, 1.1, False, n)
+    activations = reconstruct.act_phase(shape, ws_t, as_t, c, 1.1, n)
+    state, astate = weights.init(ws), activations.init(acts)
+    assert int(state.steps.weight_iters) == iters[0] and int(astate.steps.act_iters) == iters[1]
+    texts.append((weights.step.lower(state, acts, p, b, xs, ys, key, 3).as_text(),
+                  activations.step.lower(astate, ws, p, xs, ys, key, 3).as_text()))
+  assert texts[0] == texts[1]
 
 
 def unit_out(unit, params, wstates, wspecs, x):

@@ -127,22 +127,38 @@ def test_regularizer_is_largest_at_half():
   assert per_element[0] > per_element[1] > per_element[2]
 
 
-@pytest.mark.parametrize("num_steps, warmup", [(100, 0.2), (1000, 0.2), (50, 0.0), (10, 0.5)])
-def test_temperature_schedule(num_steps, warmup):
+@pytest.mark.parametrize("num_steps, warmup", [(100, 0.2), (1000, 0.2), (50, 0.0), (10, 0.5),
+                                              (15, 0.2), (7, 0.3)])
+def test_temperature_is_constant_then_linear_to_end_b(num_steps, warmup):
   start_b, end_b = 20.0, 2.0
-  sched = rounding.temperature_schedule(num_steps, start_b=start_b, end_b=end_b, warmup=warmup)
-  warm = int(warmup * num_steps)
-  b = np.array([float(sched(i)) for i in range(num_steps + 1)])
+  warm = rounding.warmup_steps(num_steps, warmup)
+  assert warm == int(warmup * num_steps)
+  # One compiled function for every budget: the counts are traced arguments.
+  b_at = jax.jit(lambda i, n, w: rounding.temperature(i, n, w, start_b=start_b, end_b=end_b))
+  b = np.array([b_at(i, np.int32(num_steps), np.int32(warm)) for i in range(num_steps + 2)])
   np.testing.assert_array_equal(b[:warm + 1], start_b)     # constant through the warm-up
-  assert np.all(np.diff(b[warm:]) < 0)                     # then strictly decreasing
-  np.testing.assert_allclose(b[-1], end_b, rtol=1e-6)      # ... to end_b
+  assert np.all(np.diff(b[warm:num_steps + 1]) < 0)        # then strictly decreasing
+  np.testing.assert_array_equal(b[num_steps:], end_b)      # ... to exactly end_b
   slope = (end_b - start_b) / (num_steps - warm)           # ... linearly
-  np.testing.assert_allclose(b[warm:], start_b + slope * np.arange(num_steps - warm + 1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(b[warm:num_steps + 1],
+                             start_b + slope * np.arange(num_steps - warm + 1), rtol=1e-6)
+
+
+LINEAR = jax.jit(rounding.linear)
+
+
+@given(steps=st.integers(1, 5000), count=st.integers(-5, 6000),
+       start=st.floats(-100, 100, width=32), end=st.floats(-100, 100, width=32))
+@settings(max_examples=50, deadline=None)
+def test_linear_is_optax_linear_schedule_to_float32_rounding(steps, count, start, end):
+  """The traced-count schedule has the values of optax's (whose count is a python int)."""
+  got = float(LINEAR(np.int32(count), np.int32(steps), np.float32(start), np.float32(end)))
+  expected = float(optax.linear_schedule(start, end, steps)(count))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * (abs(start) + abs(end)))
 
 
 def test_regularizer_active_after_warmup():
-  active = np.array([float(rounding.regularizer_active(jnp.int32(i), 100, 0.2))
+  active = np.array([float(rounding.regularizer_active(jnp.int32(i), jnp.int32(20)))
                      for i in range(100)])
   np.testing.assert_array_equal(active, (np.arange(100) >= 20).astype(np.float32))
 
