@@ -199,6 +199,7 @@ def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool, when: s
     logging.warning("exponent search %s reconstruction stopped at search_sweeps = %d with "
                     "exponents still moving (%d moved)", when, cfg.search_sweeps, len(moved))
   info = dict(before=res.before, after=res.after, sweeps=res.sweeps, capped=res.capped,
+              evaluations=res.evaluations,
               moved=moved, images=images, seconds=time.perf_counter() - t0)
   return res, info
 

@@ -8,10 +8,13 @@ at a time while each step strictly lowers it, up to ``reach`` steps in all
 (``reach=1``: a single +-1 move). With ``folds > 1`` the images are split into that many
 equal, disjoint parts and a step is taken only if it strictly lowers the objective on
 every part, so a move must help on several image sets, not fit one. The objective
-therefore never increases. Sweeps over all quantizers repeat until
-one changes nothing or ``max_sweeps``; a search stopped by ``max_sweeps`` after a sweep
-that still moved an exponent is ``capped`` (it had not converged). The whole search is
-one ``jax.lax`` program (forward passes only).
+therefore never increases. Sweeps over all quantizers repeat until every quantizer has
+been visited without a move since the last move (a visit that moved and ended on a step
+that did not lower the objective counts: its quantizer is at a minimum along its own
+axis), or ``max_sweeps``. That is where a sweep that changes nothing would end, with the
+same offsets, but without that sweep's visits of quantizers already checked at the
+current offsets. A search stopped by ``max_sweeps`` before converging is ``capped``. The
+whole search is one ``jax.lax`` program (forward passes only).
 
 Candidates are scored on the logits of the deployed integer model (``deployed_logits``:
 ``quantized.from_states`` then ``quantized.apply``: round-half-up requantization, biases
@@ -38,7 +41,8 @@ from rapq_jax.network import Network, network_apply
 class SearchResult(NamedTuple):
   """states: updated quantizer states; offsets: int32 [Q] applied per quantizer
   (``names[i]`` = (unit, 'w'|'a', role or point)); objective before and after; sweeps
-  run; capped: stopped at ``max_sweeps`` while its last sweep still moved an exponent."""
+  run; capped: stopped at ``max_sweeps`` before converging; evaluations: candidates
+  scored (each a forward pass of the units from the moved quantizer's on)."""
   states: dict
   offsets: jax.Array
   names: tuple
@@ -46,6 +50,7 @@ class SearchResult(NamedTuple):
   after: float
   sweeps: int
   capped: bool
+  evaluations: int
 
 
 def quantizer_names(net: Network, states: dict, *, weights: bool, acts: bool,
@@ -121,16 +126,18 @@ def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, fold
         split(logits), split(fp_logits))
 
   # Carry: offsets, best objective, objective before, quantizer q, step (0: the first
-  # evaluation, of the offsets as given; else +1 or -1), steps taken at q, completed
-  # sweeps, whether this sweep moved, done, capped, unit outputs at the offsets.
+  # evaluation, of the offsets as given; else +1 or -1), steps taken at q, sweeps,
+  # quantizers checked at the current offsets, candidates scored, done, capped, unit
+  # outputs at the offsets.
   def probe(net, states, x, fp_logits, max_sweeps, reach, c):
-    offsets, best, before, q, step, k, sweeps, changed, _, _, cached = c
+    offsets, best, before, q, step, k, sweeps, checked, scored, _, _, cached = c
     cand = offsets + step * jax.nn.one_hot(q, n, dtype=jnp.int32)
     first = step == 0
     # The first evaluation reads every unit from the cache (the offsets as given).
     outs = outputs(net, states, x, cand, cached,
                    jnp.where(first, len(cached), first_unit[q]))
     v = value(outs[-1], fp_logits)
+    scored = scored + ~first
     before = jnp.where(first, v, before)
     better = jnp.all(v < best) & ~first
     offsets, best = jnp.where(better, cand, offsets), jnp.where(better | first, v, best)
@@ -139,28 +146,31 @@ def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, fold
     try_down = ~better & ~first & (k == 0) & (step == 1)
     leave = ~(walk_on | try_down | first)
     step = jnp.where(try_down, -1, jnp.where(leave | first, 1, step))
-    changed = changed | better
+    # A visit that moved resets the count of quantizers checked at the current offsets
+    # to 1 (itself), or to 0 when its walk stopped at ``reach`` still improving.
+    checked = jnp.where(leave, jnp.where(k > 0, jnp.where(better, 0, 1), checked + 1), checked)
+    converged = leave & (checked >= n)
     q, k = jnp.where(leave, q + 1, q), jnp.where(leave, 0, k)
     wrap = leave & (q == n)
-    sweeps = sweeps + wrap
-    done = wrap & (~changed | (sweeps >= max_sweeps))
-    capped = done & changed
+    sweeps = sweeps + (wrap | converged)   # a sweep stopped by convergence counts
+    done = converged | (wrap & (sweeps >= max_sweeps))
+    capped = done & ~converged
     cached = jax.tree.map(lambda new, old: jnp.where(better, new, old), outs, cached)
-    return (offsets, best, before, jnp.where(wrap, 0, q), step, k, sweeps,
-            changed & ~wrap, done | (first & (max_sweeps == 0)), capped, cached)
+    return (offsets, best, before, jnp.where(wrap, 0, q), step, k, sweeps, checked, scored,
+            done | (first & (max_sweeps == 0)), capped, cached)
 
   @jax.jit
   def run(net, states, x, fp_logits, max_sweeps, reach):
     zero = jnp.int32(0)
     inf = jnp.full((folds,), jnp.inf, jnp.float32)
     offsets = jnp.zeros((n,), jnp.int32)
-    c = (offsets, inf, inf, zero, zero, zero, zero, jnp.bool_(False),
-         jnp.bool_(False), jnp.bool_(False), outputs(net, states, x, offsets))
+    c = (offsets, inf, inf, zero, zero, zero, zero, zero, zero, jnp.bool_(False),
+         jnp.bool_(False), outputs(net, states, x, offsets))
     step = functools.partial(probe, net, states, x, fp_logits, max_sweeps, reach)
-    c = jax.lax.while_loop(lambda c: ~c[8], step, c)
-    offsets, best, before, _, _, _, sweeps, _, _, capped, _ = c
+    c = jax.lax.while_loop(lambda c: ~c[9], step, c)
+    offsets, best, before, _, _, _, sweeps, _, scored, _, capped, _ = c
     # Equal parts: the mean over them is the objective over all the images.
-    return offsets, jnp.mean(before), jnp.mean(best), sweeps, capped
+    return offsets, jnp.mean(before), jnp.mean(best), sweeps, capped, scored
 
   return run
 
@@ -196,8 +206,8 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
   position = {unit.name: i for i, unit in enumerate(net.units)}
   run = _program(names, tuple(position[u] for u, _, _ in names), fake_quant.spec_items(specs),
                  kind, folds)
-  offsets, before, after, sweeps, capped = run(net, states, x, fp_logits,
+  offsets, before, after, sweeps, capped, scored = run(net, states, x, fp_logits,
                                                jnp.int32(max_sweeps if names else 0),
                                                jnp.int32(reach))
   return SearchResult(shift_states(states, names, offsets), offsets, names,
-                      float(before), float(after), int(sweeps), bool(capped))
+                      float(before), float(after), int(sweeps), bool(capped), int(scored))

@@ -84,38 +84,53 @@ def test_objective_is_the_deployed_models(problem):
 
 def reference_search(net, states, specs, x, fp_logits, names, *, max_sweeps, reach):
   """The coordinate descent ``search`` documents, written plainly: every candidate is
-  scored by a whole forward pass of its deployed model (no outputs reused)."""
+  scored by a whole forward pass of its deployed model (no outputs reused), and it stops
+  at the end of a sweep that moved nothing. Returns the offsets, the objective and the
+  candidates scored up to where every quantizer had been visited without a move since
+  the last move (the search's stopping point: the rest of that sweep moves nothing)."""
   value = lambda o: objective_of(net, search.shift_states(states, names, jnp.asarray(o)),
                                  specs, x, fp_logits)
   offsets = np.zeros(len(names), np.int32)
   best = value(offsets)
+  scored, checked, stop_at = 0, 0, None
   for _ in range(max_sweeps):
     changed = False
     for q in range(len(names)):
+      k = 0
       for step in (1, -1):
-        k = 0
         while k < reach:
           cand = offsets.copy()
           cand[q] += step
           v = value(cand)
+          scored += 1
           if not v < best:
             break
           offsets, best, k, changed = cand, v, k + 1, True
         if k:
           break
+      # A walk that stopped at reach still improving leaves its quantizer unchecked.
+      checked = checked + 1 if not k else (0 if k == reach else 1)
+      if checked >= len(names) and stop_at is None:
+        stop_at = scored
     if not changed:
       break
-  return offsets, best
+  return offsets, best, scored if stop_at is None else stop_at
 
 
-def test_search_takes_the_moves_of_a_search_without_reused_outputs(problem):
+@pytest.mark.parametrize("reach", [1, 8])
+def test_search_takes_the_moves_of_a_search_without_reused_outputs(problem, reach):
   """The search scores a move of one unit's quantizer reusing the outputs of the units
-  before it; its moves are those of the plain coordinate descent."""
+  before it; its moves are those of the plain coordinate descent, and it stops as soon as
+  the plain one has converged instead of finishing a sweep that moves nothing."""
   net, states, specs, x, fp_logits, result = problem
-  offsets, best = reference_search(net, states, specs, x, fp_logits, result.names,
-                                   max_sweeps=3, reach=1)
-  np.testing.assert_array_equal(result.offsets, offsets)
-  np.testing.assert_allclose(result.after, best, rtol=1e-5)
+  for sweeps in (3, 50):
+    offsets, best, scored = reference_search(net, states, specs, x, fp_logits, result.names,
+                                             max_sweeps=sweeps, reach=reach)
+    res = search.search_exponents(net, states, specs, x, fp_logits, weights=True, acts=True,
+                                  max_sweeps=sweeps, reach=reach)
+    np.testing.assert_array_equal(res.offsets, offsets)
+    np.testing.assert_allclose(res.after, best, rtol=1e-5)
+    assert res.evaluations == scored
 
 
 def test_unit_outputs_take_the_units_before_start_from_the_cache(problem):
@@ -249,7 +264,9 @@ def test_walk_reaches_an_exponent_several_steps_away(problem, reach):
   assert result.names == (name,)
   np.testing.assert_array_equal(result.offsets, [min(best, reach)])
   np.testing.assert_allclose(result.after, profile[min(best, reach)], rtol=1e-5)
-  assert result.sweeps == 1 and result.capped
+  # Capped unless the walk ended on a step that did not lower the objective: then the one
+  # quantizer is at its minimum and the search has converged within its one sweep.
+  assert result.sweeps == 1 and result.capped == (best >= reach)
 
 
 def test_sweep_limit_is_reported(problem):
