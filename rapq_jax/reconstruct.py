@@ -3,10 +3,10 @@ then activation exponents, against an Lp reconstruction of the FP unit's output.
 
 Each phase is a ``Phase``: a pure ``init`` and a jitted ``step`` over a NamedTuple state
 (``WeightPhaseState``, ``ActPhaseState``), as an optax transformation, compiled once per
-unit shape (``weight_phase``, ``act_phase``) and not per budget: the iteration counts their
-schedules read are traced values in the states (``Budget``). The steps are driven from Python (on CPU a
-conv weight gradient inside ``lax.fori_loop`` measured ~15x slower than the same jitted
-step called from a loop). Calibration inputs and targets are cached once per unit on the devices,
+unit shape (``weight_phase``, ``act_phase``) and not per budget: the iteration counts
+their schedules read are traced values in the states (``Budget``). The steps are driven
+from Python (on CPU a conv weight gradient inside ``lax.fori_loop`` measured ~15x slower
+than the same jitted step called from a loop). Calibration inputs and targets are cached once per unit on the devices,
 split along rows over all of them (``parallel``), and each step draws its batch there,
 so the loop has no host transfer except the periodic progress read-out. Each device
 computes its share of the batch; the loss is a batch mean, so XLA averages the shares of
