@@ -369,6 +369,8 @@ def dequantize_output(program: Program, acc):
   return acc.astype(jnp.float32) * pot.exp2(program.arrays[program.spec["output"]["exp"]])
 
 
+@jax.jit
 def apply(program: Program, x):
-  """Float32 NHWC image -> float32 logits through the integer path; jit-able."""
+  """Float32 NHWC image -> float32 logits through the integer path (jitted: one program
+  per manifest and input shape, not one per operation)."""
   return dequantize_output(program, run(program, quantize_input(program, x)))

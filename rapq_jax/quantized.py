@@ -197,8 +197,10 @@ def _unit_sim(unit: Unit, params: dict, acc_e: dict, acts: dict, aq, x, e_x):
   return y
 
 
+@jax.jit
 def apply(qm: QuantizedModel, x):
-  """Inference simulated in float32: float32 NHWC input -> float32 logits ``[N, K]``.
+  """Inference simulated in float32: float32 NHWC input -> float32 logits ``[N, K]``
+  (jitted: one program per model structure and input shape, not one per operation).
   Every weight, bias and activation is an integer times a power of two and every
   rounding is the integer path's (``rapq_jax.integer``), so the logits equal its
   dequantized ones exactly while intermediate integers stay below 2**23 (the
