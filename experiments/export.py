@@ -25,7 +25,6 @@ import json
 import pathlib
 import sys
 
-import jax
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -94,7 +93,6 @@ def check_onnx(run_dir, onnx_paths: list[pathlib.Path], *, test_size: int | None
     config.test_size = test_size
   data = pipeline.load_data(config)
   labels = data.test_labels
-  simulate = jax.jit(quantized.apply)
   figures = {}
   for path in onnx_paths:
     qm = export.load_model(run_dir / "models" / path.stem)
@@ -103,7 +101,7 @@ def check_onnx(run_dir, onnx_paths: list[pathlib.Path], *, test_size: int | None
     for i in tqdm(range(0, len(labels), batch), desc=f"onnx check {path.stem}",
                   disable=None):
       x = np.asarray(data.preprocess(data.test_images[i:i + batch]), np.float32)
-      sim.append(np.asarray(simulate(qm, x)))
+      sim.append(np.asarray(quantized.apply(qm, x)))
       for k, session in sessions.items():
         ort_out[k].append(session.run(["logits"], {"image": x})[0])
     sim = np.concatenate(sim)

@@ -29,7 +29,6 @@ from rapq_jax.reconstruct import reconstruct_unit, structural
 from rapq_jax.units import Unit
 
 INIT_SAMPLES = 256
-_apply_quantized = jax.jit(quantized.apply)
 FORWARD_BATCH = 256
 
 
@@ -511,7 +510,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   model = None
   if cfg.pot_scales:
     model = quantized.from_states(net, states, specs, metadata or {})
-    apply = functools.partial(_apply_quantized, model)
+    apply = functools.partial(quantized.apply, model)
   else:
     fn = jax.jit(lambda n, st, x: search.quantized_logits(n, st, specs, x))
     apply = functools.partial(fn, net, states)

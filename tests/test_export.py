@@ -363,8 +363,8 @@ def test_run_method_saves_a_model_that_exports(tmp_path):
   program = integer.lower(qm)
   assert program.spec["checks"]["exact_float32"]
   x = data.preprocess(data.test_images)
-  logits = jax.jit(integer.apply)(program, x)
-  np.testing.assert_array_equal(logits, jax.jit(quantized.apply)(qm, x))
+  logits = integer.apply(program, x)
+  np.testing.assert_array_equal(logits, quantized.apply(qm, x))
   hits = int(np.sum(np.argmax(np.asarray(logits), -1) == data.test_labels))
   assert 100.0 * hits / len(data.test_labels) == record["top1"]
   written = export_cli.export_run(tmp_path, "onnx") + export_cli.export_run(tmp_path, "npz")

@@ -123,7 +123,7 @@ def test_integer_logits_equal_simulation(nets, name):
   result, x, _ = nets(name)
   program = integer.lower(result.model)
   assert program.spec["checks"]["exact_float32"]       # so the stated bound is 0
-  logits = jax.jit(integer.apply)(program, x)
+  logits = integer.apply(program, x)
   sim = result.apply(x)
   chex.assert_shape(logits, (x.shape[0], 10))
   chex.assert_type(logits, jnp.float32)
@@ -182,12 +182,11 @@ def _resnet20_child(shared: str) -> None:
                                 methods.ptq_config(cfg, "rapq"), progress=False)
   program = integer.lower(result.model)
   assert program.spec["checks"]["exact_float32"]
-  run = jax.jit(integer.apply)
   sim, ints = [], []
   for i in range(0, len(data.test_images), 256):
     x = jnp.asarray(data.preprocess(data.test_images[i:i + 256]))
     sim.append(np.asarray(result.apply(x)))
-    ints.append(np.asarray(run(program, x)))
+    ints.append(np.asarray(integer.apply(program, x)))
   sim, ints = np.concatenate(sim), np.concatenate(ints)
   np.testing.assert_array_equal(ints.argmax(-1), sim.argmax(-1))
   assert np.max(np.abs(ints - sim)) == 0.0

@@ -142,7 +142,7 @@ def test_search_scores_held_out_images_in_deployed_arithmetic(tiny, monkeypatch)
   np.testing.assert_array_equal(search_x, scored)
   assert not {r.tobytes() for r in fit} & {r.tobytes() for r in scored}   # disjoint rows
   x = calib[n - held:]
-  deployed = objective.logits_disagreement(jax.jit(quantized.apply)(result.model, x),
+  deployed = objective.logits_disagreement(quantized.apply(result.model, x),
                                            network_apply(net, x), "kl")
   np.testing.assert_allclose(info["after"], deployed, rtol=1e-5)
   assert info["after"] <= info["before"] and isinstance(info["capped"], bool)

@@ -45,7 +45,7 @@ def deployed(net, states, specs):
 
 
 def objective_of(net, states, specs, x, fp_logits):
-  logits = jax.jit(quantized.apply)(deployed(net, states, specs), x)
+  logits = quantized.apply(deployed(net, states, specs), x)
   return float(objective.logits_disagreement(logits, fp_logits, "kl"))
 
 
@@ -78,7 +78,7 @@ def test_objective_is_the_deployed_models(problem):
   for st, value in ((states, result.before), (result.states, result.after)):
     np.testing.assert_array_equal(
         jax.jit(lambda n, s: search.deployed_logits(n, s, specs, x))(net, st),
-        jax.jit(quantized.apply)(deployed(net, st, specs), x))
+        quantized.apply(deployed(net, st, specs), x))
     np.testing.assert_allclose(value, objective_of(net, st, specs, x, fp_logits), rtol=1e-5)
 
 
@@ -141,7 +141,7 @@ def test_unit_outputs_take_the_units_before_start_from_the_cache(problem):
   qm = deployed(net, states, specs)
   outputs = jax.jit(quantized.unit_outputs)
   full = outputs(qm, x)
-  np.testing.assert_array_equal(full[-1], jax.jit(quantized.apply)(qm, x))
+  np.testing.assert_array_equal(full[-1], quantized.apply(qm, x))
   for start in range(len(full) + 1):
     cached = tuple(jnp.full_like(o, 7.0) if i < start - 1 else o for i, o in enumerate(full))
     got = outputs(qm, x, cached, jnp.int32(start))
