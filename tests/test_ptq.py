@@ -603,6 +603,30 @@ def test_compiled_steps_do_not_depend_on_the_budget(block):
   assert texts[0] == texts[1]
 
 
+@pytest.mark.parametrize("ref, factor", [(400, 4.0), (100, 1.0), (0, 1.0)])
+def test_a_shorter_weight_stage_learns_rounding_faster(block, ref, factor):
+  """Below ``lr_w_ref_iters`` weight steps, the rounding logits learn at
+  ``lr_w * lr_w_ref_iters / weight_iters``: the first update of a 100-step stage is exactly
+  ``factor`` times that of a 400-step one (both in the warm-up, where the budget changes
+  nothing else); at or above the reference, and with it 0, ``lr_w`` applies as given."""
+  net, unit, params, cfg, (wspecs, aspecs), _, x_in, y_fp, start = block
+  xs, ys, (p, b, ws, acts) = reconstruct.place(x_in, y_fp, (params, net.bn_targets[unit.name],
+                                                            start["w"], start["a"]))
+  shape, n = reconstruct.structural(unit), x_in.shape[0]
+  ws_t, as_t = tuple(sorted(wspecs.items())), tuple(sorted(aspecs.items()))
+  moved = []
+  for iters in (100, 400):
+    c = dataclasses.replace(cfg, weight_iters=iters, lr_w_ref_iters=ref)
+    weights = reconstruct.weight_phase(shape, ws_t, as_t, c, 2.0, False, n)
+    state = weights.init(ws)
+    after, _ = weights.step(state, acts, p, b, xs, ys, jax.random.PRNGKey(0), 0)
+    moved.append(jax.tree.map(lambda a, b: np.asarray(a - b), after.train, state.train))
+  for role in moved[0]:
+    short, long = moved[0][role]["alpha"], moved[1][role]["alpha"]
+    assert np.any(long != 0)
+    np.testing.assert_allclose(short, factor * long, rtol=1e-5, atol=1e-6)  # ulp of alpha
+
+
 def unit_out(unit, params, wstates, wspecs, x):
   """The unit's output with hard weights and float activations."""
   wq, aq = fake_quant.hooks(wstates, {}, wspecs, {}, soft=False, acts_on=False)
