@@ -127,11 +127,12 @@ class PTQConfig:
   act_iters: int = 500
   batch_size: int = 32
   lr_w: float = 1e-3
-  # The weight_iters lr_w is set for. A shorter weight stage learns the rounding logits at
-  # lr_w * lr_w_ref_iters / weight_iters, so that they can travel as far as in the longer
-  # one (Adam's steps are about lr long); at or above it, and with 0, lr_w applies as given.
-  # ResNet-20 W2A4 at 500/125: 57.83 % at lr_w, 76.64 % at 4 * lr_w.
-  lr_w_ref_iters: int = 2000
+  # The weight_iters lr_w is set for: AdaRound's and BRECQ's 1e-3 over 20000 steps. A
+  # shorter weight stage learns the rounding logits at lr_w * lr_w_ref_iters / weight_iters,
+  # so that they can travel as far (Adam's steps are about lr long); at or above it, and
+  # with 0, lr_w applies as given. rapq at 2000/500 (0 -> 20000): ResNet-20 W2A4 77.19 ->
+  # 79.00 %; Fashion-MNIST ResNet (500/100) W2A4 80.89 -> 87.24 %, W4A4 88.75 -> 89.66 %.
+  lr_w_ref_iters: int = 20000
   lr_exp: float = 1e-3
   lr_a: float = 4e-4
   round_weight: float = 0.01
