@@ -211,9 +211,9 @@ def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
   CIFAR-10 test images the integer path's top-1 predictions are identical to the
   simulation's and its dequantized logits differ by at most the documented bound, 0.
   The claim is equality, so the budget is small (50 / 10 steps per unit, the rounding
-  learning at 40x ``lr_w`` as ``lr_w_ref_iters`` scales it; every mechanism still runs:
+  learning at 400x ``lr_w`` as ``lr_w_ref_iters`` scales it; every mechanism still runs:
   learned rounding, the exponent choice, the search), large enough that the model is far
-  from constant (71 % top-1 on these images); docs/INTEGER.md has the full test set. It
+  from constant (74 % top-1 on these images); docs/INTEGER.md has the full test set. It
   runs in a child process compiled for a long run (tests/compile_flags.py: the rest of
   the suite compiles without LLVM's passes, where these reconstruction steps run 10x
   slower)."""

@@ -220,19 +220,24 @@ def test_store_of_an_older_version_is_read(tiny, tmp_path):
   """A store whose config record holds old field names (``config.RENAMED``), with a unit
   saved as that version saved it: the unit loads; ``quantize_network`` reads the record
   by the names now (its mismatch error says weight_iters); without the upgrade, refused."""
+  cfg = dataclasses.replace(CFG, lr_w_ref_iters=0)   # what the older version ran (ADDED)
   old = resume.Store(tmp_path)
-  old.bind(_with_old_names(CFG))
+  old.bind(_with_old_names(cfg))
   old.save("unit_x", {"p": 2.0}, {"t": jnp.ones(3)})
   new = resume.Store(tmp_path)
-  new.bind(dataclasses.asdict(CFG), upgrade=config.current_names)
+  new.bind(dataclasses.asdict(cfg), upgrade=config.current_names)
   assert new.load("unit_x")[0] == {"p": 2.0}
   with pytest.raises(resume.ConfigMismatchError, match=r"align_scales = '<missing>' there, "
                      r"'none' now; init_p = 2.4 there, '<missing>' now; iters_a = 5 there, "
                      r"'<missing>' now; iters_w = 20 there"):
-    resume.Store(tmp_path).bind(dataclasses.asdict(CFG))
-  resume.Store(tmp_path / "b").bind(_with_old_names(CFG, iters_w=21))
+    resume.Store(tmp_path).bind(dataclasses.asdict(cfg))
+  resume.Store(tmp_path / "b").bind(_with_old_names(cfg, iters_w=21))
   with pytest.raises(resume.ConfigMismatchError, match=r"^[^;]*weight_iters = 21 there, 20 now"):
-    ptq.quantize_network(*tiny, CFG, progress=False, store=resume.Store(tmp_path / "b"))
+    ptq.quantize_network(*tiny, cfg, progress=False, store=resume.Store(tmp_path / "b"))
+  # Its units were learned at the plain lr_w: with the rate scaled (the default now) the
+  # store is refused, naming the field.
+  with pytest.raises(resume.ConfigMismatchError, match=r"lr_w_ref_iters = 0 there, 20000 now"):
+    resume.Store(tmp_path).bind(dataclasses.asdict(CFG), upgrade=config.current_names)
 
 
 def test_config_mismatch_names_every_field_and_what_is_accepted():
