@@ -38,6 +38,17 @@ def _ptq(record: dict) -> dict:
   return ptq_config_lib.current_names(ptq)
 
 
+def _rounding_rate(row: dict) -> str:
+  """The learning rate of a result row's rounding logits (``lr_w``, scaled by
+  ``reconstruct.rounding_lr_scale``; rows recorded before ``lr_w_ref_iters`` existed used
+  ``lr_w`` as given), or '' for a row that did not reconstruct."""
+  ptq = ptq_config_lib.current_names(row.get("ptq") or {})
+  if not ptq or not ptq.get("reconstruct", True):
+    return ""
+  lr, ref, iters = ptq.get("lr_w", 1e-3), ptq["lr_w_ref_iters"], ptq.get("weight_iters")
+  return format(lr * max(1.0, ref / iters) if ref and iters else lr, ".3g")
+
+
 def _protocol(row: dict) -> str:
   """The PTQ protocol a result row used (``PTQConfig.protocol``); rows recorded before
   the field existed ran the only protocol there was, 'strict'."""
@@ -204,9 +215,11 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
            "A method name means that method as the file's commit implemented it: rows of one "
            "method from different commits can differ in defaults (the file's section says how). "
            "Protocol: which units are reconstructed, in which order, on what inputs "
-           "(README, 'Protocols'; strict unless the row says official).",
-           "", "| method | " + " | ".join(bits) + " | protocol | iterations | device | commit | file |",
-           "|---|" + "---|" * (len(bits) + 5)]
+           "(README, 'Protocols'; strict unless the row says official). Rounding rate: the "
+           "learning rate of the rounding logits (README, 'Learning rate and budget').",
+           "", "| method | " + " | ".join(bits) + " | protocol | iterations | rounding rate | "
+           "device | commit | file |",
+           "|---|" + "---|" * (len(bits) + 6)]
   for name, rec in runs:
     env = rec.get("machine", {})
     device = env.get("device_kind") or ", ".join(env.get("devices", []))
@@ -219,8 +232,9 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
       cells = [next((f"{r['top1']:.2f}" for r in rows if report.bits_label(r) == b), "")
                for b in bits]
       protocol = "/".join(dict.fromkeys(_protocol(r) for r in rows))
-      lines.append(f"| {m} | " + " | ".join(cells) + f" | {protocol} | {iters} | {device} | "
-                   f"`{commit}` | {name} |")
+      rate = "/".join(dict.fromkeys(_rounding_rate(r) for r in rows))
+      lines.append(f"| {m} | " + " | ".join(cells) + f" | {protocol} | {iters} | {rate} | "
+                   f"{device} | `{commit}` | {name} |")
   return "\n".join(lines) + "\n"
 
 

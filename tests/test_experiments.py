@@ -170,6 +170,24 @@ def test_results_doc_shows_each_rows_protocol(tmp_path):
   assert "Protocol (README, 'Protocols'): rapq_official official, the others strict." in text
 
 
+def test_results_doc_shows_each_rows_rounding_rate(tmp_path):
+  """The summary gives the rate the rounding logits learned at: lr_w scaled to the
+  budget, lr_w as given in a record from before ``lr_w_ref_iters``, blank without
+  reconstruction."""
+  record = _record(78.5)
+  rapq = record["results"][1]
+  record["results"] += [
+      dict(rapq, method="scaled", ptq=dict(rapq["ptq"], lr_w=1e-3, lr_w_ref_iters=20000)),
+      dict(rapq, method="long", ptq=dict(rapq["ptq"], weight_iters=40000, lr_w_ref_iters=20000)),
+      dict(rapq, method="naive", ptq=dict(rapq["ptq"], reconstruct=False))]
+  (tmp_path / "a_run.json").write_text(json.dumps(record))
+  text = results_doc.render(tmp_path)
+  assert "| rapq | 78.50 | strict | 10/2 | 0.001 |" in text
+  assert "| scaled | 78.50 | strict | 10/2 | 2 |" in text
+  assert "| long | 78.50 | strict | 10/2 | 0.001 |" in text
+  assert "| naive | 78.50 | strict | 10/2 |  |" in text
+
+
 def test_results_doc_says_which_images_the_search_scored(tmp_path):
   record = _record(78.5)
   record["results"][1]["search"]["after"].update(
