@@ -19,6 +19,7 @@ from absl import flags
 from experiments import report
 from rapq_jax import config as ptq_config_lib
 from rapq_jax import integrity
+from rapq_jax import rounding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CHECK = flags.DEFINE_bool("check", False, "Only check that docs/RESULTS.md is up to date.")
@@ -40,13 +41,13 @@ def _ptq(record: dict) -> dict:
 
 def _rounding_rate(row: dict) -> str:
   """The learning rate of a result row's rounding logits (``lr_w``, scaled by
-  ``reconstruct.rounding_lr_scale``; rows recorded before ``lr_w_ref_iters`` existed used
+  ``rounding.lr_scale``; rows recorded before ``lr_w_ref_iters`` existed used
   ``lr_w`` as given), or '' for a row that did not reconstruct."""
   ptq = ptq_config_lib.current_names(row.get("ptq") or {})
   if not ptq or not ptq.get("reconstruct", True):
     return ""
   lr, ref, iters = ptq.get("lr_w", 1e-3), ptq["lr_w_ref_iters"], ptq.get("weight_iters")
-  return format(lr * max(1.0, ref / iters) if ref and iters else lr, ".3g")
+  return format(lr * float(rounding.lr_scale(ref, iters)) if iters else lr, ".3g")
 
 
 def _protocol(row: dict) -> str:

@@ -14,7 +14,7 @@ the gradient across devices.
 
 Phases of a unit's weight stage (``weight_iters`` steps in all; the rounding logits
 ``alpha`` learn at ``lr_w``, times ``lr_w_ref_iters / weight_iters`` in a stage shorter
-than ``lr_w_ref_iters`` steps, ``rounding_lr_scale``, so that they can move as far):
+than ``lr_w_ref_iters`` steps, ``rounding.lr_scale``, so that they can move as far):
 1. (RAPQ) ``exp_warm_iters`` steps learning ``alpha`` and the exponent logits ``v``
    jointly, with ``v``'s own regulariser (weight ``exp_reg_factor * round_weight``,
    ``b`` annealed from ``b_start`` to ``b_end`` over the phase, or held at ``b_start``
@@ -126,14 +126,6 @@ def exponent_temperature(it: jax.Array, steps: Budget, cfg: PTQConfig) -> jax.Ar
   return rounding.linear(it, jnp.maximum(steps.exp_warm_iters, 1), cfg.b_start, cfg.b_end)
 
 
-def rounding_lr_scale(steps: Budget, cfg: PTQConfig) -> jax.Array:
-  """The factor on ``lr_w`` (float32 scalar): ``lr_w_ref_iters / weight_iters`` when the
-  weight stage is shorter than ``lr_w_ref_iters`` (and that is not 0), else 1."""
-  if not cfg.lr_w_ref_iters:
-    return jnp.float32(1.0)
-  return jnp.maximum(1.0, cfg.lr_w_ref_iters / jnp.maximum(steps.weight_iters, 1))
-
-
 def act_learning_rate(it: jax.Array, steps: Budget, cfg: PTQConfig) -> jax.Array:
   """``lr_a`` at step ``it`` of the activation phase, cosine-decayed to 0 over
   ``act_iters`` steps (the arithmetic of ``optax.cosine_decay_schedule``, whose step count
@@ -183,7 +175,7 @@ def weight_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
   wspecs, aspecs = dict(wspecs), dict(aspecs)
   keys = ("alpha", "v") if learn_v else ("alpha",)
   # alpha and the exponent logits v learn at their own rates; alpha's is scaled by
-  # rounding_lr_scale (Adam's update is linear in its learning rate).
+  # rounding.lr_scale (Adam's update is linear in its learning rate).
   opt = optax.multi_transform({"alpha": optax.adam(cfg.lr_w), "v": optax.adam(cfg.lr_exp)},
                               lambda tree: {r: {k: k for k in s} for r, s in tree.items()})
   points = sorted(aspecs)
@@ -227,7 +219,7 @@ def weight_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
     (loss, rec), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.train, state.frozen, astates, params, targets, x, y_t, it, state.steps, kd)
     updates, opt_state = opt.update(grads, state.opt_state, state.train)
-    scale = rounding_lr_scale(state.steps, cfg)
+    scale = rounding.lr_scale(cfg.lr_w_ref_iters, state.steps.weight_iters)
     updates = {r: {k: u * scale if k == "alpha" else u for k, u in s.items()}
                for r, s in updates.items()}
     return state._replace(train=optax.apply_updates(state.train, updates),

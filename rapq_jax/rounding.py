@@ -58,6 +58,16 @@ def temperature(step: chex.Array, num_steps: chex.Array, warm: chex.Array, *,
                    linear(step - warm, jnp.maximum(num_steps - warm, 1), start_b, end_b))
 
 
+def lr_scale(ref_iters: int, num_steps) -> chex.Array:
+  """The factor on the rounding logits' learning rate (float32 scalar):
+  ``ref_iters / num_steps`` for a stage shorter than ``ref_iters`` steps (and
+  ``ref_iters`` not 0), else 1, so that a short stage moves the logits as far as one of
+  ``ref_iters`` steps. ``num_steps`` may be traced or a python int."""
+  if not ref_iters:
+    return jnp.float32(1.0)
+  return jnp.maximum(1.0, ref_iters / jnp.maximum(num_steps, 1)).astype(jnp.float32)
+
+
 def regularizer_active(step: chex.Array, warm: chex.Array) -> chex.Array:
   """1.0 once ``step`` is past the ``warm`` warm-up steps, else 0.0 (float scalar)."""
   return (step >= warm).astype(jnp.float32)
