@@ -22,9 +22,11 @@ from experiments import data, embed_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "experiments" / "checkpoints"
-# A small budget that still separates the methods (measured at this commit on these
-# 1000 test images: FP 91.1, naive 36.2, rapq 91.1 % at W4A4; runs are deterministic).
-SMALL = ["--methods", "naive,rapq", "--bits", "4/4", "--config.weight_iters=40",
+# A small budget that still reconstructs (measured at this commit on these 1000 test
+# images: FP 91.1, rapq 91.1 % at W4A4, round to nearest (naive) 36.2 %; runs are
+# deterministic). naive is not run here: the in-process tests cover it, and it took a
+# third of this test's time.
+SMALL = ["--methods", "rapq", "--bits", "4/4", "--config.weight_iters=40",
          "--config.act_iters=10", "--config.calibration_size=128", "--config.test_size=1000",
          "--config.ptq.search_samples=32", "--config.ptq.search_sweeps=1"]
 
@@ -45,7 +47,7 @@ def installed(tmp_path_factory) -> pathlib.Path:
   return target
 
 
-@pytest.mark.slow(seconds=65)
+@pytest.mark.slow(seconds=45)
 def test_default_job_runs_from_the_installed_package_with_shipped_data_only(installed, tmp_path):
   """Also the quality guard: a change that breaks RAPQ's reconstruction fails here."""
   hidden = tmp_path / "no-fashion-mnist"
@@ -66,13 +68,13 @@ def test_default_job_runs_from_the_installed_package_with_shipped_data_only(inst
     assert (run / name).stat().st_size > 0, name
   record = json.loads((run / "results.json").read_text())
   top1 = {r["method"]: r["top1"] for r in record["results"]}
-  assert list(top1) == ["fp", "naive", "rapq"]
-  assert top1["rapq"] >= top1["fp"] - 8 and top1["rapq"] >= top1["naive"] + 30, top1
+  assert list(top1) == ["fp", "rapq"]
+  assert top1["rapq"] >= top1["fp"] - 8, top1   # round to nearest is 55 points below FP
   assert all(r["power_of_two"] for r in record["results"][1:])
   assert record["config"]["model"] == "fmnist_resnet"
   assert record["git"] == {"commit": None, "dirty": None}  # no checkout beside the package
   table = (run / "results.md").read_text()
-  assert "| naive | W4A4 |" in table and "| rapq | W4A4 |" in table
+  assert "| rapq | W4A4 |" in table
   assert table in out.stdout  # the table ends the terminal output
   # Quiet: no absl/orbax INFO lines, and no progress-bar frames in a pipe.
   terminal = out.stdout + out.stderr

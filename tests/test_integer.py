@@ -171,52 +171,42 @@ def _resnet20_child(shared: str) -> None:
   """The body of the ResNet-20 test below, run in a child process (assertions there)."""
   cfg = load_config("cifar10_resnet20", pathlib.Path(shared))
   cfg.wbits, cfg.abits = 2, 4
-  cfg.weight_iters, cfg.act_iters = 50, 10
   cfg.calibration_size, cfg.test_size = 96, 256
-  cfg.ptq.search_samples = 32     # held out of the 96; 64 reconstructed on
   data = pipeline.load_data(cfg)
   model, variables = pipeline.load_model(cfg)
   net = adapter.read_model(model, variables, data.preprocess(data.calib_images),
                            apply_kwargs={"train": False})
   result = ptq.quantize_network(net, data.preprocess(data.calib_images),
-                                methods.ptq_config(cfg, "rapq"), progress=False)
+                                methods.ptq_config(cfg, "naive"), progress=False)
   program = integer.lower(result.model)
   assert program.spec["checks"]["exact_float32"]
-  sim, ints = [], []
-  for i in range(0, len(data.test_images), 256):
-    x = jnp.asarray(data.preprocess(data.test_images[i:i + 256]))
-    sim.append(np.asarray(result.apply(x)))
-    ints.append(np.asarray(integer.apply(program, x)))
-  sim, ints = np.concatenate(sim), np.concatenate(ints)
-  np.testing.assert_array_equal(ints.argmax(-1), sim.argmax(-1))
+  x = jnp.asarray(data.preprocess(data.test_images))
+  sim, ints = np.asarray(result.apply(x)), np.asarray(integer.apply(program, x))
   assert np.max(np.abs(ints - sim)) == 0.0
+  # Not a constant model (12.5 % top-1 over 5 predicted classes when measured).
+  assert len(set(ints.argmax(-1).tolist())) >= 4
   # The ONNX QDQ export in onnxruntime (graph as written, no fusions) gives the same logits.
   options = onnxruntime.SessionOptions()
   options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
   session = onnxruntime.InferenceSession(export.to_onnx(program, (32, 32, 3)).SerializeToString(),
                                          options, providers=["CPUExecutionProvider"])
-  onnx_logits = np.concatenate([
-      session.run(["logits"], {"image": np.asarray(data.preprocess(data.test_images[i:i + 256]))})[0]
-      for i in range(0, len(data.test_images), 256)])
-  np.testing.assert_array_equal(onnx_logits, sim)
-  assert np.mean(ints.argmax(-1) == data.test_labels) > 0.3
+  np.testing.assert_array_equal(session.run(["logits"], {"image": np.asarray(x)})[0], sim)
 
 
 @pytest.mark.shared
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=35)
 def test_cifar10_resnet20_integer_path_predicts_like_simulation(shared_dir):
-  """A short RAPQ run of the pretrained ResNet-20 at W2A4 (the widest integer ranges
-  of 4-bit codes are checked on the tiny nets above and on ResNet-18 in
-  tests/test_export.py; W2 is the case far from them): on the first 256
-  CIFAR-10 test images the integer path's top-1 predictions are identical to the
-  simulation's and its dequantized logits differ by at most the documented bound, 0.
-  The claim is equality, so the budget is small (50 / 10 steps per unit, the rounding
-  learning at 400x ``lr_w`` as ``lr_w_ref_iters`` scales it; every mechanism still runs:
-  learned rounding, the exponent choice, the search), large enough that the model is far
-  from constant (74 % top-1 on these images); docs/INTEGER.md has the full test set. It
-  runs in a child process compiled for a long run (tests/compile_flags.py: the rest of
-  the suite compiles without LLVM's passes, where these reconstruction steps run 10x
-  slower)."""
+  """The pretrained ResNet-20 at W2A4, round to nearest on its Lp exponents (the widest
+  integer ranges of 4-bit codes are checked on the tiny nets above and on ResNet-18 in
+  tests/test_export.py, reconstructed and searched models on the tiny nets; W2 on a real
+  network is the case far from them): on the first 256 CIFAR-10 test images the integer
+  path's logits equal the simulation's exactly (the documented bound, 0), and so do
+  the ONNX QDQ export's. Round to nearest, since the integer arithmetic depends only on
+  the integers and exponents a method ends with, and a reconstruction of ResNet-20
+  compiled for a long run took most of this test's 90 s; docs/INTEGER.md has a
+  reconstructed model on the full test set. It runs in a child process compiled for a
+  long run (tests/compile_flags.py: without LLVM's passes the integer path alone ran
+  20x slower)."""
   flags = compile_flags.for_long_run(os.environ.get("XLA_FLAGS", ""))
   code = ("import sys; sys.path.insert(0, 'tests'); import test_integer; "
           f"test_integer._resnet20_child({str(shared_dir)!r})")
