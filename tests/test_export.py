@@ -348,12 +348,12 @@ def test_export_cli_without_models_fails(tmp_path, capsys):
   assert "no saved models" in capsys.readouterr().err
 
 
-@pytest.mark.slow(seconds=35)
+@pytest.mark.slow(seconds=25)
 def test_run_method_saves_a_model_that_exports(tmp_path):
   """A real run (Fashion-MNIST ResNet, naive PoT) saves its model; the integer path of
   the saved model predicts exactly what the run evaluated, and both exports work."""
   config = load_config("fmnist_resnet")
-  config.calibration_size, config.test_size = 64, 200
+  config.calibration_size, config.test_size = 32, 100
   data = pipeline.load_data(config)
   record = methods.run_method(config, data, "naive", progress=False, save_dir=tmp_path / "models")
   qm = export.load_model(tmp_path / "models" / "naive_w4a4")
@@ -369,10 +369,10 @@ def test_run_method_saves_a_model_that_exports(tmp_path):
   assert 100.0 * hits / len(data.test_labels) == record["top1"]
   written = export_cli.export_run(tmp_path, "onnx") + export_cli.export_run(tmp_path, "npz")
   assert [p.name for p in written] == ["naive_w4a4.onnx", "naive_w4a4.npz", "naive_w4a4.json"]
-  # The benchmark's onnxruntime check, here on the run's 200 test images.
+  # The benchmark's onnxruntime check, here on the run's 100 test images.
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
   figures = export_cli.check_onnx(tmp_path, written[:1])["naive_w4a4"]
-  assert figures["n"] == 200 and figures["top1_simulation"] == record["top1"]
+  assert figures["n"] == 100 and figures["top1_simulation"] == record["top1"]
   assert figures["no_optimization"] == {"top1": record["top1"], "agreement": 100.0,
                                         "max_abs_logit_diff": 0.0}
   assert figures["default_optimization"]["agreement"] >= 99.0
