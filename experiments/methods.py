@@ -42,6 +42,9 @@ QUANT_METHODS = {
     "rapq_search_folds": ("rapq", {"search_folds": 2},
                           "RAPQ, a search move must lower the KL on both halves of the search "
                           "images"),
+    "rapq_search_rounds": ("rapq", {"search_rounds": 2},
+                           "RAPQ, the search alternated with re-reconstruction of the units "
+                           "whose inputs it changed (2 rounds, the better one kept)"),
     "rapq_act_choice": ("rapq", {"act_exp_window": 2},
                         "RAPQ, activation exponents re-chosen within +-2 by each unit's loss"),
     "rapq_weight_choice": ("rapq", {"weight_exp_window": 1},

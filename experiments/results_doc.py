@@ -93,13 +93,23 @@ def _run_section(name: str, record: dict) -> str:
     lines += ["Network-wide exponent search (KL to FP logits on the calibration subset):", ""]
     for method, bits, s in searches:
       for when, info in s.items():
-        lines.append(f"- {method} {bits}, {when} reconstruction: {info['before']:.4f} -> "
+        lines.append(f"- {method} {bits}, {_search_when(when, info)}: {info['before']:.4f} -> "
                      f"{info['after']:.4f} in {info['sweeps']} sweep(s)"
                      + (" (stopped at its sweep limit, still moving)" if info.get("capped") else "")
                      + f", {len(info['moved'])} exponent(s) moved, {info['seconds']:.1f} s"
-                     + _search_images(info.get("images")))
+                     + _search_images(info.get("images"))
+                     + {True: "; kept", False: "; not kept"}.get(info.get("kept"), ""))
     lines.append("")
   return "\n".join(lines)
+
+
+def _search_when(when: str, info: dict) -> str:
+  """'before reconstruction', 'after reconstruction' or, for a later round of
+  ``search_rounds``, which units were reconstructed again before it."""
+  if not when.startswith("round_"):
+    return f"{when} reconstruction"
+  return (f"round {when[len('round_'):]}, after reconstructing "
+          f"{len(info['rereconstructed'])} unit(s) again")
 
 
 def _search_images(images: dict | None) -> str:

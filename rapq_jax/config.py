@@ -22,7 +22,7 @@ RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters", "lp_source": "loss
            "init_p": "scale_p"}
 # Field added after records were written -> the value that reproduces what those records
 # did: ``current_names`` fills it in where a record lacks it.
-ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0}
+ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search_rounds": 1}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts")
@@ -190,6 +190,12 @@ class PTQConfig:
   # first search_samples, which reconstruction also uses (before issue 13).
   search_samples: int = 256
   search_holdout: bool = True
+  # Rounds of search and re-reconstruction after reconstruction: in each round after the
+  # first, every unit whose weight-stage inputs the last search changed learns its
+  # rounding again (restarted, on the network as it now is, activation exponents where
+  # the search left them), then the search runs again; it stops early when a search
+  # moves nothing. 1: one search, no re-reconstruction.
+  search_rounds: int = 1
   protocol: str = "strict"
   seed: int = 1005
 
@@ -214,7 +220,8 @@ class PTQConfig:
                  "act_exp_window", "weight_exp_window", "lr_w_ref_iters"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 0")
-    for name in ("batch_size", "search_samples", "search_reach", "search_folds"):
+    for name in ("batch_size", "search_samples", "search_reach", "search_folds",
+                 "search_rounds"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
     if self.search_samples % self.search_folds:
@@ -241,6 +248,11 @@ class PTQConfig:
     if self.weight_exp_window and (self.learn_exponent or not self.pot_scales):
       raise ValueError(f"weight_exp_window = {self.weight_exp_window} moves fixed power-of-two "
                        "exponents: it needs pot_scales=True and learn_exponent=False")
+    if self.search_rounds > 1 and not (self.reconstruct and self.search in ("after", "both")
+                                       and self.protocol == "strict"):
+      raise ValueError(f"search_rounds = {self.search_rounds} alternates the search after "
+                       "reconstruction with re-reconstruction: it needs reconstruct=True, "
+                       "search 'after' or 'both' and protocol 'strict'")
     if not self.pot_scales and (self.learn_exponent or self.search != "none"):
       raise ValueError("float scales (pot_scales=False) need learn_exponent=False and "
                        "search='none'")

@@ -195,7 +195,7 @@ def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool, when: s
   moved = [f"{u}/{k}:{n}{int(o):+d}" for (u, k, n), o in zip(res.names, np.asarray(res.offsets))
            if o]
   if res.capped:
-    logging.warning("exponent search %s reconstruction stopped at search_sweeps = %d with "
+    logging.warning("exponent search %s stopped at search_sweeps = %d with "
                     "exponents still moving (%d moved)", when, cfg.search_sweeps, len(moved))
   info = dict(before=res.before, after=res.after, sweeps=res.sweeps, capped=res.capped,
               evaluations=res.evaluations,
@@ -254,7 +254,7 @@ def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
     info, _ = loaded
     return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
   res, summary = _run_search(net, _rounded(states), specs, x, fp_logits, cfg, weights=True,
-                             when="before", images=images)
+                             when="before reconstruction", images=images)
   offsets = dict(zip(res.names, np.asarray(res.offsets).tolist()))
   if store is not None:
     store.save("search_before", {"offsets": [[list(n), o] for n, o in offsets.items()],
@@ -273,14 +273,15 @@ def _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x, *, final_weigh
 
 
 def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, progress,
-                 stages):
+                 stages, astates=None):
   """Reconstructs the ``stages`` ('weights', 'acts') of one unit from its weight states
-  and fresh activation states on the quantized inputs ``q_x``; returns its states and
-  report entry (seconds, p and its unrounded value, history, activation and weight
-  exponent moves)."""
+  and its activation states ``astates`` (by default fresh ones on the quantized inputs
+  ``q_x``, plus ``act_offsets``); returns its states and report entry (seconds, p and
+  its unrounded value, history, activation and weight exponent moves)."""
   params, (wspecs, aspecs) = net.params[unit.name], specs[unit.name]
-  astates = _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x,
-                        final_weights="weights" not in stages)
+  if astates is None:
+    astates = _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x,
+                          final_weights="weights" not in stages)
   p = unit_lp(net, unit.name, cfg)
   res = reconstruct_unit(unit, params, net.bn_targets[unit.name], wstates, astates, wspecs, aspecs,
                          q_x, fp_y, cfg, p, key, progress=progress,
@@ -300,6 +301,17 @@ def _joined(entry: dict | None, later: dict) -> dict:
                       for k in later["history"]},
           "act_moves": {**entry["act_moves"], **later["act_moves"]},
           "weight_moves": {**entry.get("weight_moves", {}), **later["weight_moves"]}}
+
+
+def _print_unit(label: str, entry: dict, phase: str, loaded: bool) -> None:
+  """One line per finished unit: seconds, p, final loss of ``phase``, exponent moves."""
+  losses = entry["history"][phase]
+  tqdm.write(f"  {label:>14}: {entry['seconds']:6.1f} s  p={entry['p']:g}"
+             + (f"  final loss {losses[-1][1]:.4g}" if losses else "")
+             + "".join(f"  {a} {m:+d}" for a, m in entry["act_moves"].items() if m)
+             + "".join(f"  {r} {m} ch moved" for r, m in entry.get("weight_moves", {}).items()
+                       if m)
+             + ("  (loaded)" if loaded else ""))
 
 
 def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, report,
@@ -342,18 +354,99 @@ def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, re
         report["units"][unit.name] = entry
         report["protocol"]["order"].append([unit.name, "+".join(todo)])
         if progress:
-          losses = entry["history"]["weights" if "weights" in todo else "acts"]
-          tqdm.write(f"  {unit.name:>14}{'' if len(passes) == 1 else ' ' + stages[0]}: "
-                     f"{entry['seconds']:6.1f} s  p={entry['p']:g}"
-                     + (f"  final loss {losses[-1][1]:.4g}" if losses else "")
-                     + "".join(f"  {a} {m:+d}" for a, m in entry["act_moves"].items() if m)
-                     + "".join(f"  {r} {m} ch moved" for r, m in
-                               entry.get("weight_moves", {}).items() if m)
-                     + ("  (loaded)" if loaded else ""))
+          _print_unit(unit.name + ("" if len(passes) == 1 else " " + stages[0]), entry,
+                      "weights" if "weights" in todo else "acts", loaded is not None)
       q_x = _batched(functools.partial(fns.hard, params, states[unit.name], acts_on=acts_on),
                      q_x)
       fp_x = fp_y
   return states
+
+
+def _rereconstruct(net, specs, states, moved: set, calib, cfg, key, store, report, progress,
+                   round_: int) -> tuple[dict, list]:
+  """Round ``round_`` (2, 3, ...) of ``search_rounds``: the weight stage again of every
+  unit whose weight-stage inputs the search changed (every unit after the first one in
+  ``moved``) or whose own moved quantizers that stage sees (``weight_phase_act_quant >
+  0``), its rounding restarted on its grid, on inputs from the network as it now is;
+  activation exponents stay where the search put them. Returns the states and the units
+  redone. Each is stored as ``round<r>_<name>`` and loaded on resume."""
+  frozen = frozen_units(net, cfg)
+  first = min(i for i, u in enumerate(net.units) if u.name in moved)
+  states, redone = dict(states), []
+  fp_x, q_x = calib, calib
+  for i, unit in enumerate(net.units):
+    params, fns = net.params[unit.name], unit_fns(unit, specs, cfg)
+    fp_y = _batched(functools.partial(fns.fp, params), fp_x)
+    if unit.name not in frozen and (i > first or (
+        unit.name in moved and cfg.weight_phase_act_quant > 0)):
+      name = f"round{round_}_{unit.name}"
+      loaded = _load(store, name)
+      if loaded is None:
+        wspecs = specs[unit.name][0]
+        wstates = {r: fake_quant.reset_rounding(params[r]["kernel"], s, wspecs[r])
+                   for r, s in states[unit.name]["w"].items()}
+        states[unit.name], entry = _reconstruct(
+            net, unit, specs, wstates, {}, q_x, fp_y, cfg,
+            jax.random.fold_in(jax.random.fold_in(key, i), round_), progress, ("weights",),
+            astates=states[unit.name]["a"])
+        earlier = report["units"][unit.name]
+        # The loss curve goes on after the earlier rounds' steps.
+        last = earlier["history"]["weights"][-1][0] if earlier["history"]["weights"] else 0
+        entry["history"]["weights"] = [(it + last, v) for it, v in entry["history"]["weights"]]
+        entry = _joined(earlier, entry)
+        if store is not None:
+          store.save(name, entry, states[unit.name])
+      else:
+        entry, states[unit.name] = loaded
+        entry["history"] = {ph: [tuple(s) for s in v] for ph, v in entry["history"].items()}
+      report["units"][unit.name] = entry
+      report["protocol"]["order"].append([unit.name, f"weights (round {round_})"])
+      redone.append(unit.name)
+      if progress:
+        _print_unit(f"{unit.name} r{round_}", entry, "weights", loaded is not None)
+    q_x = _batched(functools.partial(fns.hard, params, states[unit.name]), q_x)
+    fp_x = fp_y
+  return states, redone
+
+
+def _search_after(net, specs, states, fit, sub, fp_logits, cfg, key, store, report, progress,
+                  images) -> dict:
+  """The search after reconstruction (activations only once weights are reconstructed,
+  since AdaRound has learned a rounding for each grid), alternated with
+  ``_rereconstruct`` for ``search_rounds`` rounds or until a search moves nothing.
+  Returns the states of the round whose search ended with the least objective on the
+  held-out images (its summary says ``kept``; ``report['units']`` is that round's), as
+  a later round may end worse than an earlier one. Summaries: ``report['search']
+  ['after']``, then ``['round_<r>']`` with the units ``rereconstructed``."""
+  best = None
+  for round_ in range(1, cfg.search_rounds + 1):
+    redone = []
+    if round_ > 1:
+      moved = {u for (u, _, _), o in zip(res.names, np.asarray(res.offsets)) if o}
+      if not moved:
+        break
+      # search_rounds > 1 runs under the 'strict' protocol only (PTQConfig), where
+      # calibration and the returned model use one network.
+      states, redone = _rereconstruct(net, specs, states, moved, fit, cfg, key, store,
+                                      report, progress, round_)
+    res, info = _run_search(net, states, specs, sub, fp_logits, cfg,
+                            weights=not cfg.reconstruct, images=images,
+                            when="after reconstruction" if round_ == 1 else
+                            f"after re-reconstruction round {round_}")
+    states = res.states
+    report["search"]["after" if round_ == 1 else f"round_{round_}"] = info if round_ == 1 \
+        else {**info, "rereconstructed": redone}
+    if best is None or res.after < best[0]:
+      best = (res.after, states, dict(report["units"]), round_)
+  if cfg.search_rounds > 1:
+    for k, info in report["search"].items():
+      if k == "after" or k.startswith("round_"):
+        info["kept"] = k == ("after" if best[3] == 1 else f"round_{best[3]}")
+    if progress and best[3] != round_:
+      tqdm.write(f"  search rounds: kept round {best[3]} (KL {best[0]:.4g}), the least on the "
+                 "held-out images")
+  report["units"] = best[2]
+  return best[1]
 
 
 def _with_input_quantizer(net, states, specs, calib, cfg):
@@ -501,11 +594,8 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   states = _with_input_quantizer(net, states, specs, fit, cfg)
 
   if cfg.search in ("after", "both"):
-    # After AdaRound has learned a rounding for each grid only activations move.
-    res, report["search"]["after"] = _run_search(net, states, specs, sub, fp_logits, cfg,
-                                                 weights=not cfg.reconstruct, when="after",
-                                                 images=images)
-    states = res.states
+    states = _search_after(net, specs, states, fit, sub, fp_logits, cfg, key, store, report,
+                           progress, images)
 
   model = None
   if cfg.pot_scales:

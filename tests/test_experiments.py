@@ -43,6 +43,8 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq", "search", "after"),
     ("rapq_no_search", "search", "none"),
     ("rapq_search_folds", "search_folds", 2),
+    ("rapq", "search_rounds", 1),
+    ("rapq_search_rounds", "search_rounds", 2),
     ("rapq", "protocol", "strict"),
     ("rapq_official", "protocol", "official"),
     ("rapq_official", "loss_p_source", "bn"),

@@ -20,7 +20,7 @@ import optax
 from nets import folded, random_variables
 
 from rapq_jax import (config, fake_quant, integer, objective, pot, ptq, quantized,
-                      reconstruct, search)
+                      reconstruct, resume, search)
 from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.network import Network, network_apply, unit_apply
 from rapq_jax.units import Layer, Unit
@@ -158,6 +158,71 @@ def test_search_before_and_after_reconstruction(tiny):
   for info in result.report["search"].values():
     assert info["after"] <= info["before"]
   quantized.check_power_of_two(result.model)
+
+
+@pytest.mark.slow(seconds=15)
+def test_search_rounds_reconstruct_what_the_search_changed(tiny, monkeypatch, tmp_path):
+  """search_rounds=3 (at W4A2, where the tiny net's searches move exponents): each round
+  after the first learns again, weights stage only, the rounding of every unit after
+  the first unit the last search moved, on activation exponents where that search left
+  them, then searches again; rounds stop when a search moves nothing. The result is the
+  round whose search ended lowest on the held-out images, a power-of-two model whose
+  held-out KL is that search's. Each round's units are stored (``round<r>_<unit>``): a
+  second run on the store reconstructs nothing and ends bit-identical."""
+  net, calib, _ = tiny
+  calls, found = [], []
+  reconstruct, search_exponents = ptq.reconstruct_unit, search.search_exponents
+
+  def recording(unit, params, bn, wstates, astates, *args, **kw):
+    calls.append((unit.name, kw["weights"], kw["acts"], astates))
+    return reconstruct(unit, params, bn, wstates, astates, *args, **kw)
+
+  def searching(*args, **kw):
+    found.append(search_exponents(*args, **kw))
+    return found[-1]
+
+  monkeypatch.setattr(ptq, "reconstruct_unit", recording)
+  monkeypatch.setattr(search, "search_exponents", searching)
+  cfg = config.for_method("rapq", search_rounds=3, abits=2, **SMALL)
+  result = ptq.quantize_network(net, calib, cfg, progress=False, store=resume.Store(tmp_path))
+  searches, names = result.report["search"], [u.name for u in net.units]
+  assert searches["after"]["moved"], "the first search moved nothing: no round to test"
+  rounds = [k for k in searches if k != "after"]
+  assert rounds == [f"round_{r}" for r in range(2, 2 + len(rounds))] and rounds
+  assert len(found) == 1 + len(rounds)
+  assert [c[0] for c in calls[:len(names)]] == names
+  later, previous = calls[len(names):], (searches["after"], found[0])
+  for key, res in zip(rounds, found[1:]):
+    assert previous[0]["moved"]                   # a round follows a search that moved
+    first = min(names.index(m.split("/")[0]) for m in previous[0]["moved"])
+    redone = names[first + 1:]
+    assert searches[key]["rereconstructed"] == redone
+    now, later = later[:len(redone)], later[len(redone):]
+    assert [c[:3] for c in now] == [(u, True, False) for u in redone]
+    for name, _, _, astates in now:             # activation exponents as the search left them
+      chex.assert_trees_all_equal(astates, previous[1].states[name]["a"])
+    assert searches[key]["after"] <= searches[key]["before"]
+    previous = (searches[key], res)
+  assert later == [] and (len(rounds) == 2 or not previous[0]["moved"])
+  assert [o for o in result.report["protocol"]["order"] if "round" in o[1]] == [
+      [u, f"weights (round {k.split('_')[1]})"] for k in rounds
+      for u in searches[k]["rereconstructed"]]
+  ends = [searches[k]["after"] for k in ["after"] + rounds]
+  kept = ends.index(min(ends))
+  assert [searches[k]["kept"] for k in ["after"] + rounds] == [
+      i == kept for i in range(len(ends))]
+  chex.assert_trees_all_equal(result.states, found[kept].states)
+  quantized.check_power_of_two(result.model)
+  x = calib[N_CALIB - SMALL["search_samples"]:]
+  np.testing.assert_allclose(min(ends), objective.logits_disagreement(
+      quantized.apply(result.model, x), network_apply(net, x), "kl"), rtol=1e-5)
+  assert {p.name for p in tmp_path.iterdir()} >= {
+      f"round{k.split('_')[1]}_{u}" for k in rounds for u in searches[k]["rereconstructed"]}
+  done = len(calls)
+  again = ptq.quantize_network(net, calib, cfg, progress=False, store=resume.Store(tmp_path))
+  assert len(calls) == done
+  chex.assert_trees_all_equal(again.states, result.states)
+  assert again.report["units"] == result.report["units"]
 
 
 @pytest.mark.parametrize("method", POT_METHODS)
@@ -755,6 +820,10 @@ def test_method_presets(method, expected):
     (lambda: config.for_method("rapq", search="x"), "search", "'x'"),
     (lambda: config.for_method("rapq", search_objective="l1"), "search_objective", "'l1'"),
     (lambda: config.for_method("rapq", search_reach=0), "search_reach", "0"),
+    (lambda: config.for_method("rapq", search_rounds=0), "search_rounds", "0"),
+    (lambda: config.for_method("rapq", search_rounds=2, search="before"), "search_rounds", "2"),
+    (lambda: config.for_method("rapq", search_rounds=2, protocol="official"), "search_rounds",
+     "protocol 'strict'"),
     (lambda: config.for_method("rapq", search_holdout=1), "search_holdout", "1"),
     (lambda: config.for_method("rapq", loss_p_source="gamma"), "loss_p_source", "'gamma'"),
     (lambda: config.for_method("rapq", learn_exponent=True, weight_iters=100, exp_warm_iters=101),

@@ -292,7 +292,7 @@ def test_run_search_warns_once_when_capped(problem, caplog):
   images = dict(rows=[0, x.shape[0]], reconstruction_rows=[0, 0], held_out=True)
   with caplog.at_level(logging.WARNING):
     _, info = ptq._run_search(net, states, specs, x, fp_logits, cfg, weights=True,
-                              when="after", images=images)
+                              when="after reconstruction", images=images)
   assert info["capped"] and info["sweeps"] == 1 and info["images"] == images
   assert [r.getMessage() for r in caplog.records] == [
       f"exponent search after reconstruction stopped at search_sweeps = 1 with exponents "
