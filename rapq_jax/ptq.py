@@ -246,6 +246,20 @@ def _load(store: resume.Store | None, name: str):
   return loaded[0], fake_quant.current_state_names(loaded[1])
 
 
+def _stored(store: resume.Store | None, name: str, compute: Callable):
+  """``(states, report entry, loaded)`` of the unit stage stored as ``name``: loaded
+  from ``store``, else ``compute() -> (states, entry)``, saved there."""
+  loaded = _load(store, name)
+  if loaded is not None:
+    entry, states = loaded
+    entry["history"] = {ph: [tuple(s) for s in v] for ph, v in entry["history"].items()}
+    return states, entry, True
+  states, entry = compute()
+  if store is not None:
+    store.save(name, entry, states)
+  return states, entry, False
+
+
 def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
   """The search before reconstruction, or its stored outcome: offsets
   ``{(unit, 'w'|'a', name): int}`` and the JSON-able summary."""
@@ -339,23 +353,19 @@ def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, re
             net, unit, specs, cfg, states[unit.name]["w"], act_offsets, q_x,
             final_weights=True)}
       if todo:
-        name = f"unit_{unit.name}" if k == len(passes) - 1 else f"{stages[0]}_{unit.name}"
-        loaded = _load(store, name)
-        if loaded is None:
-          states[unit.name], entry = _reconstruct(net, unit, specs, states[unit.name]["w"],
-                                                  act_offsets, q_x, fp_y, cfg,
-                                                  jax.random.fold_in(key, i), progress, todo)
-          entry = _joined(report["units"].get(unit.name), entry)
-          if store is not None:
-            store.save(name, entry, states[unit.name])
-        else:
-          entry, states[unit.name] = loaded
-          entry["history"] = {ph: [tuple(s) for s in v] for ph, v in entry["history"].items()}
+        def compute():
+          st, entry = _reconstruct(net, unit, specs, states[unit.name]["w"], act_offsets, q_x,
+                                   fp_y, cfg, jax.random.fold_in(key, i), progress, todo)
+          return st, _joined(report["units"].get(unit.name), entry)
+
+        states[unit.name], entry, loaded = _stored(
+            store, f"unit_{unit.name}" if k == len(passes) - 1 else f"{stages[0]}_{unit.name}",
+            compute)
         report["units"][unit.name] = entry
         report["protocol"]["order"].append([unit.name, "+".join(todo)])
         if progress:
           _print_unit(unit.name + ("" if len(passes) == 1 else " " + stages[0]), entry,
-                      "weights" if "weights" in todo else "acts", loaded is not None)
+                      "weights" if "weights" in todo else "acts", loaded)
       q_x = _batched(functools.partial(fns.hard, params, states[unit.name], acts_on=acts_on),
                      q_x)
       fp_x = fp_y
@@ -379,13 +389,11 @@ def _rereconstruct(net, specs, states, moved: set, calib, cfg, key, store, repor
     fp_y = _batched(functools.partial(fns.fp, params), fp_x)
     if unit.name not in frozen and (i > first or (
         unit.name in moved and cfg.weight_phase_act_quant > 0)):
-      name = f"round{round_}_{unit.name}"
-      loaded = _load(store, name)
-      if loaded is None:
+      def compute():
         wspecs = specs[unit.name][0]
         wstates = {r: fake_quant.reset_rounding(params[r]["kernel"], s, wspecs[r])
                    for r, s in states[unit.name]["w"].items()}
-        states[unit.name], entry = _reconstruct(
+        st, entry = _reconstruct(
             net, unit, specs, wstates, {}, q_x, fp_y, cfg,
             jax.random.fold_in(jax.random.fold_in(key, i), round_), progress, ("weights",),
             astates=states[unit.name]["a"])
@@ -393,17 +401,14 @@ def _rereconstruct(net, specs, states, moved: set, calib, cfg, key, store, repor
         # The loss curve goes on after the earlier rounds' steps.
         last = earlier["history"]["weights"][-1][0] if earlier["history"]["weights"] else 0
         entry["history"]["weights"] = [(it + last, v) for it, v in entry["history"]["weights"]]
-        entry = _joined(earlier, entry)
-        if store is not None:
-          store.save(name, entry, states[unit.name])
-      else:
-        entry, states[unit.name] = loaded
-        entry["history"] = {ph: [tuple(s) for s in v] for ph, v in entry["history"].items()}
+        return st, _joined(earlier, entry)
+
+      states[unit.name], entry, loaded = _stored(store, f"round{round_}_{unit.name}", compute)
       report["units"][unit.name] = entry
       report["protocol"]["order"].append([unit.name, f"weights (round {round_})"])
       redone.append(unit.name)
       if progress:
-        _print_unit(f"{unit.name} r{round_}", entry, "weights", loaded is not None)
+        _print_unit(f"{unit.name} r{round_}", entry, "weights", loaded)
     q_x = _batched(functools.partial(fns.hard, params, states[unit.name]), q_x)
     fp_x = fp_y
   return states, redone
