@@ -423,7 +423,7 @@ def _search_after(net, specs, states, fit, sub, fp_logits, cfg, key, store, repo
   held-out images (its summary says ``kept``; ``report['units']`` is that round's), as
   a later round may end worse than an earlier one. Summaries: ``report['search']
   ['after']``, then ``['round_<r>']`` with the units ``rereconstructed``."""
-  best = None
+  best, ran = None, []     # best: (objective, states, unit entries, round)
   for round_ in range(1, cfg.search_rounds + 1):
     redone = []
     if round_ > 1:
@@ -439,19 +439,24 @@ def _search_after(net, specs, states, fit, sub, fp_logits, cfg, key, store, repo
                             when="after reconstruction" if round_ == 1 else
                             f"after re-reconstruction round {round_}")
     states = res.states
-    report["search"]["after" if round_ == 1 else f"round_{round_}"] = info if round_ == 1 \
-        else {**info, "rereconstructed": redone}
+    report["search"][_round_name(round_)] = (
+        info if round_ == 1 else {**info, "rereconstructed": redone})
+    ran.append(round_)
     if best is None or res.after < best[0]:
       best = (res.after, states, dict(report["units"]), round_)
   if cfg.search_rounds > 1:
-    for k, info in report["search"].items():
-      if k == "after" or k.startswith("round_"):
-        info["kept"] = k == ("after" if best[3] == 1 else f"round_{best[3]}")
-    if progress and best[3] != round_:
+    for r in ran:
+      report["search"][_round_name(r)]["kept"] = r == best[3]
+    if progress and best[3] != ran[-1]:
       tqdm.write(f"  search rounds: kept round {best[3]} (KL {best[0]:.4g}), the least on the "
                  "held-out images")
   report["units"] = best[2]
   return best[1]
+
+
+def _round_name(round_: int) -> str:
+  """The ``report['search']`` key of a round of the search after reconstruction."""
+  return "after" if round_ == 1 else f"round_{round_}"
 
 
 def _with_input_quantizer(net, states, specs, calib, cfg):
