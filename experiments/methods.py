@@ -45,6 +45,10 @@ QUANT_METHODS = {
     "rapq_search_rounds": ("rapq", {"search_rounds": 2},
                            "RAPQ, the search alternated with re-reconstruction of the units "
                            "whose inputs it changed (2 rounds, the better one kept)"),
+    "rapq_qdrop": ("rapq", {"weight_phase_act_quant": 0.5},
+                   "RAPQ whose weight stage sees each activation inside the unit quantized "
+                   "with probability 0.5 (QDrop), so the rounding learns under the power-of-"
+                   "two activation grid"),
     "rapq_act_choice": ("rapq", {"act_exp_window": 2},
                         "RAPQ, activation exponents re-chosen within +-2 by each unit's loss"),
     "rapq_weight_choice": ("rapq", {"weight_exp_window": 1},

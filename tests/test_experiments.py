@@ -45,6 +45,8 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_search_folds", "search_folds", 2),
     ("rapq", "search_rounds", 1),
     ("rapq_search_rounds", "search_rounds", 2),
+    ("rapq", "weight_phase_act_quant", 0.0),
+    ("rapq_qdrop", "weight_phase_act_quant", 0.5),
     ("rapq", "protocol", "strict"),
     ("rapq_official", "protocol", "official"),
     ("rapq_official", "loss_p_source", "bn"),
