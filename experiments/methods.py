@@ -24,6 +24,12 @@ QUANT_METHODS = {
     "naive": ("naive", {}, "Lp scale to nearest power of two, round to nearest"),
     "brecq": ("brecq", {}, "BRECQ, float scales (non-PoT upper bound)"),
     "brecq_pot": ("brecq_pot", {}, "BRECQ on nearest power-of-two scales"),
+    "brecq_pot_weights": ("brecq_pot", {"pot_parts": "weights"},
+                          "brecq_pot with power-of-two weight scales only (activation scales "
+                          "float and learned): the weights' share of the power-of-two cost"),
+    "brecq_pot_acts": ("brecq_pot", {"pot_parts": "acts"},
+                       "brecq_pot with power-of-two activation scales only (weight scales "
+                       "float): the activations' share of the power-of-two cost"),
     "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp, exponent search"),
     "rapq_learned_exp": ("rapq", {"learn_exponent": True},
                          "RAPQ with the paper's learned floor/ceil exponent relaxation"),

@@ -22,10 +22,12 @@ RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters", "lp_source": "loss
            "init_p": "scale_p"}
 # Field added after records were written -> the value that reproduces what those records
 # did: ``current_names`` fills it in where a record lacks it.
-ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search_rounds": 1}
+ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search_rounds": 1,
+         "pot_parts": "both"}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts")
+POT_PARTS = ("both", "weights", "acts")
 EXP_INITS = ("nearest", "lp", "grid")
 # Float field -> (least value, whether the least value itself is allowed, greatest
 # value or None); every float field must also be finite.
@@ -61,6 +63,11 @@ class PTQConfig:
 
   Method switches (``method`` presets them through ``for_method``):
     pot_scales: every scale an exact power of two (False only for float BRECQ).
+    pot_parts: with ``pot_scales``, which quantizers get power-of-two scales: ``'both'``
+      (a power-of-two model), or only the ``'weights'`` or only the ``'acts'`` (the
+      others keep float scales, as float BRECQ): a diagnostic that splits the cost of the
+      power-of-two constraint between weights and activations. Its model is not
+      power-of-two and has no integer form.
     reconstruct: AdaRound/BRECQ block reconstruction (False: round to nearest).
     learn_exponent: RAPQ's floor/ceil relaxation of each weight exponent, learned in the
       reconstruction's warm phase.
@@ -120,6 +127,7 @@ class PTQConfig:
   first_last_bits: int = 8
   weight_signed: bool = False
   pot_scales: bool = True
+  pot_parts: str = "both"
   reconstruct: bool = True
   learn_exponent: bool = False
   exp_init: str = "lp"
@@ -235,6 +243,16 @@ class PTQConfig:
       raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
     if self.protocol not in PROTOCOLS:
       raise ValueError(f"protocol = {self.protocol!r}: expected one of {PROTOCOLS}")
+    if self.pot_parts not in POT_PARTS:
+      raise ValueError(f"pot_parts = {self.pot_parts!r}: expected one of {POT_PARTS}")
+    if self.pot_parts != "both" and not (self.pot_scales and self.search == "none"
+                                         and not self.learn_exponent
+                                         and self.align_scales == "none"
+                                         and not self.weight_exp_window
+                                         and not self.act_exp_window):
+      raise ValueError(f"pot_parts = {self.pot_parts!r} keeps float scales on one side: it "
+                       "needs pot_scales=True, search='none', learn_exponent=False, "
+                       "align_scales='none' and no exponent windows")
     if self.align_scales not in ALIGN_MODES:
       raise ValueError(f"align_scales = {self.align_scales!r}: expected one of {ALIGN_MODES}")
     if self.align_scales != "none" and not self.pot_scales:
@@ -256,6 +274,12 @@ class PTQConfig:
     if not self.pot_scales and (self.learn_exponent or self.search != "none"):
       raise ValueError("float scales (pot_scales=False) need learn_exponent=False and "
                        "search='none'")
+
+  @property
+  def pot_model(self) -> bool:
+    """Whether every scale of the result is a power of two (``pot_scales`` on both
+    weights and activations)."""
+    return self.pot_scales and self.pot_parts == "both"
 
   @property
   def runs_exponent_relaxation(self) -> bool:

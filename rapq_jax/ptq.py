@@ -53,13 +53,15 @@ def unit_specs(net: Network, cfg: PTQConfig) -> dict:
   specs = {}
   for unit in net.units:
     wb = cfg.first_last_bits if unit.name in (first, head) else cfg.wbits
-    wspecs = {l.role: fake_quant.WeightSpec(wb, pot=cfg.pot_scales, signed=cfg.weight_signed)
+    wspecs = {l.role: fake_quant.WeightSpec(wb, pot=cfg.pot_scales and cfg.pot_parts != "acts",
+                                            signed=cfg.weight_signed)
               for l in unit.layers}
     aspecs = {}
     for a in unit.acts:
       ab = cfg.first_last_bits if (a.name == "input" or (
           unit.name in eight_bit_outputs and a.name == "out")) else cfg.abits
-      aspecs[a.name] = fake_quant.ActSpec(ab, signed=a.signed, pot=cfg.pot_scales)
+      aspecs[a.name] = fake_quant.ActSpec(ab, signed=a.signed,
+                                          pot=cfg.pot_scales and cfg.pot_parts != "weights")
     specs[unit.name] = (wspecs, aspecs)
   return specs
 
@@ -608,7 +610,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
                            progress, images)
 
   model = None
-  if cfg.pot_scales:
+  if cfg.pot_model:
     model = quantized.from_states(net, states, specs, metadata or {})
     apply = functools.partial(quantized.apply, model)
   else:

@@ -225,6 +225,29 @@ def test_search_rounds_reconstruct_what_the_search_changed(tiny, monkeypatch, tm
   assert again.report["units"] == result.report["units"]
 
 
+@pytest.mark.slow(seconds=10)
+def test_pot_parts_puts_powers_of_two_on_one_side_only(tiny):
+  """pot_parts='weights' (the diagnostic split of the power-of-two cost): every weight
+  exponent an integer, the activation steps float and learned as float BRECQ's are; the
+  result is no power-of-two model. pot_parts='acts' gives the other side's specs."""
+  net, calib, x = tiny
+  cfg = config.for_method("brecq_pot", pot_parts="weights", **SMALL)
+  assert not cfg.pot_model and config.for_method("brecq_pot").pot_model
+  result = ptq.quantize_network(net, calib, cfg, progress=False)
+  assert result.model is None
+  chex.assert_tree_all_finite(result.apply(x))
+  moved = []
+  for name, (wspecs, aspecs) in result.specs.items():
+    assert all(s.pot for s in wspecs.values()) and not any(s.pot for s in aspecs.values())
+    for state in result.states[name]["w"].values():
+      np.testing.assert_array_equal(state["exp"], np.round(state["exp"]))
+    moved += [float(st["exp"]) for st in result.states[name]["a"].values()]
+  assert any(e != round(e) for e in moved)           # the float steps learned off the grid
+  for wspecs, aspecs in ptq.unit_specs(net, config.for_method(
+      "brecq_pot", pot_parts="acts")).values():
+    assert not any(s.pot for s in wspecs.values()) and all(s.pot for s in aspecs.values())
+
+
 @pytest.mark.parametrize("method", POT_METHODS)
 def test_pot_model_integers_and_exponents(tiny, run, method):
   net, _, _ = tiny
@@ -825,6 +848,9 @@ def test_method_presets(method, expected):
     (lambda: config.for_method("rapq", search_rounds=2, protocol="official"), "search_rounds",
      "protocol 'strict'"),
     (lambda: config.for_method("rapq", search_holdout=1), "search_holdout", "1"),
+    (lambda: config.for_method("brecq_pot", pot_parts="w"), "pot_parts", "'w'"),
+    (lambda: config.for_method("rapq", pot_parts="acts"), "pot_parts", "search='none'"),
+    (lambda: config.for_method("brecq", pot_parts="acts"), "pot_parts", "pot_scales=True"),
     (lambda: config.for_method("rapq", loss_p_source="gamma"), "loss_p_source", "'gamma'"),
     (lambda: config.for_method("rapq", learn_exponent=True, weight_iters=100, exp_warm_iters=101),
      "exp_warm_iters", "101"),
