@@ -330,6 +330,21 @@ def _print_unit(label: str, entry: dict, phase: str, loaded: bool) -> None:
              + ("  (loaded)" if loaded else ""))
 
 
+def _unit_inputs(net, specs, cfg, states: dict, calib, *, acts_on: bool = True):
+  """Walks the units in order, yielding ``(i, unit, q_x, fp_y)``: the unit's inputs from
+  the network quantized so far and its FP outputs. Before resuming, the caller puts the
+  unit's final states in ``states`` (the dict it passed, read after each yield), which
+  quantize the inputs of the next unit (with activations when ``acts_on``)."""
+  fp_x, q_x = calib, calib
+  for i, unit in enumerate(net.units):
+    params, fns = net.params[unit.name], unit_fns(unit, specs, cfg)
+    fp_y = _batched(functools.partial(fns.fp, params), fp_x)
+    yield i, unit, q_x, fp_y
+    q_x = _batched(functools.partial(fns.hard, params, states[unit.name], acts_on=acts_on),
+                   q_x)
+    fp_x = fp_y
+
+
 def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, report,
                      progress):
   """Runs the protocol's passes over the units (``reconstruction_passes``); returns the
@@ -342,10 +357,7 @@ def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, re
   states = dict(states)
   for k, stages in enumerate(passes):
     acts_on = "acts" in stages
-    fp_x, q_x = calib, calib
-    for i, unit in enumerate(net.units):
-      params, fns = net.params[unit.name], unit_fns(unit, specs, cfg)
-      fp_y = _batched(functools.partial(fns.fp, params), fp_x)
+    for i, unit, q_x, fp_y in _unit_inputs(net, specs, cfg, states, calib, acts_on=acts_on):
       # The stages this unit has in this pass (none for a frozen unit; a unit without
       # activation quantizers, the classifier, has no activation stage).
       todo = () if unit.name in frozen else tuple(
@@ -368,9 +380,6 @@ def _reconstruct_all(net, specs, states, act_offsets, calib, cfg, key, store, re
         if progress:
           _print_unit(unit.name + ("" if len(passes) == 1 else " " + stages[0]), entry,
                       "weights" if "weights" in todo else "acts", loaded)
-      q_x = _batched(functools.partial(fns.hard, params, states[unit.name], acts_on=acts_on),
-                     q_x)
-      fp_x = fp_y
   return states
 
 
@@ -385,14 +394,11 @@ def _rereconstruct(net, specs, states, moved: set, calib, cfg, key, store, repor
   frozen = frozen_units(net, cfg)
   first = min(i for i, u in enumerate(net.units) if u.name in moved)
   states, redone = dict(states), []
-  fp_x, q_x = calib, calib
-  for i, unit in enumerate(net.units):
-    params, fns = net.params[unit.name], unit_fns(unit, specs, cfg)
-    fp_y = _batched(functools.partial(fns.fp, params), fp_x)
+  for i, unit, q_x, fp_y in _unit_inputs(net, specs, cfg, states, calib):
     if unit.name not in frozen and (i > first or (
         unit.name in moved and cfg.weight_phase_act_quant > 0)):
       def compute():
-        wspecs = specs[unit.name][0]
+        params, wspecs = net.params[unit.name], specs[unit.name][0]
         wstates = {r: fake_quant.reset_rounding(params[r]["kernel"], s, wspecs[r])
                    for r, s in states[unit.name]["w"].items()}
         st, entry = _reconstruct(
@@ -411,8 +417,6 @@ def _rereconstruct(net, specs, states, moved: set, calib, cfg, key, store, repor
       redone.append(unit.name)
       if progress:
         _print_unit(f"{unit.name} r{round_}", entry, "weights", loaded)
-    q_x = _batched(functools.partial(fns.hard, params, states[unit.name]), q_x)
-    fp_x = fp_y
   return states, redone
 
 
