@@ -23,12 +23,13 @@ RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters", "lp_source": "loss
 # Field added after records were written -> the value that reproduces what those records
 # did: ``current_names`` fills it in where a record lacks it.
 ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search_rounds": 1,
-         "pot_parts": "both"}
+         "pot_parts": "both", "act_exp_init": "nearest"}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts")
 POT_PARTS = ("both", "weights", "acts")
 EXP_INITS = ("nearest", "lp", "grid")
+ACT_EXP_INITS = ("nearest", "lp")
 # Float field -> (least value, whether the least value itself is allowed, greatest
 # value or None); every float field must also be finite.
 FLOAT_RANGES = {
@@ -75,6 +76,10 @@ class PTQConfig:
       two, at whichever of floor/ceil quantizes the weights with less Lp error (``lp``),
       or at the exponent and zero point with the least Lp error (``grid``:
       ``fake_quant.best_grid``).
+  act_exp_init: where a power-of-two activation exponent starts: the ``nearest`` integer
+    to the log2 of its Lp scale, or (``lp``) whichever of that scale's floor and ceil
+    quantizes the unit's calibration activations with less Lp error (``exp_init='lp'``
+    for activations).
   weight_phase_act_quant: during the weight phase, the probability that an activation
     inside the unit is quantized (0: FP activations as in BRECQ's first stage, 1: all
     quantized, in between: QDrop's random mix), drawn per element and step.
@@ -131,6 +136,7 @@ class PTQConfig:
   reconstruct: bool = True
   learn_exponent: bool = False
   exp_init: str = "lp"
+  act_exp_init: str = "nearest"
   weight_iters: int = 2000
   act_iters: int = 500
   batch_size: int = 32
@@ -239,6 +245,8 @@ class PTQConfig:
       raise ValueError(f"loss_p_source = {self.loss_p_source!r}: expected 'bn' or 'fixed'")
     if self.exp_init not in EXP_INITS:
       raise ValueError(f"exp_init = {self.exp_init!r}: expected one of {EXP_INITS}")
+    if self.act_exp_init not in ACT_EXP_INITS:
+      raise ValueError(f"act_exp_init = {self.act_exp_init!r}: expected one of {ACT_EXP_INITS}")
     if self.search not in SEARCH_MODES:
       raise ValueError(f"search = {self.search!r}: expected one of {SEARCH_MODES}")
     if self.protocol not in PROTOCOLS:

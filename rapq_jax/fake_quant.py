@@ -242,11 +242,24 @@ def weight_integers(w: chex.Array, state: dict, spec: WeightSpec):
 
 # ------------------------------------------------------------ activations
 
-def init_act(x: chex.Array, spec: ActSpec, p: float = 2.4) -> dict:
-  """Per-tensor Lp initialisation; PoT modes start at the nearest integer exponent."""
+def init_act(x: chex.Array, spec: ActSpec, p: float = 2.4,
+             exponent_choice: str = "nearest") -> dict:
+  """Per-tensor Lp initialisation. PoT: the integer exponent nearest the Lp scale in the
+  log domain, or (``exponent_choice='lp'``) whichever of its floor and ceil quantizes
+  ``x`` with the smaller Lp error, as ``init_weight`` chooses per channel."""
   lp = pot.lp_scale_search(x, spec.bits, signed=spec.signed, per_channel=False, p=p)
   if spec.pot:
-    return {"exp": pot.log2_exponents(lp.scale)[0].astype(jnp.float32)}
+    nearest, lo_e, hi_e = pot.log2_exponents(lp.scale)
+    if exponent_choice == "nearest":
+      return {"exp": nearest.astype(jnp.float32)}
+    if exponent_choice != "lp":
+      raise ValueError(f"exponent_choice = {exponent_choice!r}: expected 'nearest' or 'lp'")
+
+    def err(e):
+      return jnp.mean(power.abs_pow(
+          act_fake_quant(x, {"exp": e.astype(jnp.float32)}, spec) - x, p))
+
+    return {"exp": jnp.where(err(hi_e) < err(lo_e), hi_e, lo_e).astype(jnp.float32)}
   return {"exp": jnp.log2(jnp.where(lp.scale > 0, lp.scale, pot.exp2(pot.EXP_MIN)))}
 
 

@@ -131,7 +131,8 @@ def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
     astates = {}
 
     def aq(name, h):
-      astates[name] = fake_quant.init_act(h, aspecs[name], p=cfg.scale_p)
+      astates[name] = fake_quant.init_act(h, aspecs[name], p=cfg.scale_p,
+                                          exponent_choice=cfg.act_exp_init)
       return fake_quant.act_fake_quant(h, astates[name], aspecs[name])
 
     wq, _ = hooks(wstates, {}, wspecs, aspecs, soft=soft, acts_on=False)
@@ -473,7 +474,8 @@ def _with_input_quantizer(net, states, specs, calib, cfg):
   spec = specs[first][1].get("input")
   if spec is None or "input" in states[first]["a"]:
     return states
-  init = jax.jit(functools.partial(fake_quant.init_act, spec=spec, p=cfg.scale_p))
+  init = jax.jit(functools.partial(fake_quant.init_act, spec=spec, p=cfg.scale_p,
+                                   exponent_choice=cfg.act_exp_init))
   return {**states, first: {"w": states[first]["w"],
                             "a": {"input": init(calib[:INIT_SAMPLES]), **states[first]["a"]}}}
 

@@ -48,6 +48,8 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq", "weight_phase_act_quant", 0.0),
     ("rapq_qdrop", "weight_phase_act_quant", 0.5),
     ("brecq_pot", "pot_parts", "both"),
+    ("rapq", "act_exp_init", "nearest"),
+    ("rapq_act_lp_exp", "act_exp_init", "lp"),
     ("brecq_pot_weights", "pot_parts", "weights"),
     ("brecq_pot_acts", "pot_parts", "acts"),
     ("rapq", "protocol", "strict"),

@@ -31,7 +31,8 @@ CASES = pytest.mark.parametrize("shape, spec", [
 _init_weight = jax.jit(fake_quant.init_weight, static_argnums=1,
                        static_argnames=("learn_exponent", "learn_rounding", "p",
                                         "exponent_choice"))
-_init_act = jax.jit(fake_quant.init_act, static_argnums=1, static_argnames=("p",))
+_init_act = jax.jit(fake_quant.init_act, static_argnums=1,
+                    static_argnames=("p", "exponent_choice"))
 _lp_search = jax.jit(pot.lp_scale_search, static_argnums=1,
                      static_argnames=("signed", "per_channel", "p", "num_candidates", "shrink"))
 
@@ -372,6 +373,26 @@ def test_act_quantizer_is_pot_fake_quant(spec):
   off = {"exp": state["exp"] + 0.3}
   chex.assert_trees_all_equal(fake_quant.act_fake_quant(x, off, spec),
                               pot.fake_quant(x, e, spec.bits, signed=spec.signed))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("spec", [ActSpec(4), ActSpec(2), ActSpec(4, signed=True)])
+def test_act_exponent_lp_choice_takes_the_side_with_less_error(spec, seed):
+  """``exponent_choice='lp'``: of the floor and ceil of the Lp scale, the exponent whose
+  round-to-nearest Lp error on ``x`` is smaller; ``'nearest'`` is one of the two."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_t(3, size=(4, 6, 6, 3)) * rng.uniform(0.1, 10), jnp.float32)
+  if not spec.signed:
+    x = jax.nn.relu(x)
+  lp = _lp_search(x, spec.bits, signed=spec.signed, per_channel=False)
+  _, lo_e, hi_e = (int(e) for e in pot.log2_exponents(lp.scale))
+  err = {e: float(jnp.mean(jnp.abs(pot.fake_quant(x, e, spec.bits, signed=spec.signed) - x)
+                           ** 2.4)) for e in (lo_e, hi_e)}
+  chosen = int(_init_act(x, spec, p=2.4, exponent_choice="lp")["exp"])
+  assert chosen == (hi_e if err[hi_e] < err[lo_e] else lo_e)
+  assert int(_init_act(x, spec)["exp"]) in (lo_e, hi_e)
+  with pytest.raises(ValueError, match="exponent_choice = 'grid'"):
+    fake_quant.init_act(x, spec, exponent_choice="grid")
 
 
 def test_states_saved_by_an_older_version_read_under_the_names_now():

@@ -849,6 +849,7 @@ def test_method_presets(method, expected):
      "protocol 'strict'"),
     (lambda: config.for_method("rapq", search_holdout=1), "search_holdout", "1"),
     (lambda: config.for_method("brecq_pot", pot_parts="w"), "pot_parts", "'w'"),
+    (lambda: config.for_method("rapq", act_exp_init="grid"), "act_exp_init", "'grid'"),
     (lambda: config.for_method("rapq", pot_parts="acts"), "pot_parts", "search='none'"),
     (lambda: config.for_method("brecq", pot_parts="acts"), "pot_parts", "pot_scales=True"),
     (lambda: config.for_method("rapq", loss_p_source="gamma"), "loss_p_source", "'gamma'"),
