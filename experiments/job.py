@@ -60,13 +60,19 @@ def format_result(result: dict) -> str:
 
 def write_outputs(workdir: pathlib.Path, config, results: list[dict], env: dict) -> None:
   """results.json (every figure, config, environment), results.md and the plots.
-  results.json is written last and atomically: its presence means the run finished."""
+  results.json is written last and atomically: its presence means the run finished.
+  Its ``git`` is the commit every result was computed at when they agree (a resumed run
+  loads results computed by an earlier start), else this start's; each result keeps
+  its own ``git`` (``run_once``)."""
   table = report.results_table(results)
   integrity.atomic_write(workdir / "results.md", table)
   report.plot_top1(results, workdir / "top1.png")
   report.plot_exponents(results, workdir / "weight_exponents.png")
   report.plot_losses(results, workdir / "reconstruction_loss.png")
   record = dict(config=json.loads(config.to_json_best_effort()), results=results, **env)
+  commits = {json.dumps(r.get("git"), sort_keys=True) for r in results}
+  if len(commits) == 1 and results[0].get("git"):
+    record["git"] = results[0]["git"]
   integrity.atomic_write(workdir / "results.json", json.dumps(record, indent=1, default=float))
   print("\n" + table + f"\nwrote {workdir}/results.json, results.md and plots", flush=True)
 
@@ -89,13 +95,15 @@ def open_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> No
 
 def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int | None,
              config: ml_collections.ConfigDict, data: pipeline.Data,
-             fp_logits: Callable[[], np.ndarray]) -> dict:
+             fp_logits: Callable[[], np.ndarray], git: dict | None = None) -> dict:
   """The record of one method at one bit width: loaded from ``workdir/results/`` if it
   finished before (and its checksum matches), else computed (quantized units kept in
   ``workdir/units/`` as they finish, so a killed run resumes after the last one) and
   saved there atomically with its checksum. ``fp_logits()`` gives the FP model's test
   logits, computed by the first run that needs them (``fp``, or a quantized run
-  resumed after ``fp`` was loaded) and kept for the job's other runs."""
+  resumed after ``fp`` was loaded) and kept for the job's other runs. A computed record
+  carries ``git``, the commit of the code that computed it (``report.environment``), so a
+  run resumed at a later commit still says where each figure came from."""
   path = workdir / "results" / f"{methods.run_name(method, wbits, abits)}.json"
   if _on_process_0(path.exists()):
     if not path.exists():
@@ -116,6 +124,8 @@ def run_once(workdir: pathlib.Path, method: str, wbits: int | None, abits: int |
   # What the persistent compilation cache saved this run (its timings depend on it).
   result["compilation_cache"] = {k: v - lookups[k] for k, v in report.cache_lookups().items()}
   record = dict(method=method, wbits=wbits, abits=abits, **result)
+  if git is not None:
+    record["git"] = git
   return report.write_record(path, record) if _primary() else report.as_written(record)
 
 
@@ -172,7 +182,8 @@ def run(config: ml_collections.ConfigDict, names, bits, workdir: pathlib.Path) -
     fp_logits = functools.cache(lambda: pipeline.fp_logits(config, data))
     results = []
     for method, wbits, abits, method_config in runs:
-      results.append(run_once(workdir, method, wbits, abits, method_config, data, fp_logits))
+      results.append(run_once(workdir, method, wbits, abits, method_config, data, fp_logits,
+                              env["git"]))
       print(format_result(results[-1]), flush=True)
     if _primary():
       write_outputs(workdir, config, results, env)

@@ -236,7 +236,6 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
     device = env.get("device_kind") or ", ".join(env.get("devices", []))
     ptq = _ptq(rec)
     iters = f"{ptq.get('weight_iters', '?')}/{ptq.get('act_iters', '?')}"
-    commit = _commit(rec)[:7]
     methods = list(dict.fromkeys(r["method"] for r in rec["results"] if r["method"] != "fp"))
     for m in methods:
       rows = [r for r in rec["results"] if r["method"] == m]
@@ -244,6 +243,8 @@ def _summary_section(model: str, runs: list[tuple[str, dict]]) -> str:
                for b in bits]
       protocol = "/".join(dict.fromkeys(_protocol(r) for r in rows))
       rate = "/".join(dict.fromkeys(_rounding_rate(r) for r in rows))
+      # A row computed at another commit than its file's (a resumed run) says its own.
+      commit = "`/`".join(dict.fromkeys(_commit(r if r.get("git") else rec)[:7] for r in rows))
       lines.append(f"| {m} | " + " | ".join(cells) + f" | {protocol} | {iters} | {rate} | "
                    f"{device} | `{commit}` | {name} |")
   return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ tests/test_export.py (saved models, npz exports).
 """
 import dataclasses
 import importlib
+import json
 import math
 import os
 import pathlib
@@ -282,6 +283,28 @@ def test_damaged_result_record_is_computed_again_never_reported(tmp_path, monkey
   assert "fp.json: checksum mismatch (or none): the file is damaged; computing it again" in (
       capsys.readouterr().out)
 
+
+
+def test_each_result_says_the_commit_that_computed_it(tmp_path, monkeypatch):
+  """A run resumed at a later commit loads results computed at the earlier one: each
+  record keeps the commit it was computed at, and results.json's ``git`` is theirs when
+  they agree, else the later start's."""
+  from experiments import job  # pylint: disable=import-outside-toplevel
+  from experiments.configs import base  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(job.METHODS, "fp", lambda config, data, reference_logits: dict(
+      top1=81.25, top5=95.5, n=200, wall_seconds=1.0))
+  old, new = dict(commit="a" * 40, dirty=False), dict(commit="b" * 40, dirty=True)
+  first = job.run_once(tmp_path, "fp", None, None, None, None, lambda: None, old)
+  assert first["git"] == old
+  resumed = job.run_once(tmp_path, "fp", None, None, None, None, lambda: None, new)
+  assert resumed["git"] == old                      # loaded, not computed again
+  monkeypatch.setattr(job.report, "plot_top1", lambda *a: None)
+  monkeypatch.setattr(job.report, "plot_exponents", lambda *a: None)
+  monkeypatch.setattr(job.report, "plot_losses", lambda *a: None)
+  config = base.get_base_config()
+  for results, expected in (([resumed], old), ([resumed, {**resumed, "git": new}], new)):
+    job.write_outputs(tmp_path, config, results, dict(git=new))
+    assert json.loads((tmp_path / "results.json").read_text())["git"] == expected
 
 
 def _run(workdir, *args):
