@@ -69,6 +69,10 @@ QUANT_METHODS = {
     "rapq_align_acts": ("rapq", {"align_scales": "acts"},
                         "RAPQ on a network rescaled (FP function unchanged) so that each "
                         "block's inner ReLU has its float Lp activation scale on a power of two"),
+    "rapq_align_stream": ("rapq", {"align_scales": "stream"},
+                          "RAPQ on a network whose residual stream is scaled by one factor "
+                          "(FP function unchanged) that brings the block outputs' Lp "
+                          "activation scales closest to powers of two"),
     "rapq_official": ("rapq", {"protocol": "official"},
                       "RAPQ under the official driver's protocol (PTQConfig.protocol)"),
     "brecq_official": ("brecq", {"protocol": "official"},

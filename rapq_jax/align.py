@@ -18,8 +18,21 @@ exactly on a power of two:
   is the float one; the weight grids of both layers move by ``g``.
 
 Only ReLU points inside a unit qualify (ReLU6 is not homogeneous; a unit's output feeds a
-residual sum). The rescaled network is what gets quantized and deployed; it computes
-the same function in FP (up to float rounding).
+residual sum), except in the third mode:
+
+* ``'stream'``: one factor ``g`` for the values that pass between units (a ResNet's
+  residual stream): every unit but the first reads its input scaled by ``g``, every
+  unit but the last writes its output scaled by ``g`` (where a unit cannot, as a stem
+  ending in ReLU6, the stream starts after it), and inside a unit each layer's
+  kernel and bias are scaled so that every residual sum adds operands of one scale
+  (``stream_layer_scales``). The block outputs of a CIFAR ResNet stage have nearly one
+  Lp scale (ResNet-56: log2 between -1.64 and -1.25 in its first stage, -1.39 and -1.28
+  in its second), often halfway between two powers of two; ``g = 2**d``, ``|d| <= 1/2``
+  in steps of 1/16, is the shift that brings the log2 Lp scales of the points it
+  scales, on average, closest to integers.
+
+The rescaled network is what gets quantized and deployed; it computes the same function
+in FP (up to float rounding).
 """
 import dataclasses
 import functools
@@ -32,6 +45,8 @@ from rapq_jax import pot
 from rapq_jax.config import ALIGN_MODES
 from rapq_jax.network import Network, unit_apply
 from rapq_jax.units import Unit, activation
+
+STREAM_STEPS = 16    # the stream factor's log2 is a multiple of 1 / STREAM_STEPS
 
 
 def _to_pot(scale: chex.Array) -> chex.Array:
@@ -66,26 +81,118 @@ def rescale_link(net: Network, unit: str, producer: str, consumer: str,
                              bn_targets={**net.bn_targets, unit: targets})
 
 
+def stream_layer_scales(unit: Unit, s_in: float, s_out: float):
+  """How ``unit`` maps an input scaled by ``s_in`` to its output scaled by ``s_out``:
+  ``({role: (input scale, output scale)}, {value: scale})``, every layer's output at
+  scale 1 unless a residual sum or the unit output needs it at another; None where the
+  program cannot (a ReLU6 or a sum whose operands would need two scales)."""
+  program = unit.program
+  need = {program[-1].out: s_out}           # the scale each value must have, backwards
+  for op in reversed(program):
+    if op.out not in need or op.op == "linear":
+      continue
+    for v in op.inputs if op.op == "add" else op.inputs[:1]:
+      if need.setdefault(v, need[op.out]) != need[op.out]:
+        return None
+  scale, layers = {"x": s_in}, {}
+  for op in program:
+    s = scale[op.inputs[0]]
+    if op.op == "linear":
+      layers[op.role] = (s, need.get(op.out, 1.0))
+      s = layers[op.role][1]
+    elif op.op == "add" and scale[op.inputs[1]] != s:
+      return None
+    elif op.op == "act" and unit.activation != "relu" and s != 1.0:
+      return None
+    scale[op.out] = s
+  if scale[program[-1].out] != s_out or need.get("x", s_in) != s_in:
+    return None
+  return layers, scale
+
+
+def _stream_scaled(net: Network, g: float):
+  """``net`` with its stream scaled by ``g`` and ``{unit: {value: scale}}``. A unit writes
+  its output scaled by ``g`` where it can and the next unit can read it so (the first
+  reads the image, the last writes the logits, both at scale 1); elsewhere at 1, as a
+  stem or last conv ending in ReLU6 must (``stream_layer_scales``)."""
+  params, targets, scales = dict(net.params), dict(net.bn_targets), {}
+  units = net.units
+  reads_g = [i > 0 and any(stream_layer_scales(u, g, s) for s in (g, 1.0))
+             for i, u in enumerate(units)]
+  s_in = 1.0
+  for i, unit in enumerate(units):
+    writes_g = i + 1 < len(units) and reads_g[i + 1] and stream_layer_scales(unit, s_in, g)
+    s_out = g if writes_g else 1.0
+    layers, scales[unit.name] = stream_layer_scales(unit, s_in, s_out)
+    s_in = s_out
+    params[unit.name], targets[unit.name] = dict(params[unit.name]), dict(targets[unit.name])
+    for role, (a, b) in layers.items():      # input scale a, output scale b
+      p = params[unit.name][role]
+      params[unit.name][role] = {"kernel": p["kernel"] * (b / a), "bias": p["bias"] * b}
+      if role in targets[unit.name] and b != 1.0:
+        t = targets[unit.name][role]
+        targets[unit.name][role] = {**t, "mean": t["mean"] * b, "var": t["var"] * b * b,
+                                    "gamma": t["gamma"] * b}
+  return dataclasses.replace(net, params=params, bn_targets=targets), scales
+
+
+def _stream_factor(net: Network, abits: int, p: float, calib: chex.Array) -> float:
+  """The stream factor ``2**d`` (``d`` in ``[-1/2, 1/2)``, steps of ``1 / STREAM_STEPS``)
+  that brings the log2 Lp scales (``abits``, on ``calib``'s FP activations) of the
+  activation points it scales closest to integers on average; 1.0 if none."""
+  probe = _stream_scaled(net, 2.0)
+  logs, x = [], calib
+  for unit in net.units:
+    seen = {}
+
+    def aq(point, h, seen=seen):
+      seen[point] = h
+      return h
+
+    x = unit_apply(unit, net.params[unit.name], x, aq=aq)[0]
+    scaled = {op.point for op in unit.program
+              if op.op == "quant" and probe[1][unit.name][op.out] != 1.0}
+    for point in sorted(scaled):
+      h = seen[point]
+      lp = pot.lp_scale_search(h, abits, signed=bool(jnp.min(h) < 0), per_channel=False, p=p)
+      if float(lp.scale) > 0:
+        logs.append(float(jnp.log2(lp.scale)))
+  if not logs:
+    return 1.0
+  logs = jnp.asarray(logs)
+  shifts = jnp.arange(-STREAM_STEPS // 2, STREAM_STEPS // 2) / STREAM_STEPS
+  distance = jnp.mean(jnp.abs((logs[None] + shifts[:, None]) -
+                              jnp.round(logs[None] + shifts[:, None])), axis=1)
+  return float(2.0 ** shifts[jnp.argmin(distance)])
+
+
 def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: bool,
           p: float, calib: chex.Array | None = None) -> tuple[Network, dict]:
   """The rescaled network and ``{'unit/point': g}`` ([C] factors).
 
   Args:
     net: a folded network.
-    mode: one of ``ALIGN_MODES`` (``'none'`` returns ``net``).
+    mode: one of ``ALIGN_MODES`` (``'none'`` returns ``net``; so does ``'stream'``
+      where no unit can write a scaled stream that the next can read).
     wbits / abits: the bit widths of the rescaled layers and ReLU points.
     weight_signed: the weight quantizers' range (``PTQConfig.weight_signed``).
     p: the Lp exponent of the scale searches (``PTQConfig.scale_p``).
-    calib: float32 NHWC calibration images (``'acts'`` only: the factors come from the
-      FP activations of these).
+    calib: float32 NHWC calibration images (``'acts'`` and ``'stream'``: the factors
+      come from the FP activations of these).
+  Returns ``{'stream': [g]}`` as the factors of ``'stream'``.
   """
   if mode not in ALIGN_MODES:
     raise ValueError(f"align_scales = {mode!r}: expected one of {ALIGN_MODES}")
-  if mode == "acts" and calib is None:
-    raise ValueError("align_scales = 'acts' needs calibration images")
+  if mode in ("acts", "stream") and calib is None:
+    raise ValueError(f"align_scales = {mode!r} needs calibration images")
   factors = {}
   if mode == "none":
     return net, factors
+  if mode == "stream":
+    g = _stream_factor(net, abits, p, calib)
+    if g == 1.0:
+      return net, factors
+    return _stream_scaled(net, g)[0], {"stream": jnp.full((1,), g)}
   x = calib
   for unit in net.units:
     for producer, point, consumer in unit.rescalable_links:

@@ -183,3 +183,54 @@ def test_bad_settings_are_refused_by_name():
     config.for_method("brecq", align_scales="weights")
   with pytest.raises(ValueError, match="needs calibration images"):
     align.align(_cifar(), "acts", wbits=4, abits=4, weight_signed=False, p=2.4)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet", "mobilenetv2"])
+def test_stream_alignment_keeps_the_function_and_moves_the_stream_onto_the_grid(name):
+  """'stream': every unit reads and writes the stream scaled by one factor g (the first
+  reads the image, the last writes logits, both unscaled), the FP function is unchanged,
+  and the stream's activation points are on average closer to powers of two."""
+  if name == "cifar_resnet":
+    net = _cifar()
+  else:     # inverted residual blocks: ReLU6 inside, linear block outputs and sums; the
+            # stem ends in ReLU6, so the stream starts at the first block (no sum)
+    model = MobileNetV2(num_classes=10, setting=((1, 16, 1, 1), (6, 16, 2, 1)), stem_planes=8,
+                        last_planes=16)
+    net = folded(model, random_variables(model, HW), HW)
+  x = _input_for(net)
+  new, factors = align.align(net, "stream", wbits=4, abits=4, weight_signed=False, p=2.4,
+                             calib=x)
+  assert set(factors) == {"stream"}
+  g = float(factors["stream"][0])
+  assert g != 1.0 and 2 ** -0.5 - 1e-6 <= g < 2 ** 0.5
+  assert abs(np.log2(g) * align.STREAM_STEPS - round(np.log2(g) * align.STREAM_STEPS)) < 1e-6
+  chex.assert_trees_all_close(network_apply(new, x), network_apply(net, x), rtol=1e-4,
+                              atol=1e-4)
+
+  def distance(n):   # mean distance of the stream points' log2 Lp scales to integers
+    logs, h = [], x
+    for i, unit in enumerate(n.units[:-1]):
+      h = unit_apply(unit, n.params[unit.name], h)[0]
+      s = pot.lp_scale_search(h, 4, signed=False, per_channel=False, p=2.4).scale
+      logs.append(float(np.log2(s)))
+    return np.mean(np.abs(np.asarray(logs) - np.round(logs)))
+
+  assert distance(new) < distance(net)
+  if name != "cifar_resnet":               # its stem ends in ReLU6: the stream starts later
+    return
+  h = x
+  for i, unit in enumerate(net.units):     # every unit between the ends maps g x -> g y
+    y = unit_apply(unit, net.params[unit.name], h)[0]
+    scaled = unit_apply(unit, new.params[unit.name], h * (1.0 if i == 0 else g))[0]
+    last = i == len(net.units) - 1
+    chex.assert_trees_all_close(scaled, y * (1.0 if last else g), rtol=1e-4, atol=1e-4)
+    h = y
+
+
+def test_stream_scales_refuse_a_sum_of_two_scales():
+  """A basic block carries the stream (conv1 absorbs it, conv2 restores it for the sum),
+  but cannot map a scaled input to an unscaled output: its sum adds the input itself."""
+  unit = next(u for u in _cifar().units if u.kind == "basic")
+  assert align.stream_layer_scales(unit, 2.0, 2.0)[0] == {"conv1": (2.0, 1.0),
+                                                          "conv2": (1.0, 2.0)}
+  assert align.stream_layer_scales(unit, 2.0, 1.0) is None   # the sum needs x at 1

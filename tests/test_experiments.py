@@ -38,6 +38,7 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq", "align_scales", "none"),
     ("rapq_align_weights", "align_scales", "weights"),
     ("rapq_align_acts", "align_scales", "acts"),
+    ("rapq_align_stream", "align_scales", "stream"),
     ("rapq_no_bnp", "loss_p_source", "fixed"),
     ("rapq_bnstats", "bn_stats_weight", 1.0),
     ("rapq", "search", "after"),
