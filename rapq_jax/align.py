@@ -55,6 +55,13 @@ def _to_pot(scale: chex.Array) -> chex.Array:
   return jnp.where(scale > 0, pot.exp2(nearest) / jnp.where(scale > 0, scale, 1.0), 1.0)
 
 
+def _scaled_bn_target(target: dict, g) -> dict:
+  """A layer's BN target once its output channels are multiplied by ``g``: mean and gamma
+  by ``g``, variance by ``g**2``."""
+  return {**target, "mean": target["mean"] * g, "var": target["var"] * g * g,
+          "gamma": target["gamma"] * g}
+
+
 def rescale_link(net: Network, unit: str, producer: str, consumer: str,
                  g: chex.Array) -> Network:
   """``net`` with ``unit``'s ``producer`` output channels multiplied by ``g`` [C] (kernel,
@@ -74,9 +81,7 @@ def rescale_link(net: Network, unit: str, producer: str, consumer: str,
   params[consumer] = {"kernel": kernel / g[channel], "bias": cons["bias"]}
   targets = dict(net.bn_targets[unit])
   if producer in targets:
-    t = targets[producer]
-    targets[producer] = {**t, "mean": t["mean"] * g, "var": t["var"] * g * g,
-                         "gamma": t["gamma"] * g}
+    targets[producer] = _scaled_bn_target(targets[producer], g)
   return dataclasses.replace(net, params={**net.params, unit: params},
                              bn_targets={**net.bn_targets, unit: targets})
 
@@ -130,9 +135,7 @@ def _stream_scaled(net: Network, g: float):
       p = params[unit.name][role]
       params[unit.name][role] = {"kernel": p["kernel"] * (b / a), "bias": p["bias"] * b}
       if role in targets[unit.name] and b != 1.0:
-        t = targets[unit.name][role]
-        targets[unit.name][role] = {**t, "mean": t["mean"] * b, "var": t["var"] * b * b,
-                                    "gamma": t["gamma"] * b}
+        targets[unit.name][role] = _scaled_bn_target(targets[unit.name][role], b)
   return dataclasses.replace(net, params=params, bn_targets=targets), scales
 
 
