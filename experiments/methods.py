@@ -39,9 +39,10 @@ QUANT_METHODS = {
         "phase, rounding not restarted (set its length with ptq.exp_warm_iters)"),
     "rapq_nearest_exp": ("rapq", {"exp_init": "nearest"},
                          "RAPQ with nearest (log-domain) exponents instead of the Lp choice"),
-    "rapq_act_lp_exp": ("rapq", {"act_exp_init": "lp"},
-                        "RAPQ with each activation exponent starting at whichever of floor "
-                        "and ceil of its Lp scale has less Lp error (as the weights' choice)"),
+    "rapq_nearest_act_exp": ("rapq", {"act_exp_init": "nearest"},
+                             "RAPQ with each activation exponent starting at the nearest "
+                             "integer to the log2 of its Lp scale (rapq before the floor/ceil "
+                             "choice by Lp error became its default)"),
     "rapq_grid": ("rapq", {"exp_init": "grid"},
                   "RAPQ with each weight channel's exponent (floor - 1 .. ceil) and zero point "
                   "chosen together by Lp error"),

@@ -220,7 +220,7 @@ def test_store_of_an_older_version_is_read(tiny, tmp_path):
   """A store whose config record holds old field names (``config.RENAMED``), with a unit
   saved as that version saved it: the unit loads; ``quantize_network`` reads the record
   by the names now (its mismatch error says weight_iters); without the upgrade, refused."""
-  cfg = dataclasses.replace(CFG, lr_w_ref_iters=0)   # what the older version ran (ADDED)
+  cfg = dataclasses.replace(CFG, **config.ADDED)   # what the older version ran
   old = resume.Store(tmp_path)
   old.bind(_with_old_names(cfg))
   old.save("unit_x", {"p": 2.0}, {"t": jnp.ones(3)})
@@ -234,9 +234,10 @@ def test_store_of_an_older_version_is_read(tiny, tmp_path):
   resume.Store(tmp_path / "b").bind(_with_old_names(cfg, iters_w=21))
   with pytest.raises(resume.ConfigMismatchError, match=r"^[^;]*weight_iters = 21 there, 20 now"):
     ptq.quantize_network(*tiny, cfg, progress=False, store=resume.Store(tmp_path / "b"))
-  # Its units were learned at the plain lr_w: with the rate scaled (the default now) the
-  # store is refused, naming the field.
-  with pytest.raises(resume.ConfigMismatchError, match=r"lr_w_ref_iters = 0 there, 20000 now"):
+  # Its units were learned at the plain lr_w and nearest activation exponents: with the
+  # defaults now the store is refused, naming both fields.
+  with pytest.raises(resume.ConfigMismatchError, match=r"act_exp_init = 'nearest' there, 'lp' "
+                     r"now; lr_w_ref_iters = 0 there, 20000 now"):
     resume.Store(tmp_path).bind(dataclasses.asdict(CFG), upgrade=config.current_names)
 
 
