@@ -313,7 +313,8 @@ def for_method(method: str, **overrides) -> PTQConfig:
 
   'naive': Lp scale to the nearest PoT, round to nearest. 'brecq': BRECQ with float
   scales. 'brecq_pot': BRECQ on nearest-PoT scales. 'rapq': our RAPQ: per-channel
-  floor/ceil exponent choice, BN-derived Lp objective (the paper's learned floor/ceil
+  floor/ceil weight exponent choice, per-tensor floor/ceil activation exponent choice
+  (``act_exp_init``), BN-derived Lp objective (the paper's learned floor/ceil
   relaxation is ``learn_exponent=True``; on the shared ResNet-20 it reconstructed worse
   than choosing floor/ceil by weight Lp error), and the network-wide search over the
   integer exponents of the low-bit quantizers after reconstruction (``search``).
