@@ -76,7 +76,7 @@ def _time_unit(unit, params, bn, shape, specs, cfg, key, p):
     hard = {r: {k: v for k, v in s.items() if k != "v"} for r, s in wstates.items()}
     acts = reconstruct.act_phase(shape_unit, ws_t, as_t, cfg, p, n)
     act_compile_s, act_s = _time_phase(
-        acts.step, acts.init(astates), hard, params, xs, ys, key)
+        acts.step, acts.init(astates, hard), hard, params, xs, ys, key)
     compile_s += act_compile_s
   return compile_s, weight_s, act_s
 

@@ -24,7 +24,7 @@ RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters", "lp_source": "loss
 # Field added after records were written -> the value that reproduces what those records
 # did: ``current_names`` fills it in where a record lacks it.
 ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search_rounds": 1,
-         "pot_parts": "both", "act_exp_init": "nearest"}
+         "pot_parts": "both", "act_exp_init": "nearest", "learn_bias": False}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts", "stream")
@@ -44,9 +44,10 @@ FLOAT_RANGES = {
     "bn_stats_weight": (0.0, True, None),
     "weight_phase_act_quant": (0.0, True, 1.0),
     "weight_exp_at": (0.0, True, 1.0),
+    "lr_bias": (0.0, False, None),
 }
 BOOL_FIELDS = ("weight_signed", "pot_scales", "reconstruct", "learn_exponent",
-               "reinit_alpha_on_harden", "exp_b_hold", "search_holdout")
+               "reinit_alpha_on_harden", "exp_b_hold", "search_holdout", "learn_bias")
 
 
 def _check_float(name: str, value, lo: float, lo_ok: bool, hi: float | None) -> None:
@@ -152,6 +153,14 @@ class PTQConfig:
   lr_w_ref_iters: int = 20000
   lr_exp: float = 1e-3
   lr_a: float = 4e-4
+  # The activation phase also learns a correction of every layer's bias in the unit
+  # (float32 [O] per layer, ``bias_shift`` in its weight state; the deployed model holds
+  # bias plus correction as an int32 on its accumulator grid), at lr_bias with lr_a's
+  # cosine decay. With power-of-two activation exponents the phase has otherwise little
+  # to learn (``round(t)`` rarely moves): the bias absorbs the mean error that the
+  # quantized activations leave in the unit's output.
+  learn_bias: bool = False
+  lr_bias: float = 1e-3
   round_weight: float = 0.01
   b_start: float = 20.0
   b_end: float = 2.0
@@ -284,6 +293,9 @@ class PTQConfig:
       raise ValueError(f"search_rounds = {self.search_rounds} alternates the search after "
                        "reconstruction with re-reconstruction: it needs reconstruct=True, "
                        "search 'after' or 'both' and protocol 'strict'")
+    if self.learn_bias and not self.reconstruct:
+      raise ValueError("learn_bias = True learns in the activation phase of reconstruction: "
+                       "it needs reconstruct=True")
     if not self.pot_scales and (self.learn_exponent or self.search != "none"):
       raise ValueError("float scales (pot_scales=False) need learn_exponent=False and "
                        "search='none'")

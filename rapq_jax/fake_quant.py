@@ -208,6 +208,13 @@ def weight_fake_quant(w: chex.Array, state: dict, spec: WeightSpec, *,
   return (q - zp) * scale
 
 
+def corrected_bias(bias: chex.Array, state: dict) -> chex.Array:
+  """The layer's bias plus the correction ``bias_shift`` [O] its quantizer state holds
+  once an activation phase has learned one (``PTQConfig.learn_bias``); the deployed model
+  rounds the sum onto its accumulator grid like any bias."""
+  return bias + state["bias_shift"] if "bias_shift" in state else bias
+
+
 def harden_exponent(w: chex.Array, state: dict, spec: WeightSpec, *,
                     reinit_alpha: bool = True) -> dict:
   """Ends RAPQ's exponent learning: ``e = e0 + (v >= 0)``, an exact integer, and drops
@@ -282,8 +289,9 @@ def hooks(wstates, astates, wspecs, aspecs, *, soft: bool, acts_on: bool):
   """``(wq, aq)``: the weight and activation hooks of ``network.unit_apply`` from the
   quantizer states and specs of one unit (``soft``: AdaRound's soft rounding;
   ``acts_on=False``: activations pass unquantized)."""
-  def wq(role, kernel):
-    return weight_fake_quant(kernel, wstates[role], wspecs[role], soft=soft)
+  def wq(role, layer):
+    return {"kernel": weight_fake_quant(layer["kernel"], wstates[role], wspecs[role], soft=soft),
+            "bias": corrected_bias(layer["bias"], wstates[role])}
 
   def aq(name, x):
     return act_fake_quant(x, astates[name], aspecs[name]) if acts_on else x

@@ -11,7 +11,8 @@ wired, where activations are quantized; ``rapq_jax.units``) plus pytrees of arra
 
 Quantization is injected through two callables so that the same forward serves the FP
 network, fake-quant reconstruction and the final quantized model:
-``wq(layer, kernel) -> kernel`` and ``aq(point, x) -> x``.
+``wq(role, {'kernel', 'bias'}) -> {'kernel', 'bias'}`` (the float layer parameters ->
+those it computes with) and ``aq(point, x) -> x``.
 """
 import dataclasses
 from typing import Callable
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from rapq_jax import units
 from rapq_jax.units import Unit
 
-WeightHook = Callable[[str, jax.Array], jax.Array]
+WeightHook = Callable[[str, dict], dict]
 ActHook = Callable[[str, jax.Array], jax.Array]
 
 
@@ -54,8 +55,8 @@ def unit_apply(unit: Unit, params: dict, x, wq: WeightHook = identity_hook,
   for op in unit.program:
     a = [values[name] for name in op.inputs]
     if op.op == "linear":
-      y = units.layer_apply(unit.layer(op.role), wq(op.role, params[op.role]["kernel"]),
-                            params[op.role]["bias"], a[0])
+      layer = wq(op.role, params[op.role])
+      y = units.layer_apply(unit.layer(op.role), layer["kernel"], layer["bias"], a[0])
       pre[op.role] = y
     elif op.op == "quant":
       y = aq(op.point, a[0])

@@ -86,8 +86,9 @@ def _integers(net, states: dict, spec_items: tuple) -> tuple[dict, dict]:
       q, e, zp = fake_quant.weight_integers(
           net.params[unit.name][layer.role]["kernel"], states[unit.name]["w"][layer.role],
           wspecs[layer.role])
-      weights[unit.name][layer.role] = {"q": q, "e": e, "zp": zp,
-                                        "bias": net.params[unit.name][layer.role]["bias"]}
+      bias = fake_quant.corrected_bias(net.params[unit.name][layer.role]["bias"],
+                                       states[unit.name]["w"][layer.role])
+      weights[unit.name][layer.role] = {"q": q, "e": e, "zp": zp, "bias": bias}
     acts[unit.name] = {point: fake_quant.act_exponent(states[unit.name]["a"][point], spec)
                        for point, spec in aspecs.items()}
   return weights, acts

@@ -150,9 +150,11 @@ class WeightPhaseState(NamedTuple):
 
 
 class ActPhaseState(NamedTuple):
-  """State of the activation phase: the activation quantizer states and their optimizer
-  state."""
+  """State of the activation phase: the activation quantizer states, the bias
+  corrections it learns per layer (``{role: [O]}``, empty unless ``learn_bias``) and
+  their optimizer state."""
   astates: dict
+  shifts: dict
   opt_state: optax.OptState
   steps: Budget
 
@@ -231,30 +233,50 @@ def weight_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
 @functools.lru_cache(maxsize=None)
 def act_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
               n: int) -> Phase:
-  """The activation phase, as ``weight_phase``: ``init(astates) -> ActPhaseState``;
-  ``step(state, wstates, params, xs, ys, key, it) -> (state, loss)`` with hard weights."""
+  """The activation phase, as ``weight_phase``: ``init(astates, wstates) ->
+  ActPhaseState``; ``step(state, wstates, params, xs, ys, key, it) -> (state, loss)`` with
+  hard weights. With ``cfg.learn_bias`` it also learns a correction of each layer's bias
+  (at ``lr_bias``, on the same cosine schedule as ``lr_a``), which ``with_shifts`` puts
+  into the weight states."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
   opt = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr_a)
 
-  def loss_fn(astates, wstates, params, x, y_t):
-    wq, aq = fake_quant.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=True)
+  def loss_fn(train, wstates, params, x, y_t):
+    astates, shifts = train
+    wq, aq = fake_quant.hooks(with_shifts(wstates, shifts), astates, wspecs, aspecs,
+                              soft=False, acts_on=True)
     return objective.lp_loss(unit_apply(unit, params, x, wq, aq)[0], y_t, p)
 
-  def init(astates):
-    return ActPhaseState(astates, parallel.replicate(opt.init(astates)), budget(cfg))
+  def init(astates, wstates):
+    shifts = ({r: jnp.zeros_like(s["exp"]) for r, s in wstates.items()} if cfg.learn_bias
+              else {})
+    return ActPhaseState(astates, shifts, parallel.replicate(opt.init((astates, shifts))),
+                         budget(cfg))
 
   @jax.jit
   def step(state, wstates, params, xs, ys, key, it):
     x, y_t = _batch(xs, ys, jax.random.fold_in(key, it), cfg.batch_size, n)
-    loss, grads = jax.value_and_grad(loss_fn)(state.astates, wstates, params, x, y_t)
+    train = (state.astates, state.shifts)
+    loss, grads = jax.value_and_grad(loss_fn)(train, wstates, params, x, y_t)
     lr = act_learning_rate(it, state.steps, cfg)
     opt_state = state.opt_state._replace(
         hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
-    updates, opt_state = opt.update(grads, opt_state, state.astates)
-    return state._replace(astates=optax.apply_updates(state.astates, updates),
+    (d_a, d_b), opt_state = opt.update(grads, opt_state, train)
+    # One Adam for both; the bias corrections' updates are rescaled to lr_bias (Adam's
+    # update is linear in its learning rate).
+    d_b = jax.tree.map(lambda u: u * (cfg.lr_bias / cfg.lr_a), d_b)
+    return state._replace(astates=optax.apply_updates(state.astates, d_a),
+                          shifts=optax.apply_updates(state.shifts, d_b),
                           opt_state=opt_state), loss
 
   return Phase(init, step)
+
+
+def with_shifts(wstates: dict, shifts: dict) -> dict:
+  """``wstates`` with each layer's learned bias correction (``shifts[role]``, [O]) added
+  to the ``bias_shift`` it holds (``fake_quant.corrected_bias``)."""
+  return {r: ({**s, "bias_shift": s.get("bias_shift", 0.0) + shifts[r]} if r in shifts else s)
+          for r, s in wstates.items()}
 
 
 CHOICE_ROWS = 256  # rows per forward pass when a whole cache is scored
@@ -338,9 +360,10 @@ def _channel_errors(unit: Unit, wspecs: tuple, aspecs: tuple, role: str, p: floa
     _, aq = fake_quant.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=acts_on)
 
     def output(x, own):
-      def wq(r, k):
-        return own if r == role else fake_quant.weight_fake_quant(k, wstates[r], wspecs[r],
-                                                                 soft=False)
+      def wq(r, layer):
+        kernel = own if r == role else fake_quant.weight_fake_quant(
+            layer["kernel"], wstates[r], wspecs[r], soft=False)
+        return {"kernel": kernel, "bias": fake_quant.corrected_bias(layer["bias"], wstates[r])}
       return unit_apply(unit, params, x, wq, aq)[1][role]
 
     mask = _chunked(jnp.arange(xs.shape[0]) < n)
@@ -479,7 +502,7 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
                  for r, s in wstates.items()}
   if acts and cfg.act_iters:
     phase_fns = act_phase(shape, ws_t, as_t, cfg, p, n)
-    state = phase_fns.init(astates)
+    state = phase_fns.init(astates, wstates)
     for it in range(cfg.act_iters):
       state, loss = phase_fns.step(state, wstates, params, xs, ys, ka, it)
       if (it + 1) % REPORT_EVERY == 0 or it + 1 == cfg.act_iters:
@@ -488,7 +511,7 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
         history["acts"].append((it + 1, value))
         bar.set_postfix({"loss": f"{value:.4g}", "phase": "activations"}, refresh=False)
         bar.update(done_w + it + 1 - bar.n)
-    astates = state.astates
+    astates, wstates = state.astates, with_shifts(wstates, state.shifts)
   moves = {}
   if acts and cfg.act_exp_window:
     loss = _cache_loss(shape, ws_t, as_t, p, n)

@@ -571,7 +571,7 @@ def test_phases_are_pure_init_step_pairs_that_reconstruct_a_unit(block):
     state, _ = weights.step(state, acts, p, b, xs, ys, kw, it)
   chex.assert_trees_all_equal(state.wstates, result.wstates)
   activations = reconstruct.act_phase(shape, ws_t, as_t, cfg, 2.0, n)
-  astate = activations.init(acts)
+  astate = activations.init(acts, state.wstates)
   for it in range(cfg.act_iters):
     astate, _ = activations.step(astate, state.wstates, p, xs, ys, ka, it)
   chex.assert_trees_all_equal(astate.astates, result.astates)
@@ -687,7 +687,7 @@ def test_compiled_steps_do_not_depend_on_the_budget(block):
     c = dataclasses.replace(cfg, weight_iters=iters[0], act_iters=iters[1], exp_warm_iters=iters[2])
     weights = reconstruct.weight_phase(shape, ws_t, as_t, c, 1.1, False, n)
     activations = reconstruct.act_phase(shape, ws_t, as_t, c, 1.1, n)
-    state, astate = weights.init(ws), activations.init(acts)
+    state, astate = weights.init(ws), activations.init(acts, ws)
     assert int(state.steps.weight_iters) == iters[0] and int(astate.steps.act_iters) == iters[1]
     texts.append((weights.step.lower(state, acts, p, b, xs, ys, key, 3).as_text(),
                   activations.step.lower(astate, ws, p, xs, ys, key, 3).as_text()))
