@@ -35,7 +35,9 @@ Then ``act_iters`` steps learn the unit's activation exponents with hard weights
 power-of-two exponent uses ``round(t)``, and Adam at ``lr_a`` rarely carries ``t`` across
 a rounding boundary, so with ``act_exp_window`` > 0 each PoT activation exponent is then
 chosen among ``round(t) + k`` (``|k| <= act_exp_window``) by the unit's loss over its
-whole calibration cache (``choose_act_exponents``).
+whole calibration cache (``choose_act_exponents``). With ``learn_bias`` the phase
+also learns a correction of each layer's bias (``with_shifts``), the one continuous
+quantity of a power-of-two unit left to it.
 """
 import dataclasses
 import functools

@@ -626,6 +626,52 @@ def test_reconstruction_chooses_a_better_activation_exponent(block):
     assert float(state["exp"]) == round(float(state["exp"]))
 
 
+def test_activation_phase_learns_a_bias_correction(block):
+  """With ``learn_bias`` the activation phase also learns a correction of each layer's
+  bias: the weight stage is the same, every layer's state gains a ``bias_shift`` that
+  is not zero, and the unit's hard-quantized loss ends lower than without it; without
+  ``learn_bias`` no state holds one."""
+  net, unit, params, cfg, (wspecs, aspecs), hard, x_in, y_fp, start = block
+  coarse = {**start["a"], "relu1": {"exp": start["a"]["relu1"]["exp"] + 1}}
+  results = {}
+  for learn in (False, True):
+    c = dataclasses.replace(cfg, weight_iters=20, act_iters=60, learn_bias=learn,
+                            lr_bias=1e-2)
+    results[learn] = reconstruct.reconstruct_unit(
+        unit, params, net.bn_targets[unit.name], start["w"], coarse, wspecs, aspecs, x_in, y_fp,
+        c, 2.0, jax.random.PRNGKey(3), progress=False)
+  assert all("bias_shift" not in s for s in results[False].wstates.values())
+  for role, state in results[True].wstates.items():
+    chex.assert_shape(state["bias_shift"], params[role]["bias"].shape)
+    assert float(jnp.max(jnp.abs(state["bias_shift"]))) > 0, role
+    chex.assert_trees_all_equal(state["alpha"], results[False].wstates[role]["alpha"])
+  loss = {k: float(objective.lp_loss(hard(params, {"w": r.wstates, "a": r.astates}, x_in),
+                                     y_fp, 2.0)) for k, r in results.items()}
+  assert loss[True] < loss[False], loss
+
+
+def test_learned_bias_reaches_the_integer_model(tiny):
+  """A model whose biases were corrected in reconstruction is still power-of-two and its
+  integer-only program gives the simulation's logits bit for bit; its biases are the
+  folded ones plus the learned corrections (to the accumulator grid)."""
+  net, calib, x = tiny
+  result = ptq.quantize_network(net, calib, config.for_method("rapq", learn_bias=True, **SMALL),
+                                progress=False)
+  quantized.check_power_of_two(result.model)
+  program = integer.lower(result.model)
+  assert program.spec["checks"]["exact_float32"]
+  np.testing.assert_array_equal(np.asarray(result.apply(x)),
+                                np.asarray(integer.apply(program, x)))
+  corrected = 0
+  for unit in net.units:
+    for role, state in result.states[unit.name]["w"].items():
+      np.testing.assert_array_equal(
+          result.model.weights[unit.name][role]["bias"],
+          net.params[unit.name][role]["bias"] + state.get("bias_shift", 0.0))
+      corrected += "bias_shift" in state
+  assert corrected == sum(len(u.layers) for u in net.units[:-1])   # all but the classifier
+
+
 def test_learned_exponents_on_the_official_schedule(block):
   """The learned floor/ceil relaxation with b held at b_start in the exponent phase and
   the rounding kept across the hardening: every exponent ends an exact integer (floor or
@@ -853,6 +899,9 @@ def test_method_presets(method, expected):
     (lambda: config.for_method("rapq", pot_parts="acts"), "pot_parts", "search='none'"),
     (lambda: config.for_method("brecq", pot_parts="acts"), "pot_parts", "pot_scales=True"),
     (lambda: config.for_method("rapq", loss_p_source="gamma"), "loss_p_source", "'gamma'"),
+    (lambda: config.for_method("naive", learn_bias=True), "learn_bias", "reconstruct=True"),
+    (lambda: config.for_method("rapq", learn_bias=1), "learn_bias", "1"),
+    (lambda: config.for_method("rapq", lr_bias=0.0), "lr_bias", "0.0"),
     (lambda: config.for_method("rapq", learn_exponent=True, weight_iters=100, exp_warm_iters=101),
      "exp_warm_iters", "101"),
     (lambda: config.for_method("brecq", search="after"), "search", "none"),
