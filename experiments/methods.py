@@ -80,6 +80,10 @@ QUANT_METHODS = {
                           "RAPQ on a network whose residual stream is scaled by one factor "
                           "(FP function unchanged) that brings the block outputs' Lp "
                           "activation scales closest to powers of two"),
+    "rapq_align_all": ("rapq", {"align_scales": "acts_stream"},
+                       "RAPQ on a network rescaled (FP function unchanged) so that every "
+                       "activation point's float Lp scale is near a power of two: the "
+                       "residual stream by one factor, then each block's inner ReLU"),
     "rapq_official": ("rapq", {"protocol": "official"},
                       "RAPQ under the official driver's protocol (PTQConfig.protocol)"),
     "brecq_official": ("brecq", {"protocol": "official"},

@@ -31,6 +31,9 @@ residual sum), except in the third mode:
   in steps of 1/16, is the shift that brings the log2 Lp scales of the points it
   scales, on average, closest to integers.
 
+* ``'acts_stream'``: ``'stream'``, then ``'acts'`` on the network it gives: every
+  activation point of a ResNet, the block outputs and the inner ReLUs, near the grid.
+
 The rescaled network is what gets quantized and deployed; it computes the same function
 in FP (up to float rounding).
 """
@@ -182,15 +185,22 @@ def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: boo
     p: the Lp exponent of the scale searches (``PTQConfig.scale_p``).
     calib: float32 NHWC calibration images (``'acts'`` and ``'stream'``: the factors
       come from the FP activations of these).
-  Returns ``{'stream': [g]}`` as the factors of ``'stream'``.
+  Returns ``{'stream': [g]}`` as the factors of ``'stream'`` (with those of ``'acts'``
+  for ``'acts_stream'``).
   """
   if mode not in ALIGN_MODES:
     raise ValueError(f"align_scales = {mode!r}: expected one of {ALIGN_MODES}")
-  if mode in ("acts", "stream") and calib is None:
+  if mode in ("acts", "stream", "acts_stream") and calib is None:
     raise ValueError(f"align_scales = {mode!r} needs calibration images")
   factors = {}
   if mode == "none":
     return net, factors
+  if mode == "acts_stream":
+    net, factors = align(net, "stream", wbits=wbits, abits=abits,
+                         weight_signed=weight_signed, p=p, calib=calib)
+    net, inner = align(net, "acts", wbits=wbits, abits=abits, weight_signed=weight_signed,
+                       p=p, calib=calib)
+    return net, {**factors, **inner}
   if mode == "stream":
     g = _stream_factor(net, abits, p, calib)
     if g == 1.0:

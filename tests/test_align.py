@@ -227,6 +227,22 @@ def test_stream_alignment_keeps_the_function_and_moves_the_stream_onto_the_grid(
     h = y
 
 
+def test_acts_stream_alignment_is_the_stream_then_the_inner_relus():
+  """'acts_stream' equals 'acts' applied to the 'stream'-aligned network: the same
+  parameters and factors, the FP function unchanged."""
+  net = _cifar()
+  x = _input_for(net)
+  kw = dict(wbits=4, abits=4, weight_signed=False, p=2.4, calib=x)
+  both, factors = align.align(net, "acts_stream", **kw)
+  streamed, f_stream = align.align(net, "stream", **kw)
+  expected, f_acts = align.align(streamed, "acts", **kw)
+  assert "stream" in f_stream and set(factors) == set(f_stream) | set(f_acts)
+  assert len(f_acts) == sum(len(u.rescalable_links) for u in net.units) > 0
+  chex.assert_trees_all_equal(both.params, expected.params)
+  chex.assert_trees_all_close(network_apply(both, x), network_apply(net, x), rtol=1e-4,
+                              atol=1e-4)
+
+
 def test_stream_scales_refuse_a_sum_of_two_scales():
   """A basic block carries the stream (conv1 absorbs it, conv2 restores it for the sum),
   but cannot map a scaled input to an unscaled output: its sum adds the input itself."""
