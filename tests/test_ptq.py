@@ -650,26 +650,28 @@ def test_activation_phase_learns_a_bias_correction(block):
   assert loss[True] < loss[False], loss
 
 
-def test_learned_bias_reaches_the_integer_model(tiny):
-  """A model whose biases were corrected in reconstruction is still power-of-two and its
-  integer-only program gives the simulation's logits bit for bit; its biases are the
-  folded ones plus the learned corrections (to the accumulator grid)."""
-  net, calib, x = tiny
-  result = ptq.quantize_network(net, calib, config.for_method("rapq", learn_bias=True, **SMALL),
-                                progress=False)
-  quantized.check_power_of_two(result.model)
-  program = integer.lower(result.model)
+def test_bias_corrections_reach_the_integer_model(tiny, run):
+  """The deployed model of states holding bias corrections is still power-of-two, its
+  integer-only program gives the simulation's logits bit for bit, and its biases are
+  the folded ones plus the corrections (which change its logits)."""
+  net, _, x = tiny
+  result = run("rapq")
+  key = jax.random.PRNGKey(7)
+  states = {u: {"w": {r: {**s, "bias_shift": 0.1 * jax.random.normal(
+                    jax.random.fold_in(key, hash((u, r)) % 1000), s["exp"].shape)}
+                      for r, s in st["w"].items()}, "a": st["a"]}
+            for u, st in result.states.items()}
+  model = quantized.from_states(net, states, result.specs, {})
+  quantized.check_power_of_two(model)
+  program = integer.lower(model)
   assert program.spec["checks"]["exact_float32"]
-  np.testing.assert_array_equal(np.asarray(result.apply(x)),
+  np.testing.assert_array_equal(np.asarray(quantized.apply(model, x)),
                                 np.asarray(integer.apply(program, x)))
-  corrected = 0
-  for unit in net.units:
-    for role, state in result.states[unit.name]["w"].items():
-      np.testing.assert_array_equal(
-          result.model.weights[unit.name][role]["bias"],
-          net.params[unit.name][role]["bias"] + state.get("bias_shift", 0.0))
-      corrected += "bias_shift" in state
-  assert corrected == sum(len(u.layers) for u in net.units[:-1])   # all but the classifier
+  for unit, layers in states.items():
+    for role, state in layers["w"].items():
+      np.testing.assert_array_equal(model.weights[unit][role]["bias"],
+                                    net.params[unit][role]["bias"] + state["bias_shift"])
+  assert not np.allclose(quantized.apply(model, x), quantized.apply(result.model, x))
 
 
 def test_learned_exponents_on_the_official_schedule(block):
