@@ -67,9 +67,6 @@ QUANT_METHODS = {
     "rapq_bias": ("rapq", {"learn_bias": True},
                   "RAPQ whose activation phase also learns each layer's bias correction "
                   "(an int32 in the deployed model) against the unit's output"),
-    "brecq_bias": ("brecq", {"learn_bias": True},
-                   "float BRECQ whose activation phase also learns each layer's bias "
-                   "correction, as rapq_bias"),
     "rapq_align_weights": ("rapq", {"align_scales": "weights"},
                            "RAPQ on a network rescaled (FP function unchanged) so that each "
                            "block's first conv has its float Lp weight scales on powers of two"),

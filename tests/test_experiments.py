@@ -42,8 +42,6 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_align_all", "align_scales", "acts_stream"),
     ("rapq", "learn_bias", False),
     ("rapq_bias", "learn_bias", True),
-    ("brecq_bias", "learn_bias", True),
-    ("brecq_bias", "pot_scales", False),
     ("rapq_no_bnp", "loss_p_source", "fixed"),
     ("rapq_bnstats", "bn_stats_weight", 1.0),
     ("rapq", "search", "after"),
