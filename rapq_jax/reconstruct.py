@@ -250,8 +250,8 @@ def act_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float
     return objective.lp_loss(unit_apply(unit, params, x, wq, aq)[0], y_t, p)
 
   def init(astates, wstates):
-    shifts = ({r: jnp.zeros_like(s["exp"]) for r, s in wstates.items()} if cfg.learn_bias
-              else {})
+    shifts = parallel.replicate({r: jnp.zeros_like(s["exp"]) for r, s in wstates.items()}
+                                if cfg.learn_bias else {})
     return ActPhaseState(astates, shifts, parallel.replicate(opt.init((astates, shifts))),
                          budget(cfg))
 
