@@ -359,13 +359,11 @@ def _channel_errors(unit: Unit, wspecs: tuple, aspecs: tuple, role: str, p: floa
     kernels = [kernel] + [fake_quant.weight_fake_quant(
         kernel, wstates[role] if k == 0 else {**nearest, "exp": nearest["exp"] + k},
         wspecs[role], soft=False) for k in range(-window, window + 1)]
-    _, aq = fake_quant.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=acts_on)
+    hard, aq = fake_quant.hooks(wstates, astates, wspecs, aspecs, soft=False, acts_on=acts_on)
 
     def output(x, own):
       def wq(r, layer):
-        kernel = own if r == role else fake_quant.weight_fake_quant(
-            layer["kernel"], wstates[r], wspecs[r], soft=False)
-        return {"kernel": kernel, "bias": fake_quant.corrected_bias(layer["bias"], wstates[r])}
+        return {**hard(r, layer), "kernel": own} if r == role else hard(r, layer)
       return unit_apply(unit, params, x, wq, aq)[1][role]
 
     mask = _chunked(jnp.arange(xs.shape[0]) < n)
