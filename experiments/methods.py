@@ -64,6 +64,12 @@ QUANT_METHODS = {
     "rapq_weight_choice": ("rapq", {"weight_exp_window": 1},
                            "RAPQ, weight exponents re-chosen within +-1 per channel by layer-"
                            "output error a quarter into reconstruction"),
+    "rapq_act_presearch": ("rapq", {"act_presearch": True},
+                           "RAPQ whose activation exponents start where a network-wide search "
+                           "on the network with 8-bit weights puts them (ptq.act_presearch)"),
+    "rapq_stream_presearch": ("rapq", {"align_scales": "stream", "act_presearch": True},
+                              "rapq_act_presearch on a network whose residual stream is scaled "
+                              "by one factor (as rapq_align_stream)"),
     "rapq_bias": ("rapq", {"learn_bias": True},
                   "RAPQ whose activation phase also learns each layer's bias correction "
                   "(an int32 in the deployed model) against the unit's output"),

@@ -106,6 +106,8 @@ def _run_section(name: str, record: dict) -> str:
 def _search_when(when: str, info: dict) -> str:
   """'before reconstruction', 'after reconstruction' or, for a later round of
   ``search_rounds``, which units were reconstructed again before it."""
+  if when == "acts_before":
+    return "activations before reconstruction (first_last_bits weights)"
   if not when.startswith("round_"):
     return f"{when} reconstruction"
   return (f"round {when[len('round_'):]}, after reconstructing "

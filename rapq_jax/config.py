@@ -24,7 +24,8 @@ RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters", "lp_source": "loss
 # Field added after records were written -> the value that reproduces what those records
 # did: ``current_names`` fills it in where a record lacks it.
 ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search_rounds": 1,
-         "pot_parts": "both", "act_exp_init": "nearest", "learn_bias": False}
+         "pot_parts": "both", "act_exp_init": "nearest", "learn_bias": False,
+         "act_presearch": False}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts", "stream", "acts_stream")
@@ -47,7 +48,8 @@ FLOAT_RANGES = {
     "lr_bias": (0.0, False, None),
 }
 BOOL_FIELDS = ("weight_signed", "pot_scales", "reconstruct", "learn_exponent",
-               "reinit_alpha_on_harden", "exp_b_hold", "search_holdout", "learn_bias")
+               "reinit_alpha_on_harden", "exp_b_hold", "search_holdout", "learn_bias",
+              "act_presearch")
 
 
 def _check_float(name: str, value, lo: float, lo_ok: bool, hi: float | None) -> None:
@@ -205,6 +207,14 @@ class PTQConfig:
   # held-out images: reach 1 stopped at its 3 sweeps (78.9); reach 8 converged within
   # them to the same exponents as reach 1 given 10 sweeps (79.5); W4A4 equal (90.0).
   search: str = "after"
+  # Before reconstruction, move each low-bit activation exponent from where its
+  # initialisation puts it by the network-wide search (search_objective, _sweeps, _reach,
+  # _folds) on the network with first_last_bits weights (near float) and its low-bit
+  # activations, scored on the first search_samples reconstruction images; each unit's
+  # activation exponents then start on its quantized inputs plus these offsets. It
+  # chooses the activation grid for the error that accumulates along a residual stream,
+  # which each point's own Lp error does not see.
+  act_presearch: bool = False
   search_objective: str = "kl"
   search_sweeps: int = 3
   search_reach: int = 8
@@ -295,6 +305,11 @@ class PTQConfig:
       raise ValueError(f"search_rounds = {self.search_rounds} alternates the search after "
                        "reconstruction with re-reconstruction: it needs reconstruct=True, "
                        "search 'after' or 'both' and protocol 'strict'")
+    if self.act_presearch and not (self.pot_scales and self.pot_parts == "both"
+                                   and self.reconstruct and self.search in ("none", "after")):
+      raise ValueError("act_presearch = True chooses power-of-two activation exponents for "
+                       "reconstruction to start from: it needs pot_scales=True, "
+                       "pot_parts='both', reconstruct=True and search 'none' or 'after'")
     if self.learn_bias and not self.reconstruct:
       raise ValueError("learn_bias = True learns in the activation phase of reconstruction: "
                        "it needs reconstruct=True")

@@ -279,6 +279,29 @@ def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
   return offsets, summary
 
 
+def _act_presearch(net, cfg, fit, store):
+  """The offsets ``{(unit, point): int}`` of ``PTQConfig.act_presearch`` (or its stored
+  outcome) and the JSON-able summary of its search."""
+  loaded = _load(store, "act_presearch")
+  if loaded is not None:
+    info, _ = loaded
+    return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
+  near = dataclasses.replace(cfg, wbits=cfg.first_last_bits, learn_exponent=False)
+  specs = unit_specs(net, near)
+  rows = min(cfg.search_samples, fit.shape[0]) // cfg.search_folds * cfg.search_folds
+  x = fit[:rows]
+  states = _rounded(_init_all(net, specs, fit[:INIT_SAMPLES], near))
+  res, summary = _run_search(net, states, specs, x, jax.jit(network_apply)(net, x), cfg,
+                             weights=False, when="of activations before reconstruction",
+                             images=dict(rows=[0, rows], reconstruction_rows=[0, fit.shape[0]],
+                                         held_out=False))
+  offsets = {(u, n): o for (u, _, n), o in zip(res.names, np.asarray(res.offsets).tolist())}
+  if store is not None:
+    store.save("act_presearch", {"offsets": [[list(n), o] for n, o in offsets.items()],
+                                 "summary": summary})
+  return offsets, summary
+
+
 def _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x, *, final_weights: bool):
   """Activation states of ``unit`` initialised on its quantized inputs ``q_x``, with its
   initial (soft) weights, or with the hard ``wstates`` where they are ``final_weights``,
@@ -605,6 +628,8 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
       states = search.shift_states(_rounded(states), tuple(offsets),
                                    jnp.asarray(list(offsets.values()), jnp.int32))
     act_offsets = {(u, n): o for (u, k, n), o in offsets.items() if k == "a"}
+  if cfg.act_presearch:
+    act_offsets, report["search"]["acts_before"] = _act_presearch(cal_net, cfg, fit, store)
 
   if cfg.reconstruct:
     states = _reconstruct_all(cal_net, cal_specs, states, act_offsets, fit, cfg, key, store,
