@@ -9,6 +9,7 @@ written out from the states); reconstruction lowers its objective; the same conf
 seed reproduce the same integers bit for bit.
 """
 import dataclasses
+import re
 
 import chex
 import jax
@@ -646,6 +647,35 @@ def test_activation_phase_learns_a_bias_correction(block):
   loss = {k: float(objective.lp_loss(hard(params, {"w": r.wstates, "a": r.astates}, x_in),
                                      y_fp, 2.0)) for k, r in results.items()}
   assert loss[True] < loss[False], loss
+
+
+@pytest.mark.slow(seconds=12)
+def test_act_presearch_moves_activation_exponents_that_reconstruction_starts_from(tiny):
+  """Activation exponents initialised for a small Lp exponent (``scale_p = 0.5``: fine
+  grids that clip) are moved by the presearch, which lowers the KL of the network with
+  8-bit weights on its images; the first unit it moves starts reconstruction from them:
+  with the search after off and 4 activation steps (too few to carry ``t`` across an
+  integer), its exponents end as those of the run without the presearch plus the
+  offsets, and the units before it end equal."""
+  net, calib, _ = tiny
+  runs = {on: ptq.quantize_network(net, calib, config.for_method(
+      "rapq", **{**SMALL, "weight_iters": 8, "act_iters": 4, "search": "none", "scale_p": 0.5,
+                 "act_presearch": on}), progress=False) for on in (False, True)}
+  summary = runs[True].report["search"]["acts_before"]
+  assert "acts_before" not in runs[False].report["search"]
+  assert summary["moved"] and summary["after"] < summary["before"]
+  assert summary["images"]["rows"] == [0, SMALL["search_samples"]]
+  offsets = {}
+  for move in summary["moved"]:             # 'unit/a:point+k'
+    unit, point, k = re.fullmatch(r"(.+)/a:(.+?)([+-]\d+)", move).groups()
+    offsets[(unit, point)] = int(k)
+  first = next(u.name for u in net.units if any(m[0] == u.name for m in offsets))
+  for unit in net.units:
+    acts = [{p: int(e) for p, e in runs[on].model.acts[unit.name].items()} for on in (False, True)]
+    if unit.name == first:
+      assert acts[1] == {p: e + offsets.get((unit.name, p), 0) for p, e in acts[0].items()}
+      break
+    assert acts[1] == acts[0], unit.name
 
 
 def test_bias_corrections_reach_the_integer_model(tiny, run):
