@@ -183,11 +183,15 @@ def _init_all(net, specs, x, cfg):
 
 
 def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool, when: str,
-                images: dict):
+                images: dict, progress: bool):
   """Runs the search; returns its result and a JSON-able summary (``images``: which
   calibration rows it scored). A search stopped at its sweep limit while still moving
-  exponents logs one warning."""
+  exponents logs one warning. With ``progress`` one line says that it starts (it is one
+  compiled loop, silent for minutes on a deep network) and one what it did."""
   t0 = time.perf_counter()
+  if progress:
+    tqdm.write(f"  exponent search {when}: {x.shape[0]} images, at most "
+               f"{cfg.search_sweeps} sweeps ...")
   # The first/last-layer quantizers (first_last_bits) keep their exponents: on the shared
   # ResNet-20 W2A4 the search's one move there (the classifier input) cost 1.0 top-1
   # point while its moves on low-bit quantizers gained.
@@ -203,6 +207,9 @@ def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool, when: s
   info = dict(before=res.before, after=res.after, sweeps=res.sweeps, capped=res.capped,
               evaluations=res.evaluations,
               moved=moved, images=images, seconds=time.perf_counter() - t0)
+  if progress:
+    tqdm.write(f"  exponent search {when}: {cfg.search_objective} {res.before:.4g} -> "
+               f"{res.after:.4g}, {len(moved)} moved, {info['seconds']:.0f} s")
   return res, info
 
 
@@ -263,7 +270,7 @@ def _stored(store: resume.Store | None, name: str, compute: Callable):
   return states, entry, False
 
 
-def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
+def _search_before(net, states, specs, x, fp_logits, cfg, store, images, progress):
   """The search before reconstruction, or its stored outcome: offsets
   ``{(unit, 'w'|'a', name): int}`` and the JSON-able summary."""
   loaded = _load(store, "search_before")
@@ -271,7 +278,7 @@ def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
     info, _ = loaded
     return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
   res, summary = _run_search(net, _rounded(states), specs, x, fp_logits, cfg, weights=True,
-                             when="before reconstruction", images=images)
+                             when="before reconstruction", images=images, progress=progress)
   offsets = dict(zip(res.names, np.asarray(res.offsets).tolist()))
   if store is not None:
     store.save("search_before", {"offsets": [[list(n), o] for n, o in offsets.items()],
@@ -279,7 +286,7 @@ def _search_before(net, states, specs, x, fp_logits, cfg, store, images):
   return offsets, summary
 
 
-def _act_presearch(net, cfg, fit, store):
+def _act_presearch(net, cfg, fit, store, progress):
   """The offsets ``{(unit, point): int}`` of ``PTQConfig.act_presearch`` (or its stored
   outcome) and the JSON-able summary of its search."""
   loaded = _load(store, "act_presearch")
@@ -294,7 +301,7 @@ def _act_presearch(net, cfg, fit, store):
   res, summary = _run_search(net, states, specs, x, jax.jit(network_apply)(net, x), cfg,
                              weights=False, when="of activations before reconstruction",
                              images=dict(rows=[0, rows], reconstruction_rows=[0, fit.shape[0]],
-                                         held_out=False))
+                                         held_out=False), progress=progress)
   offsets = {(u, n): o for (u, _, n), o in zip(res.names, np.asarray(res.offsets).tolist())}
   if store is not None:
     store.save("act_presearch", {"offsets": [[list(n), o] for n, o in offsets.items()],
@@ -467,7 +474,7 @@ def _search_after(net, specs, states, fit, sub, fp_logits, cfg, key, store, repo
     res, info = _run_search(net, states, specs, sub, fp_logits, cfg,
                             weights=not cfg.reconstruct, images=images,
                             when="after reconstruction" if round_ == 1 else
-                            f"after re-reconstruction round {round_}")
+                            f"after re-reconstruction round {round_}", progress=progress)
     states = res.states
     report["search"][_round_name(round_)] = (
         info if round_ == 1 else {**info, "rereconstructed": redone})
@@ -621,7 +628,7 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     # starts from the moved grids, and activation offsets apply on top of each unit's
     # own initialisation.
     offsets, report["search"]["before"] = _search_before(cal_net, states, cal_specs, sub,
-                                                         fp_logits, cfg, store, images)
+                                                         fp_logits, cfg, store, images, progress)
     if cfg.reconstruct:
       states = _shift_weights(cal_net, states, cal_specs, offsets)
     else:
@@ -629,7 +636,8 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
                                    jnp.asarray(list(offsets.values()), jnp.int32))
     act_offsets = {(u, n): o for (u, k, n), o in offsets.items() if k == "a"}
   if cfg.act_presearch:
-    act_offsets, report["search"]["acts_before"] = _act_presearch(cal_net, cfg, fit, store)
+    act_offsets, report["search"]["acts_before"] = _act_presearch(cal_net, cfg, fit, store,
+                                                                progress)
 
   if cfg.reconstruct:
     states = _reconstruct_all(cal_net, cal_specs, states, act_offsets, fit, cfg, key, store,
