@@ -284,16 +284,21 @@ def test_sweep_limit_is_reported(problem):
   assert again.after == again.before == converged.after
 
 
-def test_run_search_warns_once_when_capped(problem, caplog):
+def test_run_search_warns_once_when_capped(problem, caplog, capsys):
   """The pipeline's search summary says whether the search was capped, and a capped
-  search logs one warning line."""
+  search logs one warning line; with progress on, one line says it starts and one what
+  it did."""
   net, states, specs, x, fp_logits, _ = problem
   cfg = config.for_method("rapq", search_sweeps=1, search_samples=x.shape[0])
   images = dict(rows=[0, x.shape[0]], reconstruction_rows=[0, 0], held_out=True)
   with caplog.at_level(logging.WARNING):
     _, info = ptq._run_search(net, states, specs, x, fp_logits, cfg, weights=True,
-                              when="after reconstruction", images=images)
+                              when="after reconstruction", images=images, progress=True)
   assert info["capped"] and info["sweeps"] == 1 and info["images"] == images
   assert [r.getMessage() for r in caplog.records] == [
       f"exponent search after reconstruction stopped at search_sweeps = 1 with exponents "
       f"still moving ({len(info['moved'])} moved)"]
+  assert capsys.readouterr().out.splitlines() == [
+      f"  exponent search after reconstruction: {x.shape[0]} images, at most 1 sweeps ...",
+      f"  exponent search after reconstruction: kl {info['before']:.4g} -> "
+      f"{info['after']:.4g}, {len(info['moved'])} moved, {info['seconds']:.0f} s"]
