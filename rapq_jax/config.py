@@ -49,7 +49,7 @@ FLOAT_RANGES = {
 }
 BOOL_FIELDS = ("weight_signed", "pot_scales", "reconstruct", "learn_exponent",
                "reinit_alpha_on_harden", "exp_b_hold", "search_holdout", "learn_bias",
-              "act_presearch")
+               "act_presearch")
 
 
 def _check_float(name: str, value, lo: float, lo_ok: bool, hi: float | None) -> None:

@@ -270,43 +270,47 @@ def _stored(store: resume.Store | None, name: str, compute: Callable):
   return states, entry, False
 
 
-def _search_before(net, states, specs, x, fp_logits, cfg, store, images, progress):
-  """The search before reconstruction, or its stored outcome: offsets
-  ``{(unit, 'w'|'a', name): int}`` and the JSON-able summary."""
-  loaded = _load(store, "search_before")
+def _stored_offsets(store: resume.Store | None, name: str, compute: Callable):
+  """``compute()``'s exponent offsets ``{name tuple: int}`` and search summary, or those
+  ``store`` holds under ``name`` from an earlier call (saved there once computed)."""
+  loaded = _load(store, name)
   if loaded is not None:
     info, _ = loaded
     return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
-  res, summary = _run_search(net, _rounded(states), specs, x, fp_logits, cfg, weights=True,
-                             when="before reconstruction", images=images, progress=progress)
-  offsets = dict(zip(res.names, np.asarray(res.offsets).tolist()))
+  offsets, summary = compute()
   if store is not None:
-    store.save("search_before", {"offsets": [[list(n), o] for n, o in offsets.items()],
-                                 "summary": summary})
+    store.save(name, {"offsets": [[list(n), o] for n, o in offsets.items()],
+                      "summary": summary})
   return offsets, summary
+
+
+def _search_before(net, states, specs, x, fp_logits, cfg, store, images, progress):
+  """The search before reconstruction, or its stored outcome: offsets
+  ``{(unit, 'w'|'a', name): int}`` and the JSON-able summary."""
+  def compute():
+    res, summary = _run_search(net, _rounded(states), specs, x, fp_logits, cfg, weights=True,
+                               when="before reconstruction", images=images, progress=progress)
+    return dict(zip(res.names, np.asarray(res.offsets).tolist())), summary
+
+  return _stored_offsets(store, "search_before", compute)
 
 
 def _act_presearch(net, cfg, fit, store, progress):
   """The offsets ``{(unit, point): int}`` of ``PTQConfig.act_presearch`` (or its stored
   outcome) and the JSON-able summary of its search."""
-  loaded = _load(store, "act_presearch")
-  if loaded is not None:
-    info, _ = loaded
-    return {tuple(n): o for n, o in info["offsets"]}, info["summary"]
-  near = dataclasses.replace(cfg, wbits=cfg.first_last_bits, learn_exponent=False)
-  specs = unit_specs(net, near)
-  rows = min(cfg.search_samples, fit.shape[0]) // cfg.search_folds * cfg.search_folds
-  x = fit[:rows]
-  states = _rounded(_init_all(net, specs, fit[:INIT_SAMPLES], near))
-  res, summary = _run_search(net, states, specs, x, jax.jit(network_apply)(net, x), cfg,
-                             weights=False, when="of activations before reconstruction",
-                             images=dict(rows=[0, rows], reconstruction_rows=[0, fit.shape[0]],
-                                         held_out=False), progress=progress)
-  offsets = {(u, n): o for (u, _, n), o in zip(res.names, np.asarray(res.offsets).tolist())}
-  if store is not None:
-    store.save("act_presearch", {"offsets": [[list(n), o] for n, o in offsets.items()],
-                                 "summary": summary})
-  return offsets, summary
+  def compute():
+    near = dataclasses.replace(cfg, wbits=cfg.first_last_bits, learn_exponent=False)
+    specs = unit_specs(net, near)
+    rows = min(cfg.search_samples, fit.shape[0]) // cfg.search_folds * cfg.search_folds
+    x = fit[:rows]
+    states = _rounded(_init_all(net, specs, fit[:INIT_SAMPLES], near))
+    res, summary = _run_search(
+        net, states, specs, x, jax.jit(network_apply)(net, x), cfg, weights=False,
+        when="of activations before reconstruction", progress=progress,
+        images=dict(rows=[0, rows], reconstruction_rows=[0, fit.shape[0]], held_out=False))
+    return {(u, n): o for (u, _, n), o in zip(res.names, np.asarray(res.offsets).tolist())}, summary
+
+  return _stored_offsets(store, "act_presearch", compute)
 
 
 def _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x, *, final_weights: bool):
