@@ -23,9 +23,16 @@ RENAMED = {"iters_w": "weight_iters", "iters_a": "act_iters", "lp_source": "loss
            "init_p": "scale_p"}
 # Field added after records were written -> the value that reproduces what those records
 # did: ``current_names`` fills it in where a record lacks it.
+# Fields that a record's other fields make irrelevant get any valid value (lr_bias without
+# learn_bias, weight_exp_at without weight_exp_window). Before search_reach and
+# search_holdout the search took single +-1 steps on the first search_samples images,
+# which reconstruction also used (it then scored them in fake-quant arithmetic: such a
+# record's search is not reproduced bit for bit, its units are).
 ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search_rounds": 1,
          "pot_parts": "both", "act_exp_init": "nearest", "learn_bias": False,
-         "act_presearch": False}
+         "act_presearch": False, "lr_bias": 1e-3, "protocol": "strict", "act_exp_window": 0,
+         "weight_exp_window": 0, "weight_exp_at": 0.25, "exp_b_hold": False,
+         "search_reach": 1, "search_holdout": False}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts", "stream", "acts_stream")

@@ -6,6 +6,7 @@ config is refused, naming the differing fields.
 """
 import dataclasses
 import json
+import pathlib
 import shutil
 
 import chex
@@ -228,17 +229,37 @@ def test_store_of_an_older_version_is_read(tiny, tmp_path):
   new.bind(dataclasses.asdict(cfg), upgrade=config.current_names)
   assert new.load("unit_x")[0] == {"p": 2.0}
   with pytest.raises(resume.ConfigMismatchError, match=r"align_scales = '<missing>' there, "
-                     r"'none' now; init_p = 2.4 there, '<missing>' now; iters_a = 5 there, "
+                     r"'none' now; .*init_p = 2.4 there, '<missing>' now; iters_a = 5 there, "
                      r"'<missing>' now; iters_w = 20 there"):
     resume.Store(tmp_path).bind(dataclasses.asdict(cfg))
   resume.Store(tmp_path / "b").bind(_with_old_names(cfg, iters_w=21))
   with pytest.raises(resume.ConfigMismatchError, match=r"^[^;]*weight_iters = 21 there, 20 now"):
     ptq.quantize_network(*tiny, cfg, progress=False, store=resume.Store(tmp_path / "b"))
-  # Its units were learned at the plain lr_w and nearest activation exponents: with the
-  # defaults now the store is refused, naming both fields.
-  with pytest.raises(resume.ConfigMismatchError, match=r"act_exp_init = 'nearest' there, 'lp' "
-                     r"now; lr_w_ref_iters = 0 there, 20000 now"):
+  # Its units were learned at the plain lr_w and nearest activation exponents, and its
+  # search took single steps on reconstruction images: with the defaults now the store
+  # is refused, naming those fields.
+  with pytest.raises(resume.ConfigMismatchError, match=r"\(act_exp_init = 'nearest' there, "
+                     r"'lp' now; lr_w_ref_iters = 0 there, 20000 now; search_holdout = False "
+                     r"there, True now; search_reach = 1 there, 8 now\)"):
     resume.Store(tmp_path).bind(dataclasses.asdict(CFG), upgrade=config.current_names)
+
+
+RECORDED = sorted(pathlib.Path(__file__).resolve().parents[1].glob("results/*.json"))
+
+
+@pytest.mark.parametrize("path", RECORDED, ids=lambda p: p.stem)
+def test_config_of_every_recorded_version_reads_as_a_whole_config(path):
+  """A store's config record is ``dataclasses.asdict`` of the PTQConfig that wrote it, as
+  each result's ``ptq``: every committed result's, from every version that wrote one,
+  names all fields now once upgraded (``config.current_names``), and they are valid. A
+  field added without its ``config.ADDED`` entry fails here: stores and run directories
+  of the versions before it could not be resumed."""
+  fields = {f.name for f in dataclasses.fields(config.PTQConfig)}
+  records = [r["ptq"] for r in json.loads(path.read_text()).get("results", []) if r.get("ptq")]
+  for record in records:
+    upgraded = config.current_names(record)
+    assert set(upgraded) == fields, (sorted(fields - set(upgraded)), sorted(set(upgraded) - fields))
+    config.PTQConfig(**upgraded)
 
 
 def test_config_mismatch_names_every_field_and_what_is_accepted():
