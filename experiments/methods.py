@@ -52,6 +52,9 @@ QUANT_METHODS = {
     "rapq_search_folds": ("rapq", {"search_folds": 2},
                           "RAPQ, a search move must lower the KL on both halves of the search "
                           "images"),
+    "rapq_search_confident": ("rapq", {"search_confidence": 2.0},
+                              "RAPQ, a search move must lower the KL by more than 2 standard "
+                              "errors of its per-image change"),
     "rapq_search_rounds": ("rapq", {"search_rounds": 2},
                            "RAPQ, the search alternated with re-reconstruction of the units "
                            "whose inputs it changed (2 rounds, the better one kept)"),

@@ -32,7 +32,7 @@ ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search
          "pot_parts": "both", "act_exp_init": "nearest", "learn_bias": False,
          "act_presearch": False, "lr_bias": 1e-3, "protocol": "strict", "act_exp_window": 0,
          "weight_exp_window": 0, "weight_exp_at": 0.25, "exp_b_hold": False,
-         "search_reach": 1, "search_holdout": False}
+         "search_reach": 1, "search_holdout": False, "search_confidence": 0.0}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts", "stream", "acts_stream")
@@ -53,6 +53,7 @@ FLOAT_RANGES = {
     "weight_phase_act_quant": (0.0, True, 1.0),
     "weight_exp_at": (0.0, True, 1.0),
     "lr_bias": (0.0, False, None),
+    "search_confidence": (0.0, True, None),
 }
 BOOL_FIELDS = ("weight_signed", "pot_scales", "reconstruct", "learn_exponent",
                "reinit_alpha_on_harden", "exp_b_hold", "search_holdout", "learn_bias",
@@ -234,6 +235,11 @@ class PTQConfig:
   # was 0.310: it fitted those images. At 2 folds it moved 3 exponents and scored as no
   # search did (80.45 vs 80.41 %, KL 0.348 vs 0.345).
   search_folds: int = 1
+  # A move is also taken only if it lowers the mean objective by more than
+  # search_confidence standard errors of its per-image change (a one-sided paired test;
+  # 0: any decrease). The search scores hundreds of candidates on a few hundred images,
+  # and some lower the objective there by chance.
+  search_confidence: float = 0.0
   # Calibration images the search scores; with search_holdout (the default since issue
   # 13) they are the last search_samples images, held out from initialisation and
   # reconstruction, which fit the quantizers on the rest; False: the search scores the
@@ -274,6 +280,9 @@ class PTQConfig:
                  "search_rounds"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} = {getattr(self, name)!r}: expected an integer >= 1")
+    if self.search_confidence and self.search_samples < 2:
+      raise ValueError(f"search_confidence = {self.search_confidence} needs search_samples "
+                       f">= 2 (a standard error), got {self.search_samples}")
     if self.search_samples % self.search_folds:
       raise ValueError(f"search_folds = {self.search_folds}: must divide search_samples = "
                        f"{self.search_samples}")

@@ -49,9 +49,20 @@ def logits_disagreement(q_logits: chex.Array, fp_logits: chex.Array, kind: str) 
   """Network-output objective for the exponent search: ``'kl'`` = KL(fp || q) averaged
   over samples, ``'mse'`` = mean squared logit difference (float32 scalar)."""
   if kind == "kl":
-    lp = jax.nn.log_softmax(fp_logits)
-    lq = jax.nn.log_softmax(q_logits)
-    return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1))
+    return jnp.mean(sample_disagreement(q_logits, fp_logits, kind))
   if kind == "mse":
     return jnp.mean((q_logits - fp_logits) ** 2)
+  raise ValueError(f"unknown search objective {kind!r}; expected 'kl' or 'mse'")
+
+
+def sample_disagreement(q_logits: chex.Array, fp_logits: chex.Array, kind: str) -> chex.Array:
+  """``logits_disagreement`` of each sample (float32 [N]; its mean is the objective):
+  ``'kl'`` = KL(fp || q) of the row, ``'mse'`` = the row's mean squared difference."""
+  chex.assert_equal_shape([q_logits, fp_logits])
+  if kind == "kl":
+    lp = jax.nn.log_softmax(fp_logits)
+    lq = jax.nn.log_softmax(q_logits)
+    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+  if kind == "mse":
+    return jnp.mean((q_logits - fp_logits) ** 2, axis=-1)
   raise ValueError(f"unknown search objective {kind!r}; expected 'kl' or 'mse'")

@@ -198,7 +198,7 @@ def _run_search(net, states, specs, x, fp_logits, cfg, *, weights: bool, when: s
   res = search.search_exponents(net, states, specs, x, fp_logits, weights=weights, acts=True,
                                 kind=cfg.search_objective, max_sweeps=cfg.search_sweeps,
                                 reach=cfg.search_reach, below_bits=cfg.first_last_bits,
-                                folds=cfg.search_folds)
+                                folds=cfg.search_folds, confidence=cfg.search_confidence)
   moved = [f"{u}/{k}:{n}{int(o):+d}" for (u, k, n), o in zip(res.names, np.asarray(res.offsets))
            if o]
   if res.capped:

@@ -7,8 +7,11 @@ objective; a step that does is taken and the walk continues in its direction one
 at a time while each step strictly lowers it, up to ``reach`` steps in all
 (``reach=1``: a single +-1 move). With ``folds > 1`` the images are split into that many
 equal, disjoint parts and a step is taken only if it strictly lowers the objective on
-every part, so a move must help on several image sets, not fit one. The objective
-therefore never increases. Sweeps over all quantizers repeat until every quantizer has
+every part, so a move must help on several image sets, not fit one. With
+``confidence > 0`` a step must also lower the mean objective by more than that many
+standard errors of the per-image change (a one-sided paired test over the images): among
+the many candidates a search scores, some lower the objective on its few images by
+chance. The objective therefore never increases. Sweeps over all quantizers repeat until every quantizer has
 been visited without a move since the last move (a visit that moved and ended on a step
 that did not lower the objective counts: its quantizer is at a minimum along its own
 axis), or ``max_sweeps``. That is where a sweep that changes nothing would end, with the
@@ -103,7 +106,8 @@ def deployed_logits(net: Network, states: dict, specs: dict, x):
 
 
 @functools.lru_cache(maxsize=None)
-def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, folds: int):
+def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, folds: int,
+             confidence: float):
   """The jitted search ``(net, states, x, fp_logits, max_sweeps, reach) -> (offsets,
   before, after, sweeps, capped)``. It is one ``while_loop`` that evaluates one
   candidate per step, so the network appears once in the compiled program. The loop
@@ -125,21 +129,30 @@ def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, fold
     return jax.vmap(functools.partial(objective.logits_disagreement, kind=kind))(
         split(logits), split(fp_logits))
 
+  def significant(rows, best_rows):
+    """Whether the per-image change ``rows - best_rows`` lowers the mean by more than
+    ``confidence`` standard errors (always, at confidence 0: the fold test decides)."""
+    if not confidence:
+      return jnp.bool_(True)
+    d = rows - best_rows
+    return jnp.mean(d) + confidence * jnp.std(d, ddof=1) / jnp.sqrt(d.shape[0]) < 0
+
   # Carry: offsets, best objective, objective before, quantizer q, step (0: the first
   # evaluation, of the offsets as given; else +1 or -1), steps taken at q, sweeps,
   # quantizers checked at the current offsets, candidates scored, done, capped, unit
-  # outputs at the offsets.
+  # outputs at the offsets, each image's objective at the offsets.
   def probe(net, states, x, fp_logits, max_sweeps, reach, c):
-    offsets, best, before, q, step, k, sweeps, checked, scored, _, _, cached = c
+    offsets, best, before, q, step, k, sweeps, checked, scored, _, _, cached, best_rows = c
     cand = offsets + step * jax.nn.one_hot(q, n, dtype=jnp.int32)
     first = step == 0
     # The first evaluation reads every unit from the cache (the offsets as given).
     outs = outputs(net, states, x, cand, cached,
                    jnp.where(first, len(cached), first_unit[q]))
     v = value(outs[-1], fp_logits)
+    rows = objective.sample_disagreement(outs[-1], fp_logits, kind)
     scored = scored + ~first
     before = jnp.where(first, v, before)
-    better = jnp.all(v < best) & ~first
+    better = jnp.all(v < best) & significant(rows, best_rows) & ~first
     offsets, best = jnp.where(better, cand, offsets), jnp.where(better | first, v, best)
     k = k + better
     walk_on = better & (k < reach)
@@ -156,8 +169,9 @@ def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, fold
     done = converged | (wrap & (sweeps >= max_sweeps))
     capped = done & ~converged
     cached = jax.tree.map(lambda new, old: jnp.where(better, new, old), outs, cached)
+    best_rows = jnp.where(better | first, rows, best_rows)
     return (offsets, best, before, jnp.where(wrap, 0, q), step, k, sweeps, checked, scored,
-            done | (first & (max_sweeps == 0)), capped, cached)
+            done | (first & (max_sweeps == 0)), capped, cached, best_rows)
 
   @jax.jit
   def run(net, states, x, fp_logits, max_sweeps, reach):
@@ -165,10 +179,11 @@ def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, fold
     inf = jnp.full((folds,), jnp.inf, jnp.float32)
     offsets = jnp.zeros((n,), jnp.int32)
     c = (offsets, inf, inf, zero, zero, zero, zero, zero, zero, jnp.bool_(False),
-         jnp.bool_(False), outputs(net, states, x, offsets))
+         jnp.bool_(False), outputs(net, states, x, offsets),
+         jnp.zeros((x.shape[0],), jnp.float32))
     step = functools.partial(probe, net, states, x, fp_logits, max_sweeps, reach)
     c = jax.lax.while_loop(lambda c: ~c[9], step, c)
-    offsets, best, before, _, _, _, sweeps, _, scored, _, capped, _ = c
+    offsets, best, before, _, _, _, sweeps, _, scored, _, capped, _, _ = c
     # Equal parts: the mean over them is the objective over all the images.
     return offsets, jnp.mean(before), jnp.mean(best), sweeps, capped, scored
 
@@ -178,7 +193,7 @@ def _program(names: tuple, unit_index: tuple, spec_items: tuple, kind: str, fold
 def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
                      weights: bool, acts: bool, kind: str = "kl", max_sweeps: int = 3,
                      reach: int = 1, below_bits: int | None = None,
-                     folds: int = 1) -> SearchResult:
+                     folds: int = 1, confidence: float = 0.0) -> SearchResult:
   """Runs the coordinate descent.
 
   Args:
@@ -190,9 +205,16 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
     below_bits: search only quantizers with fewer bits (None: all).
     folds: equal parts of ``x`` on each of which a step must lower the objective; it
       must divide the number of images.
+    confidence: a step must also lower the mean objective by more than this many
+      standard errors of its per-image change (0: any decrease).
   """
   if reach < 1:
     raise ValueError(f"reach = {reach!r}: expected an integer >= 1")
+  if not confidence >= 0:
+    raise ValueError(f"confidence = {confidence!r}: expected a number >= 0")
+  if confidence and x.shape[0] < 2:
+    raise ValueError(f"confidence = {confidence!r} needs at least 2 search images, got "
+                     f"{x.shape[0]}")
   if folds < 1 or x.shape[0] % folds:
     raise ValueError(f"folds = {folds!r}: expected an integer >= 1 dividing the "
                      f"{x.shape[0]} search images")
@@ -205,7 +227,7 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
   # architectures share compiled programs.
   position = {unit.name: i for i, unit in enumerate(net.units)}
   run = _program(names, tuple(position[u] for u, _, _ in names), fake_quant.spec_items(specs),
-                 kind, folds)
+                 kind, folds, float(confidence))
   offsets, before, after, sweeps, capped, scored = run(net, states, x, fp_logits,
                                                jnp.int32(max_sweeps if names else 0),
                                                jnp.int32(reach))

@@ -164,13 +164,23 @@ def test_mse(q, fp):
   np.testing.assert_allclose(mse, np.mean((q.astype(np.float64) - fp) ** 2), rtol=1e-5)
 
 
+@given(q=logit_arrays, fp=logit_arrays, kind=st.sampled_from(["kl", "mse"]))
+@HYPOTHESIS
+def test_per_sample_disagreement_averages_to_the_objective(q, fp, kind):
+  rows = objective.sample_disagreement(q, fp, kind)
+  chex.assert_shape(rows, (q.shape[0],))
+  np.testing.assert_allclose(np.mean(rows), objective.logits_disagreement(q, fp, kind),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_kl_is_positive_for_different_predictions():
   fp = jnp.array([[5.0, 0.0, 0.0]])
   q = jnp.array([[0.0, 5.0, 0.0]])
   assert float(objective.logits_disagreement(q, fp, "kl")) > 1.0
 
 
+@pytest.mark.parametrize("fn", [objective.logits_disagreement, objective.sample_disagreement])
 @pytest.mark.parametrize("kind", ["KL", "l2", "", "mae"])
-def test_unknown_kind(kind):
+def test_unknown_kind(fn, kind):
   with pytest.raises(ValueError, match=f"unknown search objective {kind!r}"):
-    objective.logits_disagreement(jnp.zeros((1, 3)), jnp.zeros((1, 3)), kind)
+    fn(jnp.zeros((1, 3)), jnp.zeros((1, 3)), kind)

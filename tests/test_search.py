@@ -200,6 +200,46 @@ def test_folds_take_only_moves_that_lower_every_part(problem):
       assert not all(v < e * (1 - 1e-5) for v, e in zip(values, end)), (res.names[i], step)
 
 
+def per_image(net, states, specs, x, fp_logits):
+  logits = quantized.apply(deployed(net, states, specs), x)
+  return np.asarray(objective.sample_disagreement(logits, fp_logits, "kl"), np.float64)
+
+
+def test_confidence_takes_only_moves_that_lower_the_objective_significantly(problem):
+  """confidence=1: where the search has converged, no single +-1 step of any quantizer
+  lowers the mean KL by more than one standard error of its per-image change; it ends
+  below where it started. At confidence 0 the search is the plain one; with an
+  unreachable confidence nothing moves."""
+  net, states, specs, x, fp_logits, plain = problem
+  res = search.search_exponents(net, states, specs, x, fp_logits, weights=True, acts=True,
+                                max_sweeps=20, confidence=1.0)
+  assert not res.capped and np.any(res.offsets != 0) and res.after < res.before
+  end = per_image(net, res.states, specs, x, fp_logits)
+  np.testing.assert_allclose(res.after, end.mean(), rtol=1e-5)
+  for i in range(len(res.names)):
+    for step in (1, -1):
+      moved = search.shift_states(res.states, res.names,
+                                  jnp.asarray(np.eye(len(res.names), dtype=np.int32)[i] * step))
+      d = per_image(net, moved, specs, x, fp_logits) - end
+      assert d.mean() + d.std(ddof=1) / np.sqrt(d.size) >= -1e-6, (res.names[i], step)
+  zero = search.search_exponents(net, states, specs, x, fp_logits, weights=True, acts=True,
+                                 confidence=0.0)
+  np.testing.assert_array_equal(zero.offsets, plain.offsets)
+  assert zero.after == plain.after
+  assert np.any(plain.offsets != 0)
+  never = search.search_exponents(net, states, specs, x, fp_logits, weights=True, acts=True,
+                                  confidence=1e6)
+  assert not np.any(never.offsets) and never.after == never.before
+
+
+@pytest.mark.parametrize("confidence", [-1.0, float("nan")])
+def test_confidence_must_be_a_number_at_least_zero(problem, confidence):
+  net, states, specs, x, fp_logits, _ = problem
+  with pytest.raises(ValueError, match=f"confidence = {confidence}"):
+    search.search_exponents(net, states, specs, x, fp_logits, weights=False, acts=True,
+                            confidence=confidence)
+
+
 def test_folds_must_divide_the_images(problem):
   net, states, specs, x, fp_logits, _ = problem
   with pytest.raises(ValueError, match="folds = 3"):
