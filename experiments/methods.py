@@ -55,6 +55,9 @@ QUANT_METHODS = {
     "rapq_search_confident": ("rapq", {"search_confidence": 2.0},
                               "RAPQ, a search move must lower the KL by more than 2 standard "
                               "errors of its per-image change"),
+    "rapq_search_ce": ("rapq", {"search_objective": "ce"},
+                       "RAPQ, the search lowers the cross-entropy to the FP model's top-1 "
+                       "class instead of the KL to its outputs"),
     "rapq_search_rounds": ("rapq", {"search_rounds": 2},
                            "RAPQ, the search alternated with re-reconstruction of the units "
                            "whose inputs it changed (2 rounds, the better one kept)"),

@@ -2,7 +2,7 @@
 import dataclasses
 import math
 
-from rapq_jax import pot
+from rapq_jax import objective, pot
 
 _NEAREST = dict(exp_init="nearest", act_exp_init="nearest", loss_p_source="fixed",
                 learn_exponent=False)
@@ -311,8 +311,9 @@ class PTQConfig:
     if self.align_scales != "none" and not self.pot_scales:
       raise ValueError(f"align_scales = {self.align_scales!r} puts scales on powers of two: "
                        "it needs pot_scales=True")
-    if self.search_objective not in ("kl", "mse"):
-      raise ValueError(f"search_objective = {self.search_objective!r}: expected 'kl' or 'mse'")
+    if self.search_objective not in objective.SEARCH_OBJECTIVES:
+      raise ValueError(f"search_objective = {self.search_objective!r}: expected one of "
+                       f"{objective.SEARCH_OBJECTIVES}")
     if self.learn_exponent and self.exp_warm_iters > self.weight_iters and self.reconstruct:
       raise ValueError(f"exp_warm_iters = {self.exp_warm_iters} exceeds weight_iters = "
                        f"{self.weight_iters}: the exponent must be hardened before the end")

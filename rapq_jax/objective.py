@@ -45,19 +45,21 @@ def bn_stats_loss(pre: dict, targets: dict) -> chex.Array:
   return jnp.mean(jnp.stack(terms)) if terms else jnp.float32(0.0)
 
 
+SEARCH_OBJECTIVES = ("kl", "mse", "ce")
+
+
 def logits_disagreement(q_logits: chex.Array, fp_logits: chex.Array, kind: str) -> chex.Array:
-  """Network-output objective for the exponent search: ``'kl'`` = KL(fp || q) averaged
-  over samples, ``'mse'`` = mean squared logit difference (float32 scalar)."""
-  if kind == "kl":
-    return jnp.mean(sample_disagreement(q_logits, fp_logits, kind))
+  """Network-output objective for the exponent search (float32 scalar): ``'kl'`` =
+  KL(fp || q) averaged over samples, ``'mse'`` = mean squared logit difference, ``'ce'``
+  = cross-entropy of q against the FP model's top-1 class (a smooth stand-in for
+  disagreeing with its predictions), averaged over samples."""
   if kind == "mse":
     return jnp.mean((q_logits - fp_logits) ** 2)
-  raise ValueError(f"unknown search objective {kind!r}; expected 'kl' or 'mse'")
+  return jnp.mean(sample_disagreement(q_logits, fp_logits, kind))
 
 
 def sample_disagreement(q_logits: chex.Array, fp_logits: chex.Array, kind: str) -> chex.Array:
-  """``logits_disagreement`` of each sample (float32 [N]; its mean is the objective):
-  ``'kl'`` = KL(fp || q) of the row, ``'mse'`` = the row's mean squared difference."""
+  """``logits_disagreement`` of each sample (float32 [N]; its mean is the objective)."""
   chex.assert_equal_shape([q_logits, fp_logits])
   if kind == "kl":
     lp = jax.nn.log_softmax(fp_logits)
@@ -65,4 +67,7 @@ def sample_disagreement(q_logits: chex.Array, fp_logits: chex.Array, kind: str) 
     return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
   if kind == "mse":
     return jnp.mean((q_logits - fp_logits) ** 2, axis=-1)
-  raise ValueError(f"unknown search objective {kind!r}; expected 'kl' or 'mse'")
+  if kind == "ce":
+    top = jnp.argmax(fp_logits, axis=-1)
+    return -jnp.take_along_axis(jax.nn.log_softmax(q_logits), top[:, None], axis=-1)[:, 0]
+  raise ValueError(f"unknown search objective {kind!r}; expected one of {SEARCH_OBJECTIVES}")

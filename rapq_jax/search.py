@@ -200,7 +200,7 @@ def search_exponents(net: Network, states: dict, specs: dict, x, fp_logits, *,
     net: folded network. states / specs: per unit ``{'w': ..., 'a': ...}`` power-of-two
       quantizer states and ``(wspecs, aspecs)``; exponents must be integral (hard).
     x: float32 [N, H, W, C] images to score on; fp_logits: [N, classes] FP outputs.
-    weights / acts: which quantizers to search. kind: 'kl' or 'mse'.
+    weights / acts: which quantizers to search. kind: one of ``objective.SEARCH_OBJECTIVES``.
     reach: most steps one visit walks a quantizer's offset (>= 1).
     below_bits: search only quantizers with fewer bits (None: all).
     folds: equal parts of ``x`` on each of which a step must lower the objective; it

@@ -53,6 +53,8 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_search_folds", "search_folds", 2),
     ("rapq", "search_confidence", 0.0),
     ("rapq_search_confident", "search_confidence", 2.0),
+    ("rapq", "search_objective", "kl"),
+    ("rapq_search_ce", "search_objective", "ce"),
     ("rapq", "search_rounds", 1),
     ("rapq_search_rounds", "search_rounds", 2),
     ("rapq", "weight_phase_act_quant", 0.0),

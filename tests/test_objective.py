@@ -164,13 +164,33 @@ def test_mse(q, fp):
   np.testing.assert_allclose(mse, np.mean((q.astype(np.float64) - fp) ** 2), rtol=1e-5)
 
 
-@given(q=logit_arrays, fp=logit_arrays, kind=st.sampled_from(["kl", "mse"]))
+@given(q=logit_arrays, fp=logit_arrays, kind=st.sampled_from(objective.SEARCH_OBJECTIVES))
 @HYPOTHESIS
 def test_per_sample_disagreement_averages_to_the_objective(q, fp, kind):
   rows = objective.sample_disagreement(q, fp, kind)
   chex.assert_shape(rows, (q.shape[0],))
   np.testing.assert_allclose(np.mean(rows), objective.logits_disagreement(q, fp, kind),
                              rtol=1e-5, atol=1e-6)
+
+
+@given(q=logit_arrays, fp=logit_arrays)
+@HYPOTHESIS
+def test_ce_is_the_cross_entropy_to_the_fp_top_class(q, fp):
+  ce = objective.logits_disagreement(q, fp, "ce")
+  lq = jax.nn.log_softmax(q.astype(np.float64))
+  ref = -np.mean(lq[np.arange(q.shape[0]), np.argmax(fp, axis=-1)])
+  np.testing.assert_allclose(ce, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ce_only_sees_the_fp_top_class():
+  """Two FP outputs with the same top class score q alike; q ranking that class first
+  scores lower than q ranking it last."""
+  q = jnp.array([[4.0, 1.0, 0.0]])
+  for fp in ([[3.0, 2.0, 1.0]], [[9.0, -5.0, 0.0]]):
+    np.testing.assert_allclose(objective.logits_disagreement(q, jnp.array(fp), "ce"),
+                               -jax.nn.log_softmax(q)[0, 0])
+  assert (objective.logits_disagreement(q, jnp.array([[1.0, 0.0, 0.0]]), "ce")
+          < objective.logits_disagreement(q, jnp.array([[0.0, 0.0, 1.0]]), "ce"))
 
 
 def test_kl_is_positive_for_different_predictions():
