@@ -649,33 +649,38 @@ def test_activation_phase_learns_a_bias_correction(block):
   assert loss[True] < loss[False], loss
 
 
-@pytest.mark.slow(seconds=12)
-def test_act_presearch_moves_activation_exponents_that_reconstruction_starts_from(tiny):
-  """Activation exponents initialised for a small Lp exponent (``scale_p = 0.5``: fine
-  grids that clip) are moved by the presearch, which lowers the KL of the network with
-  8-bit weights on its images; the first unit it moves starts reconstruction from them:
-  with the search after off and 4 activation steps (too few to carry ``t`` across an
-  integer), its exponents end as those of the run without the presearch plus the
-  offsets, and the units before it end equal."""
+@pytest.mark.slow(seconds=8)
+def test_act_presearch_moves_activation_exponents_that_reconstruction_starts_from(
+    tiny, monkeypatch):
+  """At W4A2 (the settings of the search-rounds test: the tiny net's searches move
+  exponents there, and the two share compiled programs) the presearch moves activation
+  exponents, lowering the KL of the network with 8-bit weights on its images; every
+  unit's reconstruction starts from its activation exponents initialised on its
+  quantized inputs plus the presearch's offsets."""
   net, calib, _ = tiny
-  runs = {on: ptq.quantize_network(net, calib, config.for_method(
-      "rapq", **{**SMALL, "weight_iters": 8, "act_iters": 4, "search": "none", "scale_p": 0.5,
-                 "act_presearch": on}), progress=False) for on in (False, True)}
-  summary = runs[True].report["search"]["acts_before"]
-  assert "acts_before" not in runs[False].report["search"]
+  fresh, started = ptq._fresh_acts, {}
+
+  def recording(net_, unit, specs, cfg, wstates, act_offsets, q_x, *, final_weights):
+    own = fresh(net_, unit, specs, cfg, wstates, {}, q_x, final_weights=final_weights)
+    out = fresh(net_, unit, specs, cfg, wstates, act_offsets, q_x, final_weights=final_weights)
+    started[unit.name] = ({n: int(a["exp"]) for n, a in own.items()},
+                          {n: int(a["exp"]) for n, a in out.items()})
+    return out
+
+  monkeypatch.setattr(ptq, "_fresh_acts", recording)
+  result = ptq.quantize_network(net, calib, config.for_method(
+      "rapq", **{**SMALL, "abits": 2, "search": "none", "act_presearch": True}), progress=False)
+  summary = result.report["search"]["acts_before"]
   assert summary["moved"] and summary["after"] < summary["before"]
   assert summary["images"]["rows"] == [0, SMALL["search_samples"]]
   offsets = {}
   for move in summary["moved"]:             # 'unit/a:point+k'
     unit, point, k = re.fullmatch(r"(.+)/a:(.+?)([+-]\d+)", move).groups()
     offsets[(unit, point)] = int(k)
-  first = next(u.name for u in net.units if any(m[0] == u.name for m in offsets))
-  for unit in net.units:
-    acts = [{p: int(e) for p, e in runs[on].model.acts[unit.name].items()} for on in (False, True)]
-    if unit.name == first:
-      assert acts[1] == {p: e + offsets.get((unit.name, p), 0) for p, e in acts[0].items()}
-      break
-    assert acts[1] == acts[0], unit.name
+  assert {u for u, _ in offsets} <= set(started)
+  assert set(started) == set(result.report["units"])       # every reconstructed unit
+  for unit, (own, start) in started.items():
+    assert start == {p: e + offsets.get((unit, p), 0) for p, e in own.items()}, unit
 
 
 def test_bias_corrections_reach_the_integer_model(tiny, run):
