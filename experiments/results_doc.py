@@ -87,13 +87,17 @@ def _run_section(name: str, record: dict) -> str:
              "strict.", ""] if official else ["Protocol: strict (README, 'Protocols').", ""])
   if record.get("note"):
     lines += [record["note"], ""]
-  searches = [(r["method"], f"W{r['wbits']}A{r['abits']}", r["search"])
+  searches = [(r["method"], f"W{r['wbits']}A{r['abits']}", r["search"],
+               (r.get("ptq") or {}).get("search_objective", "kl"))
               for r in record["results"] if r.get("search")]
   if searches:
-    lines += ["Network-wide exponent search (KL to FP logits on the calibration subset):", ""]
-    for method, bits, s in searches:
+    lines += ["Network-wide exponent search (its objective against the FP logits on calibration "
+              "images: KL to them unless the line names another):", ""]
+    for method, bits, s, kind in searches:
       for when, info in s.items():
-        lines.append(f"- {method} {bits}, {_search_when(when, info)}: {info['before']:.4f} -> "
+        lines.append(f"- {method} {bits}, {_search_when(when, info)}: "
+                     + ("" if kind == "kl" else f"{kind} ")
+                     + f"{info['before']:.4f} -> "
                      f"{info['after']:.4f} in {info['sweeps']} sweep(s)"
                      + (" (stopped at its sweep limit, still moving)" if info.get("capped") else "")
                      + f", {len(info['moved'])} exponent(s) moved, {info['seconds']:.1f} s"

@@ -222,6 +222,15 @@ def test_results_doc_says_which_images_the_search_scored(tmp_path):
           in results_doc.render(tmp_path))
 
 
+def test_results_doc_names_a_search_objective_other_than_the_kl(tmp_path):
+  record = _record(78.5)
+  record["results"][1]["ptq"] = {"search_objective": "ce"}
+  (tmp_path / "a_run.json").write_text(json.dumps(record))
+  text = results_doc.render(tmp_path)
+  assert "KL to them unless the line names another" in text
+  assert "- rapq W4A4, after reconstruction: ce 0.3000 -> 0.2000 in 2 sweep(s)" in text
+
+
 def test_merge_results_joins_runs_split_across_processes(tmp_path):
   w4, w2 = _record(78.5), _record(70.0)
   w2["results"][1].update(wbits=2)
