@@ -30,7 +30,7 @@ QUANT_METHODS = {
     "brecq_pot_acts": ("brecq_pot", {"pot_parts": "acts"},
                        "brecq_pot with power-of-two activation scales only (weight scales "
                        "float): the activations' share of the power-of-two cost"),
-    "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp, exponent search"),
+    "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp"),
     "rapq_learned_exp": ("rapq", {"learn_exponent": True},
                          "RAPQ with the paper's learned floor/ceil exponent relaxation"),
     "rapq_learned_exp_official": (
@@ -48,17 +48,20 @@ QUANT_METHODS = {
                   "chosen together by Lp error"),
     "rapq_no_bnp": ("rapq", {"loss_p_source": "fixed"}, "RAPQ with p = 2 instead of BN-derived p"),
     "rapq_bnstats": ("rapq", {"bn_stats_weight": 1.0}, "RAPQ plus the BN-statistics term"),
-    "rapq_no_search": ("rapq", {"search": "none"}, "RAPQ without the network-wide search"),
-    "rapq_search_folds": ("rapq", {"search_folds": 2},
+    "rapq_search": ("rapq", {"search": "after"},
+                    "RAPQ plus the network-wide search over the low-bit activation exponents "
+                    "after reconstruction (rapq's default before issue 13's three-seed "
+                    "comparison)"),
+    "rapq_search_folds": ("rapq", {"search": "after", "search_folds": 2},
                           "RAPQ, a search move must lower the KL on both halves of the search "
                           "images"),
-    "rapq_search_confident": ("rapq", {"search_confidence": 2.0},
+    "rapq_search_confident": ("rapq", {"search": "after", "search_confidence": 2.0},
                               "RAPQ, a search move must lower the KL by more than 2 standard "
                               "errors of its per-image change"),
-    "rapq_search_ce": ("rapq", {"search_objective": "ce"},
+    "rapq_search_ce": ("rapq", {"search": "after", "search_objective": "ce"},
                        "RAPQ, the search lowers the cross-entropy to the FP model's top-1 "
                        "class instead of the KL to its outputs"),
-    "rapq_search_rounds": ("rapq", {"search_rounds": 2},
+    "rapq_search_rounds": ("rapq", {"search": "after", "search_rounds": 2},
                            "RAPQ, the search alternated with re-reconstruction of the units "
                            "whose inputs it changed (2 rounds, the better one kept)"),
     "rapq_qdrop": ("rapq", {"weight_phase_act_quant": 0.5},

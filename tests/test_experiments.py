@@ -48,8 +48,8 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_stream_presearch", "align_scales", "stream"),
     ("rapq_no_bnp", "loss_p_source", "fixed"),
     ("rapq_bnstats", "bn_stats_weight", 1.0),
-    ("rapq", "search", "after"),
-    ("rapq_no_search", "search", "none"),
+    ("rapq", "search", "none"),
+    ("rapq_search", "search", "after"),
     ("rapq_search_folds", "search_folds", 2),
     ("rapq", "search_confidence", 0.0),
     ("rapq_search_confident", "search_confidence", 2.0),
@@ -87,8 +87,8 @@ def test_config_fields_reach_the_method_but_presets_survive_unset_fields():
 @pytest.mark.parametrize("field, value", [("search", "after"), ("loss_p_source", "bn")])
 def test_a_given_field_wins_over_the_preset_even_at_its_default(field, value):
   """``--methods brecq_pot --config.ptq.search=after``: the preset sets search='none',
-  the given value equals PTQConfig's default, and the given value wins; the rest of the
-  preset stays."""
+  and the given value wins (also where it equals PTQConfig's default, as
+  ``loss_p_source='bn'``); the rest of the preset stays."""
   config = base.get_base_config()
   config.ptq[field] = value
   cfg = methods.ptq_config(config, "brecq_pot")
@@ -97,11 +97,11 @@ def test_a_given_field_wins_over_the_preset_even_at_its_default(field, value):
 
 def test_a_field_contradicting_an_ablations_switch_is_refused():
   config = base.get_base_config()
-  config.ptq.search = "after"
-  with pytest.raises(ValueError, match=r"'rapq_no_search' is 'rapq' with \{'search': 'none'\}"):
-    methods.ptq_config(config, "rapq_no_search")
-  config.ptq.search = "none"   # the same value is no contradiction
-  assert methods.ptq_config(config, "rapq_no_search").search == "none"
+  config.ptq.search = "none"
+  with pytest.raises(ValueError, match=r"'rapq_search' is 'rapq' with \{'search': 'after'\}"):
+    methods.ptq_config(config, "rapq_search")
+  config.ptq.search = "after"   # the same value is no contradiction
+  assert methods.ptq_config(config, "rapq_search").search == "after"
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -34,7 +34,8 @@ from rapq_jax.models.cifar_resnet import CifarResNet
 from rapq_jax.models.mobilenetv2 import MobileNetV2
 
 HYPOTHESIS = settings(max_examples=60, deadline=None)
-TINY_RAPQ = dict(weight_iters=10, act_iters=5, exp_warm_iters=5, batch_size=8, search_samples=16)
+TINY_RAPQ = dict(weight_iters=10, act_iters=5, exp_warm_iters=5, batch_size=8, search="after",
+                 search_samples=16)
 MOBILENET_SETTING = ((1, 8, 1, 1), (2, 8, 2, 1), (2, 16, 1, 2))
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

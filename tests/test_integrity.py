@@ -53,7 +53,7 @@ def _set(config, field: str, value):
     ("naive", "test_size", 0, r"config.test_size = 0: expected an integer >= 1 \(or None"),
     ("rapq", "calibration_size", 16, r"config.calibration_size = 16: fewer images than one "
                                      r"reconstruction batch \(config.batch_size = 32\)"),
-    ("rapq", "calibration_size", 256, r"config.calibration_size = 256: search_samples = 256 "
+    ("rapq_search", "calibration_size", 256, r"config.calibration_size = 256: search_samples = 256 "
                                       r"held out of 256 calibration images leaves 0"),
     ("naive", "model", "resnet9000", "config.model = 'resnet9000': expected one of"),
     ("naive", "dataset.mean", (0.1, 0.2),

@@ -29,7 +29,7 @@ HW, N_CALIB, N_TEST = 8, 42, 30
 # At the plain lr_w (lr_w_ref_iters=0): scaled to 20 steps the rate is 1.0, a step moves a
 # rounding logit by up to 1, and a gradient summed in another order (over 4 devices, to
 # the last bit) then rounds some weights the other way: the runs diverged.
-SMALL = dict(abits=2, weight_iters=20, act_iters=10, batch_size=8, search_samples=8,
+SMALL = dict(abits=2, weight_iters=20, act_iters=10, batch_size=8, search="after", search_samples=8,
              lr_w_ref_iters=0)
 
 

@@ -17,7 +17,7 @@ import cli
 
 from rapq_jax import export
 
-ARGS = [*cli.TINY, "--methods", "rapq"]
+ARGS = [*cli.TINY, "--methods", "rapq", "--config.ptq.search=after"]
 
 
 @pytest.fixture(scope="module")
