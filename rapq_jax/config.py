@@ -209,11 +209,12 @@ class PTQConfig:
   # The network-wide search over integer exponents: 'after' reconstruction (over the
   # low-bit activation exponents), 'before' it (over weight and activation exponents of
   # round-to-nearest weights), 'both' or 'none'. 'none' is rapq's default since issue 13's
-  # three-seed comparison: on CIFAR-10 ResNet-20 and ResNet-56 (seeds 1005-1007, W4A4
-  # and W2A4) the search after reconstruction lowered top-1 agreement with FP in all 12
-  # runs and mean top-1 in all 4 model/width pairs (ResNet-56 -0.24 / -0.71, ResNet-20
-  # -0.21 / -0.48) while it halved the KL on its held-out calibration images: it fits
-  # them. On the Fashion-MNIST default job it gained 0.57 at W2A4 and lost 0.52 at W4A4.
+  # three-seed comparison (README): on CIFAR-10 ResNet-20 and ResNet-56 (seeds 1005-1007,
+  # W4A4 and W2A4) rapq without the search (reconstructing on all calibration images)
+  # agreed more with FP in all 12 runs and gained mean top-1 in all 4 model/width pairs
+  # (ResNet-20 +0.21 / +0.42, ResNet-56 +0.27 / +0.73), while the search halves the KL on
+  # its held-out calibration images: it fits them. On the Fashion-MNIST default job the
+  # search gained 0.57 at W2A4 and lost 0.52 at W4A4.
   # The search after reconstruction is the ablation rapq_search. Earlier figures, at
   # older defaults: over the low-bit quantizers only (first/last-layer ones keep their
   # exponents): ResNet-20 W2A4 77.41 vs 77.16 without a search and 76.40 when it also
