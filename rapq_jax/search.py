@@ -3,21 +3,21 @@
 Coordinate descent over one integer offset per quantizer: each weight layer's exponents
 (all channels shift together) and each activation exponent. A visit to quantizer ``q``
 tries ``offset[q] + 1``, and ``offset[q] - 1`` if that does not strictly lower the
-objective; a step that does is taken and the walk continues in its direction one step
-at a time while each step strictly lowers it, up to ``reach`` steps in all
-(``reach=1``: a single +-1 move). With ``folds > 1`` the images are split into that many
-equal, disjoint parts and a step is taken only if it strictly lowers the objective on
-every part, so a move must help on several image sets, not fit one. With
-``confidence > 0`` a step must also lower the mean objective by more than that many
-standard errors of the per-image change (a one-sided paired test over the images): among
-the many candidates a search scores, some lower the objective on its few images by
-chance. The objective therefore never increases. Sweeps over all quantizers repeat until every quantizer has
-been visited without a move since the last move (a visit that moved and ended on a step
-that did not lower the objective counts: its quantizer is at a minimum along its own
-axis), or ``max_sweeps``. That is where a sweep that changes nothing would end, with the
-same offsets, but without that sweep's visits of quantizers already checked at the
-current offsets. A search stopped by ``max_sweeps`` before converging is ``capped``. The
-whole search is one ``jax.lax`` program (forward passes only).
+objective; a step that does is taken and the walk continues in its direction one step at
+a time while each step strictly lowers it, up to ``reach`` steps in all (``reach=1``: a
+single +-1 move). With ``folds > 1`` the images are split into that many equal, disjoint
+parts and a step is taken only if it strictly lowers the objective on every part, so a
+move must help on several image sets, not fit one. With ``confidence > 0`` a step must
+also lower the mean objective by more than that many standard errors of the per-image
+change (a one-sided paired test over the images): among the many candidates a search
+scores, some lower the objective on its few images by chance. The objective therefore
+never increases. Sweeps over all quantizers repeat until every quantizer has been
+visited without a move since the last move (a visit that moved and ended on a step that
+did not lower the objective counts: its quantizer is at a minimum along its own axis),
+or ``max_sweeps``. That is where a sweep that changes nothing would end, with the same
+offsets, but without that sweep's visits of quantizers already checked at the current
+offsets. A search stopped by ``max_sweeps`` before converging is ``capped``. The whole
+search is one ``jax.lax`` program (forward passes only).
 
 Candidates are scored on the logits of the deployed integer model (``deployed_logits``:
 ``quantized.from_states`` then ``quantized.apply``: round-half-up requantization, biases

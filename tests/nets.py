@@ -40,9 +40,9 @@ def folded(model, variables, hw: int, channels: int = 3):
 
 def quantize_to_integers(net, images, **overrides):
   """RAPQ with the search after reconstruction on a tiny budget (8 / 4 steps per unit
-  unless ``overrides`` say otherwise, 8-image batches, 16 held-out search images); asserts every scale is a power of two and
-  integer-only inference equals the simulation on the first 8 images. Returns the
-  integer ``Program``."""
+  unless ``overrides`` say otherwise, 8-image batches, 16 held-out search images);
+  asserts every scale is a power of two and integer-only inference equals the simulation
+  on the first 8 images. Returns the integer ``Program``."""
   cfg = config.for_method("rapq", **{**dict(weight_iters=8, act_iters=4, batch_size=8,
                                             search="after", search_samples=16), **overrides})
   result = ptq.quantize_network(net, images, cfg, progress=False)

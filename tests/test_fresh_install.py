@@ -24,8 +24,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "experiments" / "checkpoints"
 # A small budget that still reconstructs (measured at this commit on these 1000 test
 # images: FP 91.1, rapq 90.8 % at W4A4 (no search, the default), round to nearest
-# (naive) 36.2 %; runs are deterministic). naive is not run here: the in-process tests cover it, and it took a
-# third of this test's time.
+# (naive) 36.2 %; runs are deterministic). naive is not run here: the in-process tests
+# cover it, and it took a third of this test's time.
 SMALL = ["--methods", "rapq", "--bits", "4/4", "--config.weight_iters=40",
          "--config.act_iters=10", "--config.calibration_size=128", "--config.test_size=1000"]
 

@@ -880,14 +880,15 @@ def test_too_few_calibration_images(tiny):
 
 
 @pytest.mark.parametrize("overrides, fit, scored", [
-    (dict(search_samples=16), (0, 48), (48, 64)),
-    (dict(search_samples=16, search_holdout=False), (0, 64), (0, 16)),
-    (dict(search_samples=100, search_holdout=False), (0, 64), (0, 64)),
-    (dict(search_samples=16, search="none"), (0, 64), (0, 0)),
+    (dict(search="after", search_samples=16), (0, 48), (48, 64)),
+    (dict(search="after", search_samples=16, search_holdout=False), (0, 64), (0, 16)),
+    (dict(search="after", search_samples=100, search_holdout=False), (0, 64), (0, 64)),
+    (dict(search_samples=16), (0, 64), (0, 0)),
 ])
 def test_calibration_split(overrides, fit, scored):
-  """Rows fitted and rows the search scores: held out (the default), shared with
-  reconstruction (search_holdout=False), or none without a search."""
+  """Rows fitted and rows the search scores: held out (the default of a search), shared
+  with reconstruction (search_holdout=False), or none without a search (rapq's
+  default: reconstruction fits every calibration image)."""
   split = ptq.calibration_split(64, config.for_method("rapq", **overrides))
   assert [(s.start, s.stop) for s in split] == [fit, scored]
 
@@ -902,7 +903,7 @@ def test_calibration_split(overrides, fit, scored):
     ("brecq_pot", dict(pot_scales=True, reconstruct=True, runs_exponent_relaxation=False,
                        search="none")),
     ("rapq", dict(pot_scales=True, reconstruct=True, runs_exponent_relaxation=False,
-                  exp_init="lp", search="after", loss_p_source="bn")),
+                  exp_init="lp", search="none", loss_p_source="bn")),
 ])
 def test_method_presets(method, expected):
   cfg = config.for_method(method)
@@ -934,7 +935,8 @@ def test_method_presets(method, expected):
      "search_confidence", "search_samples >= 2"),
     (lambda: config.for_method("brecq_pot", pot_parts="w"), "pot_parts", "'w'"),
     (lambda: config.for_method("rapq", act_exp_init="grid"), "act_exp_init", "'grid'"),
-    (lambda: config.for_method("rapq", pot_parts="acts"), "pot_parts", "search='none'"),
+    (lambda: config.for_method("rapq", pot_parts="acts", search="after"), "pot_parts",
+     "search='none'"),
     (lambda: config.for_method("brecq", pot_parts="acts"), "pot_parts", "pot_scales=True"),
     (lambda: config.for_method("rapq", loss_p_source="gamma"), "loss_p_source", "'gamma'"),
     (lambda: config.for_method("naive", learn_bias=True), "learn_bias", "reconstruct=True"),
