@@ -53,8 +53,6 @@ def logits_disagreement(q_logits: chex.Array, fp_logits: chex.Array, kind: str) 
   KL(fp || q) averaged over samples, ``'mse'`` = mean squared logit difference, ``'ce'``
   = cross-entropy of q against the FP model's top-1 class (a smooth stand-in for
   disagreeing with its predictions), averaged over samples."""
-  if kind == "mse":
-    return jnp.mean((q_logits - fp_logits) ** 2)
   return jnp.mean(sample_disagreement(q_logits, fp_logits, kind))
 
 
