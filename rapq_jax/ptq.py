@@ -328,7 +328,8 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
   """Reconstructs the ``stages`` ('weights', 'acts') of one unit from its weight states
   and its activation states ``astates`` (by default fresh ones on the quantized inputs
   ``q_x``, plus ``act_offsets``); returns its states and report entry (seconds, p and
-  its unrounded value, history, activation and weight exponent moves)."""
+  its unrounded value, history, activation and weight exponent moves, activation steps
+  run)."""
   params, (wspecs, aspecs) = net.params[unit.name], specs[unit.name]
   if astates is None:
     astates = _fresh_acts(net, unit, specs, cfg, wstates, act_offsets, q_x,
@@ -339,7 +340,8 @@ def _reconstruct(net, unit, specs, wstates, act_offsets, q_x, fp_y, cfg, key, pr
                          weights="weights" in stages, acts="acts" in stages)
   return {"w": res.wstates, "a": res.astates}, {
       "seconds": res.seconds, "p": p, "p_unrounded": unit_lp(net, unit.name, cfg, rounded=False),
-      "history": res.history, "act_moves": res.act_moves, "weight_moves": res.weight_moves}
+      "history": res.history, "act_moves": res.act_moves, "weight_moves": res.weight_moves,
+      "act_steps": res.act_steps}
 
 
 def _joined(entry: dict | None, later: dict) -> dict:
@@ -585,7 +587,9 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   Returns:
     PTQResult; for power-of-two settings ``model`` holds integers and int32 exponents.
     ``report['units'][unit]``: seconds, p, ``p_unrounded``, loss curves, activation
-    moves of each reconstructed unit; ``report['protocol']``: the protocol's ``name``,
+    moves and ``act_steps`` (the activation steps run: 0 where the phase provably
+    changed nothing, ``reconstruct.act_phase_moves_nothing``) of each reconstructed
+    unit; ``report['protocol']``: the protocol's ``name``,
     the ``order`` of the unit stages run (``[unit, 'weights+acts' | 'weights' |
     'acts']``), the units ``not_reconstructed`` and whether the ``input`` quantizer
     (``bits``) was active during calibration (``in_calibration``).

@@ -37,7 +37,11 @@ a rounding boundary, so with ``act_exp_window`` > 0 each PoT activation exponent
 chosen among ``round(t) + k`` (``|k| <= act_exp_window``) by the unit's loss over its
 whole calibration cache (``choose_act_exponents``). With ``learn_bias`` the phase
 also learns a correction of each layer's bias (``with_shifts``), the one continuous
-quantity of a power-of-two unit left to it.
+quantity of a power-of-two unit left to it. Where neither applies and every activation
+of the unit is power-of-two, the phase is skipped when it provably changes nothing the
+model uses: ``act_drift_bound`` bounds how far its Adam can move any ``t``, and below
+the distance to a rounding boundary no ``round(t)`` changes (``act_phase_moves_nothing``;
+at the default 500 steps and ``lr_a`` the bound is 0.25).
 """
 import dataclasses
 import functools
@@ -60,15 +64,17 @@ REPORT_EVERY = 100
 
 class UnitResult(NamedTuple):
   """Learned states of one unit, its loss curves (``{phase: [(step, loss)]}``), the
-  moves of its activation exponents chosen by loss (``{point: k}``) and how many output
-  channels of each layer moved their weight exponent (``{role: count}``); the moves are
-  empty when their choice is off."""
+  moves of its activation exponents chosen by loss (``{point: k}``), how many output
+  channels of each layer moved their weight exponent (``{role: count}``; the moves are
+  empty when their choice is off) and how many activation steps ran (0 where the phase
+  was off or skipped, ``act_phase_moves_nothing``)."""
   wstates: dict
   astates: dict
   history: dict
   seconds: float
   act_moves: dict
   weight_moves: dict
+  act_steps: int
 
 
 def structural(unit: Unit) -> Unit:
@@ -232,6 +238,47 @@ def weight_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: fl
   return Phase(init, step)
 
 
+# The activation phase's Adam (optax's defaults), named for ``act_drift_bound``.
+ADAM_B1, ADAM_B2 = 0.9, 0.999
+# Room left below a rounding boundary for float32 round-off in the phase's arithmetic
+# (500 Adam steps err by orders of magnitude less).
+DRIFT_MARGIN = 1e-3
+
+
+def act_drift_bound(cfg: PTQConfig) -> float:
+  """An upper bound on how far the activation phase moves any one parameter, whatever
+  its gradients: Adam's step ``lr_t * m_hat / (sqrt(v_hat) + eps)`` has, by
+  Cauchy-Schwarz on ``m_t = (1 - b1) sum_k b1^k g_(t-k)`` against
+  ``v_t = (1 - b2) sum_k b2^k g_(t-k)^2``, ``|m_t| <= (1 - b1) sqrt(S_t v_t / (1 - b2))``
+  with ``S_t = sum_(k<t) (b1^2 / b2)^k``; with the bias corrections the step is at most
+  ``lr_t (1 - b1) sqrt(S_t (1 - b2^t) / (1 - b2)) / (1 - b1^t)`` (``eps`` only shrinks
+  it). Summed over the phase's cosine schedule (``act_learning_rate``)."""
+  t = np.arange(1, cfg.act_iters + 1, dtype=np.float64)
+  decay = max(cfg.act_iters, 1)
+  lr = cfg.lr_a * 0.5 * (1 + np.cos(np.pi * np.minimum(t - 1, decay) / decay))
+  r = ADAM_B1 ** 2 / ADAM_B2
+  s = (1 - r ** t) / (1 - r)
+  step = (1 - ADAM_B1) * np.sqrt(s * (1 - ADAM_B2 ** t) / (1 - ADAM_B2)) / (1 - ADAM_B1 ** t)
+  return float(np.sum(lr * step))
+
+
+def act_optimizer(cfg: PTQConfig) -> optax.GradientTransformation:
+  """The activation phase's Adam, its learning rate injected per step
+  (``act_learning_rate``)."""
+  return optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr_a, b1=ADAM_B1, b2=ADAM_B2)
+
+
+def act_phase_moves_nothing(astates: dict, aspecs: dict, cfg: PTQConfig) -> bool:
+  """Whether the activation phase provably leaves the model as it is: it learns no bias
+  corrections, every activation quantizer is power-of-two (the model uses ``round(t)``
+  only), and no ``t`` is within ``act_drift_bound`` of a rounding boundary."""
+  if cfg.learn_bias or not all(spec.pot for spec in aspecs.values()):
+    return False
+  frac = max((abs(float(a["exp"]) - round(float(a["exp"]))) for a in astates.values()),
+             default=0.0)
+  return frac + act_drift_bound(cfg) < 0.5 - DRIFT_MARGIN
+
+
 @functools.lru_cache(maxsize=None)
 def act_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float,
               n: int) -> Phase:
@@ -241,7 +288,7 @@ def act_phase(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig, p: float
   (at ``lr_bias``, on the same cosine schedule as ``lr_a``), which ``with_shifts`` puts
   into the weight states."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
-  opt = optax.inject_hyperparams(optax.adam)(learning_rate=cfg.lr_a)
+  opt = act_optimizer(cfg)
 
   def loss_fn(train, wstates, params, x, y_t):
     astates, shifts = train
@@ -466,8 +513,9 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
       first = choose_at
     phases.append(("rounding", first, cfg.weight_iters, False))
   acts = acts and bool(aspecs)
+  act_steps = cfg.act_iters if acts and not act_phase_moves_nothing(astates, aspecs, cfg) else 0
   done_w = cfg.weight_iters if weights else 0     # progress-bar steps before the activations
-  bar = tqdm(total=done_w + (cfg.act_iters if acts else 0), desc=f"{unit.name:>14}",
+  bar = tqdm(total=done_w + act_steps, desc=f"{unit.name:>14}",
              disable=None if progress else True,  # None: a bar on a terminal only
              leave=False, dynamic_ncols=True)
   weight_moves = {}
@@ -500,12 +548,12 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
       wstates = {r: _harden(params[r]["kernel"], s, wspecs[r],
                             reinit_alpha=cfg.reinit_alpha_on_harden)
                  for r, s in wstates.items()}
-  if acts and cfg.act_iters:
+  if act_steps:
     phase_fns = act_phase(shape, ws_t, as_t, cfg, p, n)
     state = phase_fns.init(astates, wstates)
-    for it in range(cfg.act_iters):
+    for it in range(act_steps):
       state, loss = phase_fns.step(state, wstates, params, xs, ys, ka, it)
-      if (it + 1) % REPORT_EVERY == 0 or it + 1 == cfg.act_iters:
+      if (it + 1) % REPORT_EVERY == 0 or it + 1 == act_steps:
         value = float(loss)
         _check_finite(value, unit.name, "activation", it)
         history["acts"].append((it + 1, value))
@@ -519,4 +567,4 @@ def reconstruct_unit(unit: Unit, params: dict, bn_targets: dict, wstates: dict,
         lambda a: loss(a, wstates, params, xs, ys), astates, aspecs, cfg.act_exp_window)
   bar.close()
   return UnitResult(wstates, astates, history, time.perf_counter() - start, moves,
-                    weight_moves)
+                    weight_moves, act_steps)

@@ -12,6 +12,8 @@ import dataclasses
 import re
 
 import chex
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -430,9 +432,10 @@ def test_official_protocol_order_weights_then_activations(tiny, official):
   assert result.report["protocol"]["order"] == expected
   assert result.report["protocol"]["not_reconstructed"] == [names[0]]
   assert list(result.report["units"]) == names[1:]
-  for name, entry in result.report["units"].items():   # both stages' curves in one entry
+  for entry in result.report["units"].values():   # both stages in one entry
     assert entry["history"]["weights"][-1][0] == OFFICIAL.weight_iters
-    assert len(entry["history"]["acts"]) == (0 if name == names[-1] else 1)
+    # The activation stage ran on power-of-two exponents that its steps cannot move.
+    assert entry["act_steps"] == 0 and entry["history"]["acts"] == []
 
 
 def test_official_protocol_stage_inputs(tiny, official):
@@ -552,7 +555,8 @@ def test_phases_are_pure_init_step_pairs_that_reconstruct_a_unit(block):
   state, ``step`` a new state without touching the old one (the same call twice gives the
   same state), and driving them by hand gives reconstruct_unit's states bit for bit."""
   net, unit, params, cfg, (wspecs, aspecs), _, x_in, y_fp, start = block
-  cfg = dataclasses.replace(cfg, weight_iters=6, act_iters=4)
+  # At this lr_a the activation steps could move an exponent, so they run.
+  cfg = dataclasses.replace(cfg, weight_iters=6, act_iters=4, lr_a=0.3)
   bn, key = net.bn_targets[unit.name], jax.random.PRNGKey(3)
   result = reconstruct.reconstruct_unit(unit, params, bn, start["w"], start["a"], wspecs,
                                         aspecs, x_in, y_fp, cfg, 2.0, key, progress=False)
@@ -576,6 +580,91 @@ def test_phases_are_pure_init_step_pairs_that_reconstruct_a_unit(block):
   for it in range(cfg.act_iters):
     astate, _ = activations.step(astate, state.wstates, p, xs, ys, ka, it)
   chex.assert_trees_all_equal(astate.astates, result.astates)
+
+
+@jax.jit
+def _adam_walk(grads, lrs):
+  """Where the activation phase's optimizer takes a parameter from 0 given these
+  gradients and per-step learning rates."""
+  opt = reconstruct.act_optimizer(config.for_method("rapq"))
+
+  def step(carry, g_lr):
+    theta, state = carry
+    state = state._replace(hyperparams={**state.hyperparams, "learning_rate": g_lr[1]})
+    update, state = opt.update(g_lr[0], state, theta)
+    return (optax.apply_updates(theta, update), state), None
+
+  (theta, _), _ = jax.lax.scan(step, (jnp.float32(0), opt.init(jnp.float32(0))), (grads, lrs))
+  return theta
+
+
+WALK_STEPS = 64
+
+
+@settings(max_examples=40, deadline=None)
+@given(grads=hnp.arrays(np.float32, WALK_STEPS, elements=st.floats(-1e4, 1e4, width=32)),
+       lr=st.floats(1e-5, 1.0), iters=st.integers(1, WALK_STEPS))
+def test_activation_steps_move_no_parameter_beyond_the_drift_bound(grads, lr, iters):
+  """Whatever the gradients, ``act_iters`` steps of the activation phase's Adam on its
+  cosine schedule move a parameter by at most ``act_drift_bound``; gradients growing by
+  b2 / b1 per step (the Cauchy-Schwarz equality case) come within 1 % of it."""
+  cfg = config.for_method("rapq", act_iters=iters, lr_a=lr)
+  lrs = jax.vmap(lambda it: reconstruct.act_learning_rate(it, reconstruct.budget(cfg), cfg))(
+      jnp.arange(iters))
+  bound = reconstruct.act_drift_bound(cfg)
+  assert abs(float(_adam_walk(grads[:iters], lrs))) <= bound * (1 + 1e-5)
+  worst = (reconstruct.ADAM_B2 / reconstruct.ADAM_B1) ** np.arange(iters)
+  assert abs(float(_adam_walk(jnp.asarray(worst, jnp.float32), lrs))) >= 0.99 * _last_step_bound(cfg)
+
+
+def _last_step_bound(cfg):
+  """The bound's share of a walk's last step alone (what the equality case attains)."""
+  return (reconstruct.act_drift_bound(cfg)
+          - reconstruct.act_drift_bound(dataclasses.replace(cfg, act_iters=cfg.act_iters - 1))
+          if cfg.act_iters > 1 else reconstruct.act_drift_bound(cfg))
+
+
+_POT, _FLOAT = fake_quant.ActSpec(4), fake_quant.ActSpec(4, pot=False)
+
+
+@pytest.mark.parametrize("change, specs, start, skipped", [
+    ({}, {"a": _POT, "b": _POT}, {"a": 3.0, "b": -2.0}, True),     # the default: bound 0.25
+    ({"lr_a": 1e-3}, {"a": _POT}, {"a": 3.0}, False),               # bound 0.63
+    ({"act_iters": 5000}, {"a": _POT}, {"a": 3.0}, False),           # the official 5000 steps
+    ({"learn_bias": True}, {"a": _POT}, {"a": 3.0}, False),          # learns bias corrections
+    ({}, {"a": _POT, "f": _FLOAT}, {"a": 3.0, "f": 0.2}, False),    # a float scale learns
+    ({}, {"a": _POT}, {"a": 3.3}, False),                            # 0.2 from a boundary
+    ({}, {"a": _POT}, {"a": 3.2}, True),                             # 0.3 from it
+])
+def test_activation_phase_is_skipped_only_where_it_cannot_change_the_model(
+    change, specs, start, skipped):
+  cfg = config.for_method("rapq", **change)
+  astates = {n: {"exp": jnp.float32(e)} for n, e in start.items()}
+  assert reconstruct.act_phase_moves_nothing(astates, specs, cfg) == skipped
+
+
+def test_a_skipped_activation_phase_gives_the_model_of_running_it(block, monkeypatch):
+  """At the default activation budget and rate (500 steps at 4e-4) a power-of-two unit
+  runs no activation step; running them anyway moves every ``t`` by less than the
+  drift bound and leaves every exponent and weight state as it is."""
+  net, unit, params, cfg, (wspecs, aspecs), _, x_in, y_fp, start = block
+  cfg = dataclasses.replace(cfg, weight_iters=6, act_iters=500)
+  args = (unit, params, net.bn_targets[unit.name], start["w"], start["a"], wspecs, aspecs,
+          x_in, y_fp, cfg, 2.0, jax.random.PRNGKey(3))
+  skipped = reconstruct.reconstruct_unit(*args, progress=False)
+  assert skipped.act_steps == 0 and skipped.history["acts"] == []
+  chex.assert_trees_all_equal(skipped.astates, start["a"])
+  monkeypatch.setattr(reconstruct, "act_phase_moves_nothing", lambda *_: False)
+  ran = reconstruct.reconstruct_unit(*args, progress=False)
+  assert ran.act_steps == 500 and ran.history["acts"][-1][0] == 500
+  chex.assert_trees_all_equal(ran.wstates, skipped.wstates)
+  bound = reconstruct.act_drift_bound(cfg)
+  moved = []
+  for point, state in ran.astates.items():
+    t, exp = float(state["exp"]), float(skipped.astates[point]["exp"])
+    assert round(t) == exp and abs(t - exp) <= bound, point
+    moved.append(t != exp)
+  assert any(moved), "the steps moved no t: the comparison shows nothing"
 
 
 def test_reconstruction_raises_on_non_finite_inputs(block):
