@@ -606,15 +606,17 @@ WALK_STEPS = 64
        lr=st.floats(1e-5, 1.0), iters=st.integers(1, WALK_STEPS))
 def test_activation_steps_move_no_parameter_beyond_the_drift_bound(grads, lr, iters):
   """Whatever the gradients, ``act_iters`` steps of the activation phase's Adam on its
-  cosine schedule move a parameter by at most ``act_drift_bound``; gradients growing by
-  b2 / b1 per step (the Cauchy-Schwarz equality case) come within 1 % of it."""
+  cosine schedule move a parameter by at most ``act_drift_bound``. The bound is tight:
+  gradients growing by b2 / b1 per step (its Cauchy-Schwarz equality case) move it, in
+  all, at least 99 % of the bound's share of the last step alone."""
   cfg = config.for_method("rapq", act_iters=iters, lr_a=lr)
   lrs = jax.vmap(lambda it: reconstruct.act_learning_rate(it, reconstruct.budget(cfg), cfg))(
       jnp.arange(iters))
   bound = reconstruct.act_drift_bound(cfg)
   assert abs(float(_adam_walk(grads[:iters], lrs))) <= bound * (1 + 1e-5)
   worst = (reconstruct.ADAM_B2 / reconstruct.ADAM_B1) ** np.arange(iters)
-  assert abs(float(_adam_walk(jnp.asarray(worst, jnp.float32), lrs))) >= 0.99 * _last_step_bound(cfg)
+  walked = abs(float(_adam_walk(jnp.asarray(worst, jnp.float32), lrs)))
+  assert walked >= 0.99 * _last_step_bound(cfg)
 
 
 def _last_step_bound(cfg):
