@@ -252,10 +252,9 @@ def act_drift_bound(cfg: PTQConfig) -> float:
   ``v_t = (1 - b2) sum_k b2^k g_(t-k)^2``, ``|m_t| <= (1 - b1) sqrt(S_t v_t / (1 - b2))``
   with ``S_t = sum_(k<t) (b1^2 / b2)^k``; with the bias corrections the step is at most
   ``lr_t (1 - b1) sqrt(S_t (1 - b2^t) / (1 - b2)) / (1 - b1^t)`` (``eps`` only shrinks
-  it). Summed over the phase's cosine schedule (``act_learning_rate``)."""
+  it). Summed over the phase's learning rates (``act_learning_rate``)."""
   t = np.arange(1, cfg.act_iters + 1, dtype=np.float64)
-  decay = max(cfg.act_iters, 1)
-  lr = cfg.lr_a * 0.5 * (1 + np.cos(np.pi * np.minimum(t - 1, decay) / decay))
+  lr = np.asarray(act_learning_rate(jnp.arange(cfg.act_iters), budget(cfg), cfg), np.float64)
   r = ADAM_B1 ** 2 / ADAM_B2
   s = (1 - r ** t) / (1 - r)
   step = (1 - ADAM_B1) * np.sqrt(s * (1 - ADAM_B2 ** t) / (1 - ADAM_B2)) / (1 - ADAM_B1 ** t)
