@@ -112,6 +112,7 @@ def _batched(fn, x, batch: int = FORWARD_BATCH):
 class UnitFns(NamedTuple):
   """Jitted functions of one unit shape (``unit_fns``)."""
   init: Callable
+  init_weights: Callable
   init_acts: Callable
   hard: Callable
   fp: Callable
@@ -120,8 +121,8 @@ class UnitFns(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
   """Jitted per-unit functions, shared by equally shaped units (see ``structural``):
-  init(params, x) -> (wstates, astates); init_acts(params, wstates, x) -> astates on
-  the hard weights ``wstates``; hard(params, state, x, acts_on=True) -> quantized output
+  init(params, x) -> (wstates, astates); init_weights(params) -> the same wstates alone;
+  init_acts(params, wstates, x) -> astates on the hard weights ``wstates``; hard(params, state, x, acts_on=True) -> quantized output
   (``acts_on=False``: weights only); fp(params, x) -> FP output."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
 
@@ -139,13 +140,16 @@ def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
     unit_apply(unit, params, x, wq, aq)
     return astates
 
-  @jax.jit
-  def init(params, x):
-    # Lp-initialised weights, then activation states with those weights (soft).
-    wstates = {l.role: fake_quant.init_weight(
+  def weight_states(params):
+    return {l.role: fake_quant.init_weight(
         params[l.role]["kernel"], wspecs[l.role], learn_exponent=cfg.runs_exponent_relaxation,
         learn_rounding=cfg.reconstruct, p=cfg.scale_p, exponent_choice=cfg.exp_init)
         for l in unit.layers}
+
+  @jax.jit
+  def init(params, x):
+    # Lp-initialised weights, then activation states with those weights (soft).
+    wstates = weight_states(params)
     return wstates, act_states(params, wstates, x, True)
 
   @jax.jit
@@ -161,7 +165,7 @@ def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
   def fp(params, x):
     return unit_apply(unit, params, x, identity_hook, identity_hook)[0]
 
-  return UnitFns(init, init_acts, hard, fp)
+  return UnitFns(init, jax.jit(weight_states), init_acts, hard, fp)
 
 
 def unit_fns(unit: Unit, specs: dict, cfg: PTQConfig) -> UnitFns:
@@ -171,11 +175,18 @@ def unit_fns(unit: Unit, specs: dict, cfg: PTQConfig) -> UnitFns:
                    tuple(sorted(aspecs.items())), cfg)
 
 
-def _init_all(net, specs, x, cfg):
-  """Initial states of every unit along the round-to-nearest quantized flow."""
+def _init_all(net, specs, x, cfg, *, acts: bool = True):
+  """Initial states of every unit: Lp-initialised weights and activation states along
+  the round-to-nearest quantized flow of ``x``. Without ``acts`` the weights only, each
+  unit's ``a`` empty: reconstruction initialises every unit's activations afresh on its
+  own quantized inputs (``_fresh_acts``), so where nothing else reads them (no search
+  before it) computing them here would be thrown away."""
   states = {}
   for unit in net.units:
     fns = unit_fns(unit, specs, cfg)
+    if not acts:
+      states[unit.name] = {"w": fns.init_weights(net.params[unit.name]), "a": {}}
+      continue
     w, a = fns.init(net.params[unit.name], x)
     states[unit.name] = {"w": w, "a": a}
     x = fns.hard(net.params[unit.name], states[unit.name], x)
@@ -628,7 +639,10 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     # count, moving the objective values in their last bits.
     fp_logits = jax.jit(network_apply)(net, sub)
 
-  states = _init_all(cal_net, cal_specs, fit[:INIT_SAMPLES], cfg)
+  # The activation states of the initialisation serve the search before reconstruction
+  # and a method that does not reconstruct; reconstruction initialises its own.
+  states = _init_all(cal_net, cal_specs, fit[:INIT_SAMPLES], cfg,
+                     acts=not cfg.reconstruct or cfg.search in ("before", "both"))
   states.update(_rounded({u: states[u] for u in frozen_units(net, cfg)}))
   act_offsets = {}
   if cfg.search in ("before", "both"):

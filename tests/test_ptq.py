@@ -116,7 +116,8 @@ def test_search_scores_held_out_images_in_deployed_arithmetic(tiny, monkeypatch)
   the search scores the other 32 (as the report says); the search's final objective is
   the KL of the returned model's ``quantized.apply`` logits on those images (rtol 1e-5:
   identical logits, the KL's float32 reduction fused differently, see
-  tests/test_search.py)."""
+  tests/test_search.py). The initialisation computes no activation states: nothing
+  before reconstruction reads them."""
   net, calib, _ = tiny
   seen = {"init": [], "units": [], "search": []}
   init_all, reconstruct, search_exponents = ptq._init_all, ptq.reconstruct_unit, search.search_exponents
@@ -127,7 +128,11 @@ def test_search_scores_held_out_images_in_deployed_arithmetic(tiny, monkeypatch)
       return fn(*args, **kw)
     return wrapped
 
-  monkeypatch.setattr(ptq, "_init_all", record("init", init_all, 2))
+  def init_recording(*args, acts):
+    seen["init"].append((np.asarray(args[2]), acts))
+    return init_all(*args, acts=acts)
+
+  monkeypatch.setattr(ptq, "_init_all", init_recording)
   monkeypatch.setattr(ptq, "reconstruct_unit", record("units", reconstruct, 7))
   monkeypatch.setattr(search, "search_exponents", record("search", search_exponents, 3))
   result = ptq.quantize_network(net, calib, config.for_method("rapq", search="after", **SMALL),
@@ -137,8 +142,9 @@ def test_search_scores_held_out_images_in_deployed_arithmetic(tiny, monkeypatch)
   assert info["images"] == dict(rows=[n - held, n], reconstruction_rows=[0, n - held],
                                 held_out=True)
   fit, scored = np.asarray(calib[:n - held]), np.asarray(calib[n - held:])
-  (init_x,), (search_x,) = seen["init"], seen["search"]
+  ((init_x, init_acts),), (search_x,) = seen["init"], seen["search"]
   np.testing.assert_array_equal(init_x, fit)
+  assert not init_acts     # reconstruction initialises each unit's activations itself
   np.testing.assert_array_equal(seen["units"][0], fit)          # the first unit's input
   assert len(seen["units"]) == len(net.units)
   assert all(x.shape[0] == n - held for x in seen["units"])
@@ -151,12 +157,27 @@ def test_search_scores_held_out_images_in_deployed_arithmetic(tiny, monkeypatch)
   assert info["after"] <= info["before"] and isinstance(info["capped"], bool)
 
 
-def test_search_before_and_after_reconstruction(tiny):
+def test_search_before_and_after_reconstruction(tiny, monkeypatch):
   """search='both': the weight/activation search on round-to-nearest states, then the
-  activation search after reconstruction; neither raises its objective."""
+  activation search after reconstruction; neither raises its objective. The
+  initialisation computes activation states for the search before; without them (where
+  nothing reads them) it gives the same weight states bit for bit."""
   net, calib, _ = tiny
+  calls, init_all = [], ptq._init_all
+
+  def init_recording(*args, acts):
+    calls.append((args, acts, init_all(*args, acts=acts)))
+    return calls[-1][2]
+
+  monkeypatch.setattr(ptq, "_init_all", init_recording)
   result = ptq.quantize_network(net, calib, config.for_method("rapq", search="both", **SMALL),
                                 progress=False)
+  ((args, acts, with_acts),) = calls
+  assert acts and any(s["a"] for s in with_acts.values())
+  without = init_all(*args, acts=False)
+  chex.assert_trees_all_equal({u: s["w"] for u, s in with_acts.items()},
+                              {u: s["w"] for u, s in without.items()})
+  assert all(s["a"] == {} for s in without.values())
   assert set(result.report["search"]) == {"before", "after"}
   for info in result.report["search"].values():
     assert info["after"] <= info["before"]
@@ -519,11 +540,11 @@ def block(tiny):
   specs = ptq.unit_specs(net, cfg)
   unit = net.units[1]
   params = net.params[unit.name]
-  init, _, hard, fp = ptq.unit_fns(unit, specs, cfg)
+  fns = ptq.unit_fns(unit, specs, cfg)
   x_in = jax.jit(lambda n, x: network_apply(n, x, until=1))(net, calib)
-  y_fp = fp(params, x_in)
-  w0, a0 = init(params, x_in)
-  return net, unit, params, cfg, specs[unit.name], hard, x_in, y_fp, {"w": w0, "a": a0}
+  y_fp = fns.fp(params, x_in)
+  w0, a0 = fns.init(params, x_in)
+  return net, unit, params, cfg, specs[unit.name], fns.hard, x_in, y_fp, {"w": w0, "a": a0}
 
 
 def test_reconstruction_decreases_objective(block, monkeypatch):
