@@ -12,6 +12,7 @@ flags and calls it.
 import contextlib
 import copy
 import functools
+import gc
 import json
 import pathlib
 import time
@@ -142,6 +143,16 @@ def _on_process_0(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
+def release_compiled_programs() -> None:
+  """Drops every compiled program and the arrays nothing refers to any more. The job
+  calls it after each quantized run: that run's programs are its method's and bit
+  widths' own (the next run compiles its own, or loads them from the persistent
+  compilation cache), and kept they added up over the job's runs (ResNet-20 rapq at
+  W4A4 then W2A4, 20/5 iterations: peak RSS 1.57 GB kept, 1.22 GB dropped)."""
+  jax.clear_caches()
+  gc.collect()
+
+
 def plan(config: ml_collections.ConfigDict, names, bits) -> list[tuple]:
   """``[(method, wbits, abits, config)]``: ``fp`` first when anything is quantized (every
   table reports the drop from FP), quantized methods once per ``bits`` pair with
@@ -181,7 +192,9 @@ def run(config: ml_collections.ConfigDict, names, bits, workdir: pathlib.Path) -
     env = report.environment()  # the code as it was when the run started
     fp_logits = functools.cache(lambda: pipeline.fp_logits(config, data))
     results = []
-    for method, wbits, abits, method_config in runs:
+    for k, (method, wbits, abits, method_config) in enumerate(runs):
+      if k and runs[k - 1][0] not in UNQUANTIZED:
+        release_compiled_programs()
       results.append(run_once(workdir, method, wbits, abits, method_config, data, fp_logits,
                               env["git"]))
       print(format_result(results[-1]), flush=True)

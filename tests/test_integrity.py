@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -305,6 +306,28 @@ def test_each_result_says_the_commit_that_computed_it(tmp_path, monkeypatch):
   for results, expected in (([resumed], old), ([resumed, {**resumed, "git": new}], new)):
     job.write_outputs(tmp_path, config, results, dict(git=new))
     assert json.loads((tmp_path / "results.json").read_text())["git"] == expected
+
+
+def test_job_drops_the_programs_of_each_quantized_run_before_the_next(tmp_path, monkeypatch):
+  """The compiled programs of a quantized run are its method's and bit widths' own: the
+  job drops them after it (not after fp, nothing after the last run), so they do not add
+  up in memory over a job's runs; dropping empties every jitted function's cache."""
+  from experiments import job  # pylint: disable=import-outside-toplevel
+  from experiments.configs import base  # pylint: disable=import-outside-toplevel
+  f = jax.jit(lambda x: x + 1)
+  f(1.0)
+  assert f._cache_size() == 1   # pylint: disable=protected-access
+  job.release_compiled_programs()
+  assert f._cache_size() == 0   # pylint: disable=protected-access
+  events = []
+  monkeypatch.setattr(job.validate, "prepare", lambda config, runs: None)
+  monkeypatch.setattr(job, "run_once", lambda workdir, method, wbits, *rest: events.append(
+      f"{method}{wbits or ''}") or {})
+  monkeypatch.setattr(job, "format_result", lambda record: "")
+  monkeypatch.setattr(job, "write_outputs", lambda *args: None)
+  monkeypatch.setattr(job, "release_compiled_programs", lambda: events.append("drop"))
+  job.run(base.get_base_config(), ("naive", "rapq"), [(4, 4), (2, 4)], tmp_path)
+  assert events == ["fp", "naive4", "drop", "naive2", "drop", "rapq4", "drop", "rapq2"]
 
 
 def _run(workdir, *args):
