@@ -122,8 +122,9 @@ class UnitFns(NamedTuple):
 def _shape_fns(unit: Unit, wspecs: tuple, aspecs: tuple, cfg: PTQConfig):
   """Jitted per-unit functions, shared by equally shaped units (see ``structural``):
   init(params, x) -> (wstates, astates); init_weights(params) -> the same wstates alone;
-  init_acts(params, wstates, x) -> astates on the hard weights ``wstates``; hard(params, state, x, acts_on=True) -> quantized output
-  (``acts_on=False``: weights only); fp(params, x) -> FP output."""
+  init_acts(params, wstates, x) -> astates on the hard weights ``wstates``;
+  hard(params, state, x, acts_on=True) -> quantized output (``acts_on=False``: weights
+  only); fp(params, x) -> FP output."""
   wspecs, aspecs = dict(wspecs), dict(aspecs)
 
   def act_states(params, wstates, x, soft):
