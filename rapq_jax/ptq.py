@@ -640,13 +640,14 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
     # count, moving the objective values in their last bits.
     fp_logits = jax.jit(network_apply)(net, sub)
 
+  search_before = cfg.search in ("before", "both")
   # The activation states of the initialisation serve the search before reconstruction
   # and a method that does not reconstruct; reconstruction initialises its own.
   states = _init_all(cal_net, cal_specs, fit[:INIT_SAMPLES], cfg,
-                     acts=not cfg.reconstruct or cfg.search in ("before", "both"))
+                     acts=not cfg.reconstruct or search_before)
   states.update(_rounded({u: states[u] for u in frozen_units(net, cfg)}))
   act_offsets = {}
-  if cfg.search in ("before", "both"):
+  if search_before:
     # Weight exponents are searched on round-to-nearest weights; reconstruction then
     # starts from the moved grids, and activation offsets apply on top of each unit's
     # own initialisation.
