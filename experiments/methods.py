@@ -30,6 +30,12 @@ QUANT_METHODS = {
     "brecq_pot_acts": ("brecq_pot", {"pot_parts": "acts"},
                        "brecq_pot with power-of-two activation scales only (weight scales "
                        "float): the activations' share of the power-of-two cost"),
+    "brecq_pot_outputs": ("brecq_pot", {"pot_parts": "outputs"},
+                          "brecq_pot with power-of-two scales only at each unit's output "
+                          "(a ResNet's residual stream; the rest float): its share of the cost"),
+    "brecq_pot_inner": ("brecq_pot", {"pot_parts": "inner"},
+                        "brecq_pot with power-of-two scales only at the activations inside "
+                        "units and the network input (the rest float): their share of the cost"),
     "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp"),
     "rapq_learned_exp": ("rapq", {"learn_exponent": True},
                          "RAPQ with the paper's learned floor/ceil exponent relaxation"),

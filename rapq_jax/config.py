@@ -36,7 +36,7 @@ ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
 ALIGN_MODES = ("none", "weights", "acts", "stream", "acts_stream")
-POT_PARTS = ("both", "weights", "acts")
+POT_PARTS = ("both", "weights", "acts", "outputs", "inner")
 EXP_INITS = ("nearest", "lp", "grid")
 ACT_EXP_INITS = ("nearest", "lp")
 # Float field -> (least value, whether the least value itself is allowed, greatest
@@ -77,10 +77,13 @@ class PTQConfig:
   Method switches (``method`` presets them through ``for_method``):
     pot_scales: every scale an exact power of two (False only for float BRECQ).
     pot_parts: with ``pot_scales``, which quantizers get power-of-two scales: ``'both'``
-      (a power-of-two model), or only the ``'weights'`` or only the ``'acts'`` (the
-      others keep float scales, as float BRECQ): a diagnostic that splits the cost of the
-      power-of-two constraint between weights and activations. Its model is not
-      power-of-two and has no integer form.
+      (a power-of-two model), or only the ``'weights'``, only the ``'acts'``, only each
+      unit's output activation (``'outputs'``: the values passed between units, on a
+      ResNet its residual stream) or only the other activation points (``'inner'``: the
+      network input and the activations inside units); the others keep float scales, as
+      float BRECQ. A diagnostic that splits the cost of the power-of-two constraint
+      between the parts of the network. Its model is not power-of-two and has no integer
+      form.
     reconstruct: AdaRound/BRECQ block reconstruction (False: round to nearest).
     learn_exponent: RAPQ's floor/ceil relaxation of each weight exponent, learned in the
       reconstruction's warm phase.

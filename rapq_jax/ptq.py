@@ -53,17 +53,27 @@ def unit_specs(net: Network, cfg: PTQConfig) -> dict:
   specs = {}
   for unit in net.units:
     wb = cfg.first_last_bits if unit.name in (first, head) else cfg.wbits
-    wspecs = {l.role: fake_quant.WeightSpec(wb, pot=cfg.pot_scales and cfg.pot_parts != "acts",
+    wspecs = {l.role: fake_quant.WeightSpec(wb, pot=_pot_scale(cfg, None),
                                             signed=cfg.weight_signed)
               for l in unit.layers}
     aspecs = {}
     for a in unit.acts:
       ab = cfg.first_last_bits if (a.name == "input" or (
           unit.name in eight_bit_outputs and a.name == "out")) else cfg.abits
-      aspecs[a.name] = fake_quant.ActSpec(ab, signed=a.signed,
-                                          pot=cfg.pot_scales and cfg.pot_parts != "weights")
+      aspecs[a.name] = fake_quant.ActSpec(ab, signed=a.signed, pot=_pot_scale(cfg, a.name))
     specs[unit.name] = (wspecs, aspecs)
   return specs
+
+
+def _pot_scale(cfg: PTQConfig, point: str | None) -> bool:
+  """Whether a weight quantizer (``point`` None) or the activation quantizer at ``point``
+  has a power-of-two scale under ``cfg.pot_scales`` and ``cfg.pot_parts``."""
+  if not cfg.pot_scales:
+    return False
+  if point is None:
+    return cfg.pot_parts in ("both", "weights")
+  return {"both": True, "weights": False, "acts": True, "outputs": point == "out",
+          "inner": point != "out"}[cfg.pot_parts]
 
 
 def unit_lp(net: Network, unit_name: str, cfg: PTQConfig, *, rounded: bool = True) -> float:

@@ -66,6 +66,8 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("naive", "act_exp_init", "nearest"),
     ("brecq_pot_weights", "pot_parts", "weights"),
     ("brecq_pot_acts", "pot_parts", "acts"),
+    ("brecq_pot_outputs", "pot_parts", "outputs"),
+    ("brecq_pot_inner", "pot_parts", "inner"),
     ("rapq", "protocol", "strict"),
     ("rapq_official", "protocol", "official"),
     ("rapq_official", "loss_p_source", "bn"),

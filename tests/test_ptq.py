@@ -253,7 +253,9 @@ def test_search_rounds_reconstruct_what_the_search_changed(tiny, monkeypatch, tm
 def test_pot_parts_puts_powers_of_two_on_one_side_only(tiny):
   """pot_parts='weights' (the diagnostic split of the power-of-two cost): every weight
   exponent an integer, the activation steps float and learned as float BRECQ's are; the
-  result is no power-of-two model. pot_parts='acts' gives the other side's specs."""
+  result is no power-of-two model. pot_parts='acts' gives the other side's specs,
+  'outputs' and 'inner' split the activation points between each unit's output and the
+  rest."""
   net, calib, x = tiny
   cfg = config.for_method("brecq_pot", pot_parts="weights", **SMALL)
   assert not cfg.pot_model and config.for_method("brecq_pot").pot_model
@@ -270,6 +272,16 @@ def test_pot_parts_puts_powers_of_two_on_one_side_only(tiny):
   for wspecs, aspecs in ptq.unit_specs(net, config.for_method(
       "brecq_pot", pot_parts="acts")).values():
     assert not any(s.pot for s in wspecs.values()) and all(s.pot for s in aspecs.values())
+  points = {}
+  for parts in ("outputs", "inner"):
+    specs = ptq.unit_specs(net, config.for_method("brecq_pot", pot_parts=parts))
+    assert not any(s.pot for wspecs, _ in specs.values() for s in wspecs.values())
+    points[parts] = {(u, a) for u, (_, aspecs) in specs.items()
+                     for a, s in aspecs.items() if s.pot}
+  every = {(u, a) for u, (_, aspecs) in ptq.unit_specs(net, config.for_method("brecq_pot")).items()
+           for a in aspecs}
+  assert points["outputs"] == {(u, a) for u, a in every if a == "out"} != set()
+  assert points["inner"] == every - points["outputs"] and ("conv1", "input") in points["inner"]
 
 
 @pytest.mark.parametrize("method", POT_METHODS)
