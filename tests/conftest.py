@@ -12,12 +12,12 @@ computation that several tests or processes build (the same step of a tiny model
 
 Compiling, not running, is most of a test's time: the suite's programs are tiny and each
 is compiled once. So the session and its subprocesses compile for XLA's CPU backend
-without LLVM's optimisation passes and with its older loop emitters
-(``compile_flags.FAST_COMPILE``, added to ``XLA_FLAGS``; the tiny Fashion-MNIST job of
-tests/cli.py compiled in 24 s with both, 32 s with the first alone). That changes the
-speed of the machine code and the last bits of some float results
-(tests/compile_flags.py), so every equality a test asserts compares runs made with the
-same flags. The few tests that run real-size work in a child process
+without LLVM's optimisation passes, with its older loop emitters and generating each
+program's code on one thread (``compile_flags.FAST_COMPILE``, added to ``XLA_FLAGS``; the
+tiny Fashion-MNIST job of tests/cli.py compiled in 24 s with the first two, 32 s with
+the first alone). That changes the speed of the machine code and the last bits of some
+float results (tests/compile_flags.py), so every equality a test asserts compares runs
+made with the same flags. The few tests that run real-size work in a child process
 (ResNet-20's integer path, the whole CIFAR-10 test split, the shipped-data job) compile
 it with ``compile_flags.LONG_RUN`` instead.
 
