@@ -36,7 +36,8 @@ QUANT_METHODS = {
     "brecq_pot_inner": ("brecq_pot", {"pot_parts": "inner"},
                         "brecq_pot with power-of-two scales only at the activations inside "
                         "units and the network input (the rest float): their share of the cost"),
-    "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp"),
+    "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp, residual "
+                     "stream rescaled onto powers of two"),
     "rapq_learned_exp": ("rapq", {"learn_exponent": True},
                          "RAPQ with the paper's learned floor/ceil exponent relaxation"),
     "rapq_learned_exp_official": (
@@ -82,9 +83,6 @@ QUANT_METHODS = {
     "rapq_act_presearch": ("rapq", {"act_presearch": True},
                            "RAPQ whose activation exponents start where a network-wide search "
                            "on the network with 8-bit weights puts them (ptq.act_presearch)"),
-    "rapq_stream_presearch": ("rapq", {"align_scales": "stream", "act_presearch": True},
-                              "rapq_act_presearch on a network whose residual stream is scaled "
-                              "by one factor (as rapq_align_stream)"),
     "rapq_bias": ("rapq", {"learn_bias": True},
                   "RAPQ whose activation phase also learns each layer's bias correction "
                   "(an int32 in the deployed model) against the unit's output"),
@@ -94,10 +92,9 @@ QUANT_METHODS = {
     "rapq_align_acts": ("rapq", {"align_scales": "acts"},
                         "RAPQ on a network rescaled (FP function unchanged) so that each "
                         "block's inner ReLU has its float Lp activation scale on a power of two"),
-    "rapq_align_stream": ("rapq", {"align_scales": "stream"},
-                          "RAPQ on a network whose residual stream is scaled by one factor "
-                          "(FP function unchanged) that brings the block outputs' Lp "
-                          "activation scales closest to powers of two"),
+    "rapq_no_align": ("rapq", {"align_scales": "none"},
+                      "RAPQ on the network as folded, its residual stream not rescaled "
+                      "(rapq's default before the stream alignment)"),
     "rapq_align_all": ("rapq", {"align_scales": "acts_stream"},
                        "RAPQ on a network rescaled (FP function unchanged) so that every "
                        "activation point's float Lp scale is near a power of two: the "

@@ -35,12 +35,15 @@ FORWARD_BATCH = 256
 class PTQResult(NamedTuple):
   """apply: jitted fake-quant inference ``x -> logits``; model: the integer
   ``QuantizedModel`` (None for float scales); states/specs: final quantizer states;
-  report: per-unit seconds, Lp exponents, loss curves, search results."""
+  report: per-unit seconds, Lp exponents, loss curves, search results; network: the
+  network the states quantize, the given one as ``align_scales`` rescaled it (same FP
+  function)."""
   apply: Callable
   model: quantized.QuantizedModel | None
   states: dict
   specs: dict
   report: dict
+  network: Network
 
 
 def unit_specs(net: Network, cfg: PTQConfig) -> dict:
@@ -689,4 +692,5 @@ def quantize_network(net: Network, calib: jax.Array, cfg: PTQConfig, *,
   else:
     fn = jax.jit(lambda n, st, x: search.quantized_logits(n, st, specs, x))
     apply = functools.partial(fn, net, states)
-  return PTQResult(checked_apply(apply, input_channels(net)), model, states, specs, report)
+  return PTQResult(checked_apply(apply, input_channels(net)), model, states, specs, report,
+                   net)

@@ -106,7 +106,8 @@ def test_every_method_runs(tiny, run, method):
       assert unit_info["p"] in ((2.0,) if name == "linear" else (1.0, 1.1))
       # The value before rounding is reported too: p only says which side of 1.05 it is.
       assert round(unit_info["p_unrounded"], 1) == unit_info["p"]
-      assert unit_info["p_unrounded"] == ptq.unit_lp(net, name, cfg, rounded=False)
+      assert unit_info["p_unrounded"] == ptq.unit_lp(result.network, name, cfg,
+                                                      rounded=False)
   assert result.report["protocol"]["name"] == "strict"
 
 
@@ -207,7 +208,8 @@ def test_search_rounds_reconstruct_what_the_search_changed(tiny, monkeypatch, tm
 
   monkeypatch.setattr(ptq, "reconstruct_unit", recording)
   monkeypatch.setattr(search, "search_exponents", searching)
-  cfg = config.for_method("rapq", search="after", search_rounds=2, abits=2, **SMALL)
+  cfg = config.for_method("rapq", search="after", search_rounds=2, abits=2,
+                          align_scales="none", **SMALL)
   result = ptq.quantize_network(net, calib, cfg, progress=False, store=resume.Store(tmp_path))
   searches, names = result.report["search"], [u.name for u in net.units]
   assert searches["after"]["moved"], "the first search moved nothing: no round to test"
@@ -391,7 +393,7 @@ def test_result_equals_hard_fake_quant_of_its_states(tiny, run, method):
   net, _, x = tiny
   result = run(method)
   assert not any("v" in w for st in result.states.values() for w in st["w"].values())
-  expected = states_logits(net, result.states, result.specs, x)
+  expected = states_logits(result.network, result.states, result.specs, x)
   got = result.apply(x) if result.model is None else jax.jit(fake_quant_logits)(result.model, x)
   chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -476,8 +478,9 @@ def test_official_protocol_stage_inputs(tiny, official):
   units before reconstructed) and float activations; an activation stage's from the
   network with every weight reconstructed and the activations before it quantized;
   the network input is float in both."""
-  net, calib, _ = tiny
+  calib = tiny[1]
   result, stages = official
+  net = result.network                       # the stream-aligned network it quantized
   cal_net = ptq.calibration_network(net, OFFICIAL)
   assert [a.name for a in cal_net.units[0].acts] == ["out"]
   hk = {u: fake_quant.hooks(s["w"], {p: s["a"][p] for p in result.specs[u][1] if p != "input"},
@@ -494,8 +497,9 @@ def test_official_protocol_stem_round_to_nearest_at_8_bits(tiny, official):
   """The stem keeps round-to-nearest 8-bit weights; its output quantizer is 8-bit and
   keeps the exponent initialised on the stem's output for float inputs; the input is
   quantized (8-bit, signed) only in the returned model, as the report says."""
-  net, calib, _ = tiny
+  calib = tiny[1]
   result, _ = official
+  net = result.network                       # the stream-aligned network it quantized
   stem = net.units[0].name
   kernel = net.params[stem]["conv"]["kernel"]
   wspec = result.specs[stem][0]["conv"]
@@ -1088,7 +1092,8 @@ def test_config_validation(make, field, value):
 
 
 def test_weight_exponent_choice_needs_fixed_power_of_two_exponents():
-  for kw in (dict(learn_exponent=True), dict(pot_scales=False, search="none")):
+  for kw in (dict(learn_exponent=True),
+             dict(pot_scales=False, search="none", align_scales="none")):
     with pytest.raises(ValueError, match=r"weight_exp_window = 1 moves fixed power-of-two "
                                          r"exponents: it needs pot_scales=True and "
                                          r"learn_exponent=False"):

@@ -235,12 +235,13 @@ def test_store_of_an_older_version_is_read(tiny, tmp_path):
   resume.Store(tmp_path / "b").bind(_with_old_names(cfg, iters_w=21))
   with pytest.raises(resume.ConfigMismatchError, match=r"^[^;]*weight_iters = 21 there, 20 now"):
     ptq.quantize_network(*tiny, cfg, progress=False, store=resume.Store(tmp_path / "b"))
-  # Its units were learned at the plain lr_w and nearest activation exponents, and its
-  # search took single steps on reconstruction images: with the defaults now the store
-  # is refused, naming those fields.
+  # Its units were learned at the plain lr_w and nearest activation exponents on the
+  # network as folded, and its search took single steps on reconstruction images: with
+  # the defaults now the store is refused, naming those fields.
   with pytest.raises(resume.ConfigMismatchError, match=r"\(act_exp_init = 'nearest' there, "
-                     r"'lp' now; lr_w_ref_iters = 0 there, 20000 now; search_holdout = False "
-                     r"there, True now; search_reach = 1 there, 8 now\)"):
+                     r"'lp' now; align_scales = 'none' there, 'stream' now; lr_w_ref_iters "
+                     r"= 0 there, 20000 now; search_holdout = False there, True now; "
+                     r"search_reach = 1 there, 8 now\)"):
     resume.Store(tmp_path).bind(dataclasses.asdict(CFG), upgrade=config.current_names)
 
 
