@@ -20,9 +20,10 @@ exactly on a power of two:
 Only ReLU points inside a unit qualify (ReLU6 is not homogeneous; a unit's output feeds a
 residual sum), except in the third mode:
 
-* ``'stream'``: one factor ``g`` for the values that pass between units (a ResNet's
-  residual stream): every unit but the first reads its input scaled by ``g``, every
-  unit but the last writes its output scaled by ``g`` (where a unit cannot, as a stem
+* ``'stream'`` (rapq's default, ``PTQConfig.align_scales``): one factor ``g`` for the
+  values that pass between units (a ResNet's residual stream): every unit but the
+  first reads its input scaled by ``g``, every unit but the last writes its output
+  scaled by ``g`` (where a unit cannot, as a stem
   ending in ReLU6, the stream starts after it), and inside a unit each layer's
   kernel and bias are scaled so that every residual sum adds operands of one scale
   (``stream_layer_scales``). The block outputs of a CIFAR ResNet stage have nearly one
