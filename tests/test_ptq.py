@@ -109,6 +109,17 @@ def test_every_method_runs(tiny, run, method):
       assert unit_info["p_unrounded"] == ptq.unit_lp(result.network, name, cfg,
                                                       rounded=False)
   assert result.report["protocol"]["name"] == "strict"
+  # rapq quantizes the stream-aligned network, the same FP function with other
+  # parameters; the baselines quantize the network as folded.
+  assert result.report["align"]["mode"] == ("stream" if method == "rapq" else "none")
+  if method == "rapq":
+    assert result.report["align"]["factors"]["stream"][0] != 1.0
+    assert not np.array_equal(result.network.params["layer1_0"]["conv2"]["kernel"],
+                              net.params["layer1_0"]["conv2"]["kernel"])
+    np.testing.assert_allclose(network_apply(result.network, x), network_apply(net, x),
+                               rtol=1e-4, atol=1e-4)
+  else:
+    assert result.network is net
 
 
 def test_search_scores_held_out_images_in_deployed_arithmetic(tiny, monkeypatch):
