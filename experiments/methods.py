@@ -210,6 +210,7 @@ def run_method(config: ml_collections.ConfigDict, data: pipeline.Data, method: s
       loss_curves={u: r["history"] for u, r in units.items()},
       search=result.report["search"],
       protocol=result.report["protocol"],
+      align=result.report["align"],
       weight_exponents=_weight_exponents(result),
       ptq=dict(cfg.__dict__),
   )

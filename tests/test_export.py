@@ -356,6 +356,7 @@ def test_run_method_saves_a_model_that_exports(tmp_path):
   config.calibration_size, config.test_size = 32, 100
   data = pipeline.load_data(config)
   record = methods.run_method(config, data, "naive", progress=False, save_dir=tmp_path / "models")
+  assert record["align"] == {"mode": "none", "factors": {}}   # naive: the folded network
   qm = export.load_model(tmp_path / "models" / "naive_w4a4")
   assert qm.info["method"] == "naive"
   extra = export.model_extra(tmp_path / "models" / "naive_w4a4")
