@@ -4,13 +4,15 @@ import math
 
 from rapq_jax import objective, pot
 
-_NEAREST = dict(exp_init="nearest", act_exp_init="nearest", loss_p_source="fixed",
-                learn_exponent=False, align_scales="none")
+# What the baselines share: none of rapq's exponent choices (nearest exponents, a fixed
+# loss exponent), no search, the network as folded.
+_BASELINE = dict(exp_init="nearest", act_exp_init="nearest", loss_p_source="fixed",
+                 learn_exponent=False, align_scales="none", search="none")
 # Method -> the PTQConfig fields it sets (``for_method``); the rest keep their defaults.
 PRESETS = {
-    "naive": dict(_NEAREST, reconstruct=False, search="none"),
-    "brecq": dict(_NEAREST, pot_scales=False, search="none"),
-    "brecq_pot": dict(_NEAREST, search="none"),
+    "naive": dict(_BASELINE, reconstruct=False),
+    "brecq": dict(_BASELINE, pot_scales=False),
+    "brecq_pot": dict(_BASELINE),
     "rapq": dict(),
 }
 METHODS = tuple(PRESETS)
