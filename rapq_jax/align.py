@@ -150,13 +150,7 @@ def _stream_factor(net: Network, abits: int, p: float, calib: chex.Array) -> flo
   probe = _stream_scaled(net, 2.0)
   logs, x = [], calib
   for unit in net.units:
-    seen = {}
-
-    def aq(point, h, seen=seen):
-      seen[point] = h
-      return h
-
-    x = unit_apply(unit, net.params[unit.name], x, aq=aq)[0]
+    x, seen = _fp_points(unit, net.params[unit.name], x)
     scaled = {op.point for op in unit.program
               if op.op == "quant" and probe[1][unit.name][op.out] != 1.0}
     for point in sorted(scaled):
@@ -233,3 +227,15 @@ def _fp_pre(unit: Unit, params: dict, x: chex.Array) -> dict:
 @functools.partial(jax.jit, static_argnums=0)
 def _fp_out(unit: Unit, params: dict, x: chex.Array) -> chex.Array:
   return unit_apply(unit, params, x)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fp_points(unit: Unit, params: dict, x: chex.Array) -> tuple[chex.Array, dict]:
+  """The unit's FP output and ``{point: value}`` of its activation points."""
+  seen = {}
+
+  def aq(point, h):
+    seen[point] = h
+    return h
+
+  return unit_apply(unit, params, x, aq=aq)[0], seen

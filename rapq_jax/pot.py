@@ -14,6 +14,7 @@ requantization are bit shifts. Conventions used throughout the library:
 All functions are pure and jit-able. ``fake_quant`` passes gradients straight through
 inside the representable range and blocks them outside it.
 """
+import functools
 from typing import NamedTuple
 
 import chex
@@ -157,11 +158,17 @@ class LpScale(NamedTuple):
   hi: chex.Array
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "signed", "per_channel", "p",
+                                             "num_candidates", "shrink"))
 def lp_scale_search(x: chex.Array, bits: int, *, signed: bool, per_channel: bool,
                     p: float = 2.4, num_candidates: int = 80,
                     shrink: float = 0.01) -> LpScale:
   """BRECQ's scale initialisation: try clipping ranges ``[lo, hi] * (1 - i * shrink)``,
   ``i < num_candidates``, and keep the one with the least ``mean(|x - fq(x)|**p)``.
+
+  Jitted, every argument but ``x`` static (a python ``p`` of 1 or 2 takes ``abs_pow``'s
+  exact form): called outside a jit, its ``lax.map`` would be traced and compiled again
+  on every call.
 
   Signed: symmetric range ``max(|lo|, |hi|)`` with ``2**(b-1)`` steps on each side.
   Unsigned: asymmetric range ``[min(x, 0), max(x, 0)]`` with ``2**b - 1`` steps and a

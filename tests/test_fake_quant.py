@@ -26,15 +26,13 @@ SPECS = [WeightSpec(4, signed=False), WeightSpec(3, signed=True), WeightSpec(8, 
 CASES = pytest.mark.parametrize("shape, spec", [
     ((3, 3, 4, 8), SPECS[0]), ((3, 3, 1, 6), SPECS[1]), ((16, 10), SPECS[2])])
 
-# Jitted once per (shape, spec): the Lp search's lax.map would recompile on every
-# eager call.
+# Jitted once per (shape, spec), as the library calls them (inside its jitted unit
+# functions): eagerly, each of their operations would be dispatched on its own.
 _init_weight = jax.jit(fake_quant.init_weight, static_argnums=1,
                        static_argnames=("learn_exponent", "learn_rounding", "p",
                                         "exponent_choice"))
 _init_act = jax.jit(fake_quant.init_act, static_argnums=1,
                     static_argnames=("p", "exponent_choice"))
-_lp_search = jax.jit(pot.lp_scale_search, static_argnums=1,
-                     static_argnames=("signed", "per_channel", "p", "num_candidates", "shrink"))
 
 
 def init_weight(w, spec, **kw):
@@ -49,7 +47,7 @@ def kernel(shape, seed=0):
 
 
 def lp_of(w, spec):
-  return _lp_search(w, spec.bits, signed=spec.signed, per_channel=True)
+  return pot.lp_scale_search(w, spec.bits, signed=spec.signed, per_channel=True)
 
 
 def grid_position(w, state, spec):
@@ -363,7 +361,7 @@ def test_act_quantizer_is_pot_fake_quant(spec):
   assert set(state) == {"exp"}
   chex.assert_shape(state["exp"], ())
   assert float(state["exp"]) == round(float(state["exp"]))
-  lp = _lp_search(x, spec.bits, signed=spec.signed, per_channel=False)
+  lp = pot.lp_scale_search(x, spec.bits, signed=spec.signed, per_channel=False)
   assert float(state["exp"]) == float(pot.log2_exponents(lp.scale)[0])
   e = fake_quant.act_exponent(state, spec)
   chex.assert_type(e, jnp.int32)
@@ -384,7 +382,7 @@ def test_act_exponent_lp_choice_takes_the_side_with_less_error(spec, seed):
   x = jnp.asarray(rng.standard_t(3, size=(4, 6, 6, 3)) * rng.uniform(0.1, 10), jnp.float32)
   if not spec.signed:
     x = jax.nn.relu(x)
-  lp = _lp_search(x, spec.bits, signed=spec.signed, per_channel=False)
+  lp = pot.lp_scale_search(x, spec.bits, signed=spec.signed, per_channel=False)
   _, lo_e, hi_e = (int(e) for e in pot.log2_exponents(lp.scale))
   err = {e: float(jnp.mean(jnp.abs(pot.fake_quant(x, e, spec.bits, signed=spec.signed) - x)
                            ** 2.4)) for e in (lo_e, hi_e)}

@@ -19,7 +19,6 @@ BITS = list(range(pot.MIN_BITS, pot.MAX_BITS + 1))
 HYPOTHESIS = settings(max_examples=30, deadline=None)
 
 STATIC = ("bits", "signed", "per_channel", "p")
-lp_scale_search = jax.jit(pot.lp_scale_search, static_argnames=STATIC)
 
 
 def nearest_pot(x, bits: int, *, signed: bool, per_channel: bool, p: float = 2.4):
@@ -316,7 +315,7 @@ def lp_error(x, scale, lo, bits, signed, p, axes):
 @HYPOTHESIS
 def test_lp_scale_search_no_worse_than_unclipped(x, bits, signed, per_channel):
   p = 2.4
-  lp = lp_scale_search(jnp.asarray(x), bits=bits, signed=signed, per_channel=per_channel, p=p)
+  lp = pot.lp_scale_search(jnp.asarray(x), bits=bits, signed=signed, per_channel=per_channel, p=p)
   shape = (x.shape[-1],) if per_channel else ()
   for a in lp:
     chex.assert_shape(a, shape)
