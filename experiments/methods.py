@@ -38,6 +38,15 @@ QUANT_METHODS = {
                         "units and the network input (the rest float): their share of the cost"),
     "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp, residual "
                      "stream rescaled onto powers of two"),
+    "rapq_pot_weights": ("rapq", {"pot_parts": "weights"},
+                         "rapq with power-of-two weight scales only (activation scales float "
+                         "and learned): the weights' share of what power of two costs rapq"),
+    "rapq_pot_outputs": ("rapq", {"pot_parts": "outputs"},
+                         "rapq with power-of-two scales only at each unit's output (a "
+                         "ResNet's rescaled residual stream; the rest float): its share"),
+    "rapq_pot_inner": ("rapq", {"pot_parts": "inner"},
+                       "rapq with power-of-two scales only at the activations inside units "
+                       "and the network input (the rest float): their share"),
     "rapq_learned_exp": ("rapq", {"learn_exponent": True},
                          "RAPQ with the paper's learned floor/ceil exponent relaxation"),
     "rapq_learned_exp_official": (

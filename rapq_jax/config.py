@@ -84,8 +84,8 @@ class PTQConfig:
       ResNet its residual stream) or only the other activation points (``'inner'``: the
       network input and the activations inside units); the others keep float scales, as
       float BRECQ. A diagnostic that splits the cost of the power-of-two constraint
-      between the parts of the network. Its model is not power-of-two and has no integer
-      form.
+      between the parts of the network, for brecq_pot or (with its stream alignment and
+      floor/ceil exponents) rapq. Its model is not power-of-two and has no integer form.
     reconstruct: AdaRound/BRECQ block reconstruction (False: round to nearest).
     learn_exponent: RAPQ's floor/ceil relaxation of each weight exponent, learned in the
       reconstruction's warm phase.
@@ -320,12 +320,11 @@ class PTQConfig:
       raise ValueError(f"pot_parts = {self.pot_parts!r}: expected one of {POT_PARTS}")
     if self.pot_parts != "both" and not (self.pot_scales and self.search == "none"
                                          and not self.learn_exponent
-                                         and self.align_scales == "none"
                                          and not self.weight_exp_window
                                          and not self.act_exp_window):
       raise ValueError(f"pot_parts = {self.pot_parts!r} keeps float scales on one side: it "
-                       "needs pot_scales=True, search='none', learn_exponent=False, "
-                       "align_scales='none' and no exponent windows")
+                       "needs pot_scales=True, search='none', learn_exponent=False "
+                       "and no exponent windows")
     if self.align_scales not in ALIGN_MODES:
       raise ValueError(f"align_scales = {self.align_scales!r}: expected one of {ALIGN_MODES}")
     if self.align_scales != "none" and not self.pot_scales:

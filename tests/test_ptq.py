@@ -297,6 +297,28 @@ def test_pot_parts_puts_powers_of_two_on_one_side_only(tiny):
   assert points["inner"] == every - points["outputs"] and ("conv1", "input") in points["inner"]
 
 
+@pytest.mark.slow(seconds=10)
+def test_rapq_pot_parts_split_the_cost_on_rapqs_aligned_network(tiny, run):
+  """rapq's split of the cost (rapq_pot_outputs): the network is rescaled as rapq's is,
+  each unit's output gets an exact power-of-two scale at rapq's floor/ceil exponent, and
+  every weight and inner activation scale stays float."""
+  net, calib, x = tiny
+  cfg = config.for_method("rapq", pot_parts="outputs", **SMALL)
+  assert cfg.align_scales == "stream" and cfg.act_exp_init == "lp" and not cfg.pot_model
+  result = ptq.quantize_network(net, calib, cfg, progress=False)
+  assert result.model is None
+  assert result.report["align"] == run("rapq").report["align"]
+  assert result.report["align"]["factors"]["stream"][0] != 1.0
+  chex.assert_tree_all_finite(result.apply(x))
+  for name, (wspecs, aspecs) in result.specs.items():
+    assert not any(s.pot for s in wspecs.values())
+    assert {a for a, s in aspecs.items() if s.pot} == ({"out"} & set(aspecs))
+    for a, st in result.states[name]["a"].items():
+      if aspecs[a].pot:
+        e = np.log2(np.asarray(fake_quant.act_scale(st, aspecs[a])))
+        np.testing.assert_array_equal(e, np.round(e))
+
+
 @pytest.mark.parametrize("method", POT_METHODS)
 def test_pot_model_integers_and_exponents(tiny, run, method):
   net, _, _ = tiny
