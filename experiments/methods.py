@@ -108,6 +108,10 @@ QUANT_METHODS = {
                        "RAPQ on a network rescaled (FP function unchanged) so that every "
                        "activation point's float Lp scale is near a power of two: the "
                        "residual stream by one factor, then each block's inner ReLU"),
+    "rapq_align_weights_stream": ("rapq", {"align_scales": "weights_stream"},
+                                  "RAPQ on a network rescaled (FP function unchanged): the "
+                                  "residual stream by one factor, then each block's first "
+                                  "conv channel by channel onto its float Lp weight scale"),
     "rapq_official": ("rapq", {"protocol": "official"},
                       "RAPQ under the official driver's protocol (PTQConfig.protocol)"),
     "brecq_official": ("brecq", {"protocol": "official"},

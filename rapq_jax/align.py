@@ -34,6 +34,9 @@ residual sum), except in the third mode:
 
 * ``'acts_stream'``: ``'stream'``, then ``'acts'`` on the network it gives: every
   activation point of a ResNet, the block outputs and the inner ReLUs, near the grid.
+* ``'weights_stream'``: ``'stream'``, then ``'weights'``: the stream near the grid and
+  each block's first conv on it, channel by channel (a unit's last conv writes the
+  stream, whose channels no factor can move independently).
 
 The rescaled network is what gets quantized and deployed; it computes the same function
 in FP (up to float rounding).
@@ -181,20 +184,20 @@ def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: boo
     calib: float32 NHWC calibration images (``'acts'`` and ``'stream'``: the factors
       come from the FP activations of these).
   Returns ``{'stream': [g]}`` as the factors of ``'stream'`` (with those of ``'acts'``
-  for ``'acts_stream'``).
+  or ``'weights'`` for ``'acts_stream'`` and ``'weights_stream'``).
   """
   if mode not in ALIGN_MODES:
     raise ValueError(f"align_scales = {mode!r}: expected one of {ALIGN_MODES}")
-  if mode in ("acts", "stream", "acts_stream") and calib is None:
+  if mode not in ("none", "weights") and calib is None:
     raise ValueError(f"align_scales = {mode!r} needs calibration images")
   factors = {}
   if mode == "none":
     return net, factors
-  if mode == "acts_stream":
+  if mode.endswith("_stream"):
     net, factors = align(net, "stream", wbits=wbits, abits=abits,
                          weight_signed=weight_signed, p=p, calib=calib)
-    net, inner = align(net, "acts", wbits=wbits, abits=abits, weight_signed=weight_signed,
-                       p=p, calib=calib)
+    net, inner = align(net, mode.removesuffix("_stream"), wbits=wbits, abits=abits,
+                       weight_signed=weight_signed, p=p, calib=calib)
     return net, {**factors, **inner}
   if mode == "stream":
     g = _stream_factor(net, abits, p, calib)

@@ -37,7 +37,7 @@ ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search
          "search_reach": 1, "search_holdout": False, "search_confidence": 0.0}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
-ALIGN_MODES = ("none", "weights", "acts", "stream", "acts_stream")
+ALIGN_MODES = ("none", "weights", "acts", "stream", "acts_stream", "weights_stream")
 POT_PARTS = ("both", "weights", "acts", "outputs", "inner")
 EXP_INITS = ("nearest", "lp", "grid")
 ACT_EXP_INITS = ("nearest", "lp")
@@ -199,7 +199,8 @@ class PTQConfig:
   # inner ReLU point's Lp activation scale, 'stream' scales the values passed between
   # units (a residual stream) by one factor that brings its points' Lp scales closest to
   # powers of two, 'acts_stream' both (every activation point of a ResNet: the stream
-  # first, then each inner ReLU); 'none' leaves the network as folded. 'stream' is the
+  # first, then each inner ReLU), 'weights_stream' the stream, then 'weights'; 'none'
+  # leaves the network as folded. 'stream' is the
   # default (rapq's; naive, brecq and brecq_pot set 'none'): on CIFAR-10 at 2000/500,
   # seeds 1005-1007, rapq's mean top-1 moved +0.49 / +0.26 points on ResNet-56 and +0.12 /
   # -0.41 on ResNet-20 (W4A4 / W2A4), its test KL to FP fell or stayed (README). On

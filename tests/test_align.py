@@ -181,8 +181,9 @@ def test_bad_settings_are_refused_by_name():
     config.for_method("rapq", align_scales="channels")
   with pytest.raises(ValueError, match="needs pot_scales=True"):
     config.for_method("brecq", align_scales="weights")
-  with pytest.raises(ValueError, match="needs calibration images"):
-    align.align(_cifar(), "acts", wbits=4, abits=4, weight_signed=False, p=2.4)
+  for mode in ("acts", "stream", "acts_stream", "weights_stream"):
+    with pytest.raises(ValueError, match=f"align_scales = '{mode}' needs calibration images"):
+      align.align(_cifar(), mode, wbits=4, abits=4, weight_signed=False, p=2.4)
 
 
 @pytest.mark.parametrize("name", ["cifar_resnet", "mobilenetv2"])
@@ -227,15 +228,16 @@ def test_stream_alignment_keeps_the_function_and_moves_the_stream_onto_the_grid(
     h = y
 
 
-def test_acts_stream_alignment_is_the_stream_then_the_inner_relus():
-  """'acts_stream' equals 'acts' applied to the 'stream'-aligned network: the same
-  parameters and factors, the FP function unchanged."""
+@pytest.mark.parametrize("inner", ["acts", "weights"])
+def test_stream_then_inner_alignment_composes_the_two(inner):
+  """'acts_stream' ('weights_stream') equals 'acts' ('weights') applied to the
+  'stream'-aligned network: the same parameters and factors, the FP function unchanged."""
   net = _cifar()
   x = _input_for(net)
   kw = dict(wbits=4, abits=4, weight_signed=False, p=2.4, calib=x)
-  both, factors = align.align(net, "acts_stream", **kw)
+  both, factors = align.align(net, f"{inner}_stream", **kw)
   streamed, f_stream = align.align(net, "stream", **kw)
-  expected, f_acts = align.align(streamed, "acts", **kw)
+  expected, f_acts = align.align(streamed, inner, **kw)
   assert "stream" in f_stream and set(factors) == set(f_stream) | set(f_acts)
   assert len(f_acts) == sum(len(u.rescalable_links) for u in net.units) > 0
   chex.assert_trees_all_equal(both.params, expected.params)

@@ -42,6 +42,7 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("rapq_align_weights", "align_scales", "weights"),
     ("rapq_align_acts", "align_scales", "acts"),
     ("rapq_align_all", "align_scales", "acts_stream"),
+    ("rapq_align_weights_stream", "align_scales", "weights_stream"),
     ("rapq", "learn_bias", False),
     ("rapq_bias", "learn_bias", True),
     ("rapq", "act_presearch", False),
