@@ -207,7 +207,9 @@ class PTQConfig:
   # ResNet-20 W2A4 'weights' and 'acts' lost to 'none' (76.09 / 75.61 % against 77.19 %);
   # on ResNet-56 (seed 1005) 'acts_stream' lost 0.82 points at W4A4 and gained 0.75 at
   # W2A4 (older defaults); at today's it moved top-1 by -0.47 to +0.80 in 10 runs (ResNet-20
-  # seeds 1005-1006, ResNet-56 1005-1007), within seed noise (README).
+  # seeds 1005-1006, ResNet-56 1005-1007), within seed noise (README). 'weights_stream'
+  # on ResNet-20 (seed 1005): +0.21 / -1.00 points against 'stream' (W4A4 / W2A4), its
+  # test KL higher at both (README).
   align_scales: str = "stream"
   # Part-way through the weight stage (after weight_exp_at of its rounding steps), move
   # each PoT weight channel's exponent to whichever of e + k, |k| <= weight_exp_window,
