@@ -19,34 +19,31 @@ from rapq_jax import config as ptq_config_lib
 from rapq_jax import evaluate as evaluate_lib
 from rapq_jax import adapter, export, parallel, ptq, quantized, resume
 
+# pot_parts value -> what keeps power-of-two scales (the rest float, as float BRECQ's)
+_POT_PARTS = {
+    "weights": "the weights only (activation scales float and learned)",
+    "acts": "the activations only (weight scales float)",
+    "outputs": "each unit's output only (a ResNet's residual stream)",
+    "inner": "the activations inside units and the network input only",
+}
+
+
+def _pot_part(base: str, part: str) -> tuple[str, dict, str]:
+  """The diagnostic that splits ``base``'s power-of-two cost: its share at ``part``."""
+  return (base, {"pot_parts": part},
+          f"{base} with power-of-two scales on {_POT_PARTS[part]}: that part's share of "
+          "the power-of-two cost")
+
+
 # name -> (base method, PTQConfig overrides, one-line description)
 QUANT_METHODS = {
     "naive": ("naive", {}, "Lp scale to nearest power of two, round to nearest"),
     "brecq": ("brecq", {}, "BRECQ, float scales (non-PoT upper bound)"),
     "brecq_pot": ("brecq_pot", {}, "BRECQ on nearest power-of-two scales"),
-    "brecq_pot_weights": ("brecq_pot", {"pot_parts": "weights"},
-                          "brecq_pot with power-of-two weight scales only (activation scales "
-                          "float and learned): the weights' share of the power-of-two cost"),
-    "brecq_pot_acts": ("brecq_pot", {"pot_parts": "acts"},
-                       "brecq_pot with power-of-two activation scales only (weight scales "
-                       "float): the activations' share of the power-of-two cost"),
-    "brecq_pot_outputs": ("brecq_pot", {"pot_parts": "outputs"},
-                          "brecq_pot with power-of-two scales only at each unit's output "
-                          "(a ResNet's residual stream; the rest float): its share of the cost"),
-    "brecq_pot_inner": ("brecq_pot", {"pot_parts": "inner"},
-                        "brecq_pot with power-of-two scales only at the activations inside "
-                        "units and the network input (the rest float): their share of the cost"),
+    **{f"brecq_pot_{part}": _pot_part("brecq_pot", part) for part in _POT_PARTS},
     "rapq": ("rapq", {}, "RAPQ: per-channel PoT exponent choice, BN-derived Lp, residual "
                      "stream rescaled onto powers of two"),
-    "rapq_pot_weights": ("rapq", {"pot_parts": "weights"},
-                         "rapq with power-of-two weight scales only (activation scales float "
-                         "and learned): the weights' share of what power of two costs rapq"),
-    "rapq_pot_outputs": ("rapq", {"pot_parts": "outputs"},
-                         "rapq with power-of-two scales only at each unit's output (a "
-                         "ResNet's rescaled residual stream; the rest float): its share"),
-    "rapq_pot_inner": ("rapq", {"pot_parts": "inner"},
-                       "rapq with power-of-two scales only at the activations inside units "
-                       "and the network input (the rest float): their share"),
+    **{f"rapq_pot_{part}": _pot_part("rapq", part) for part in _POT_PARTS},
     "rapq_learned_exp": ("rapq", {"learn_exponent": True},
                          "RAPQ with the paper's learned floor/ceil exponent relaxation"),
     "rapq_learned_exp_official": (

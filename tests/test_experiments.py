@@ -71,6 +71,7 @@ TINY = ["--config.weight_iters=12", "--config.act_iters=4", "--config.ptq.exp_wa
     ("brecq_pot_outputs", "pot_parts", "outputs"),
     ("brecq_pot_inner", "pot_parts", "inner"),
     ("rapq_pot_weights", "pot_parts", "weights"),
+    ("rapq_pot_acts", "pot_parts", "acts"),
     ("rapq_pot_outputs", "pot_parts", "outputs"),
     ("rapq_pot_inner", "pot_parts", "inner"),
     ("rapq_pot_outputs", "align_scales", "stream"),
