@@ -181,8 +181,8 @@ def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: boo
     wbits / abits: the bit widths of the rescaled layers and ReLU points.
     weight_signed: the weight quantizers' range (``PTQConfig.weight_signed``).
     p: the Lp exponent of the scale searches (``PTQConfig.scale_p``).
-    calib: float32 NHWC calibration images (``'acts'`` and ``'stream'``: the factors
-      come from the FP activations of these).
+    calib: float32 NHWC calibration images (every mode but ``'none'`` and ``'weights'``:
+      the factors come from the FP activations of these).
   Returns ``{'stream': [g]}`` as the factors of ``'stream'`` (with those of ``'acts'``
   or ``'weights'`` for ``'acts_stream'`` and ``'weights_stream'``).
   """
