@@ -109,6 +109,13 @@ QUANT_METHODS = {
                                   "RAPQ on a network rescaled (FP function unchanged): the "
                                   "residual stream by one factor, then each block's first "
                                   "conv channel by channel onto its float Lp weight scale"),
+    "rapq_equalize": ("rapq", {"align_scales": "equalize_stream"},
+                      "RAPQ on a network rescaled (FP function unchanged): the residual "
+                      "stream's channels equalized against the weights reading them, one "
+                      "factor per channel that residual sums tie together, then the stream "
+                      "factor"),
+    "brecq_equalize": ("brecq", {"align_scales": "equalize"},
+                       "Float BRECQ on the same channel-equalized network as rapq_equalize"),
     "rapq_official": ("rapq", {"protocol": "official"},
                       "RAPQ under the official driver's protocol (PTQConfig.protocol)"),
     "brecq_official": ("brecq", {"protocol": "official"},

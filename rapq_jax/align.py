@@ -47,6 +47,7 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rapq_jax import pot
 from rapq_jax.config import ALIGN_MODES
@@ -80,12 +81,8 @@ def rescale_link(net: Network, unit: str, producer: str, consumer: str,
   chex.assert_shape(g, (prod["kernel"].shape[-1],))
   params[producer] = {"kernel": prod["kernel"] * g, "bias": prod["bias"] * g}
   kernel = cons["kernel"]
-  groups = u.layer(consumer).groups
-  per_group_in, out = kernel.shape[-2], kernel.shape[-1]
-  # Input channel of kernel[..., i, o]: (o's group) * per_group_in + i.
-  group_of_out = jnp.arange(out) // (out // groups)
-  channel = group_of_out[None, :] * per_group_in + jnp.arange(per_group_in)[:, None]
-  params[consumer] = {"kernel": kernel / g[channel], "bias": cons["bias"]}
+  params[consumer] = {"kernel": kernel / g[_input_channels(kernel, u.layer(consumer).groups)],
+                      "bias": cons["bias"]}
   targets = dict(net.bn_targets[unit])
   if producer in targets:
     targets[producer] = _scaled_bn_target(targets[producer], g)
@@ -93,57 +90,132 @@ def rescale_link(net: Network, unit: str, producer: str, consumer: str,
                              bn_targets={**net.bn_targets, unit: targets})
 
 
-def stream_layer_scales(unit: Unit, s_in: float, s_out: float):
-  """How ``unit`` maps an input scaled by ``s_in`` to its output scaled by ``s_out``:
-  ``({role: (input scale, output scale)}, {value: scale})``, every layer's output at
-  scale 1 unless a residual sum or the unit output needs it at another; None where the
-  program cannot (a ReLU6 or a sum whose operands would need two scales)."""
-  program = unit.program
-  need = {program[-1].out: s_out}           # the scale each value must have, backwards
+def _input_channels(kernel: chex.Array, groups: int) -> np.ndarray:
+  """``[I, O]``: the input channel that ``kernel[..., i, o]`` reads, ``(o's group) *
+  I + i`` (``groups`` groups; ``i`` itself for an ungrouped kernel)."""
+  per_group_in, out = kernel.shape[-2], kernel.shape[-1]
+  group_of_out = np.arange(out) // (out // groups)
+  return group_of_out[None, :] * per_group_in + np.arange(per_group_in)[:, None]
+
+
+def _same(a, b) -> bool:
+  """Two stream scales (a number, or one per channel) are the same everywhere."""
+  a, b = np.asarray(a), np.asarray(b)
+  return (a.ndim == 0 or b.ndim == 0 or a.shape == b.shape) and bool(np.all(a == b))
+
+
+def _padded_part(scale, channels: int):
+  """The channels of an option-A shortcut's output that carry its input's ``channels``
+  (``units.option_a`` pads equally on both sides); a single scale is its own part."""
+  scale = np.asarray(scale)
+  if scale.ndim == 0:
+    return scale
+  pad = (scale.shape[0] - channels) // 2
+  return scale[pad:pad + channels]
+
+
+def _needs(program, s_out, c_in: int) -> dict | None:
+  """``{value: scale}`` that the values of ``program`` must have for its output to have
+  ``s_out``, found backwards through every op but a layer (``c_in``: the input's
+  channels where the scales are per channel, else 0); None where a sum's operands would
+  need two."""
+  need = {program[-1].out: s_out}
   for op in reversed(program):
     if op.out not in need or op.op == "linear":
       continue
+    want = need[op.out]
+    if op.op == "subsample_pad" and c_in:
+      want = _padded_part(want, c_in)
     for v in op.inputs if op.op == "add" else op.inputs[:1]:
-      if need.setdefault(v, need[op.out]) != need[op.out]:
+      if not _same(need.setdefault(v, want), want):
         return None
+  return need
+
+
+def stream_layer_scales(unit: Unit, s_in, s_out):
+  """How ``unit`` maps an input scaled by ``s_in`` to its output scaled by ``s_out``:
+  ``({role: (input scale, output scale)}, {value: scale})``, every layer's output at
+  scale 1 unless a residual sum or the unit output needs it at another; None where the
+  program cannot (a ReLU6 or a sum whose operands would need two scales).
+
+  A scale is a number, or a numpy vector with one factor per channel (``'equalize'``):
+  a layer absorbs any factors on its input and output channels, a ReLU, pooling or
+  quantizer keeps them, a sum needs them equal and an option-A shortcut maps its input's
+  onto the middle of its output's channels.
+  """
+  program = unit.program
+  need = _needs(program, s_out, np.asarray(s_in).shape[0] if np.ndim(s_in) else 0)
+  if need is None:
+    return None
   scale, layers = {"x": s_in}, {}
   for op in program:
     s = scale[op.inputs[0]]
     if op.op == "linear":
       layers[op.role] = (s, need.get(op.out, 1.0))
       s = layers[op.role][1]
-    elif op.op == "add" and scale[op.inputs[1]] != s:
+    elif op.op == "subsample_pad" and op.out in need:
+      s = need[op.out]
+    elif op.op == "add" and not _same(scale[op.inputs[1]], s):
       return None
-    elif op.op == "act" and unit.activation != "relu" and s != 1.0:
+    elif op.op == "act" and unit.activation != "relu" and not _same(s, 1.0):
       return None
     scale[op.out] = s
-  if scale[program[-1].out] != s_out or need.get("x", s_in) != s_in:
+  if not _same(scale[program[-1].out], s_out) or not _same(need.get("x", s_in), s_in):
     return None
   return layers, scale
 
 
-def _stream_scaled(net: Network, g: float):
-  """``net`` with its stream scaled by ``g`` and ``{unit: {value: scale}}``. A unit writes
-  its output scaled by ``g`` where it can and the next unit can read it so (the first
-  reads the image, the last writes the logits, both at scale 1); elsewhere at 1, as a
-  stem or last conv ending in ReLU6 must (``stream_layer_scales``)."""
+def _rescaled_layer(layer, p: dict, a, b) -> dict:
+  """A layer's kernel and bias once its input channels are scaled by ``a`` and its output
+  channels by ``b`` (numbers or per-channel vectors)."""
+  if np.ndim(a) == 0 and np.ndim(b) == 0:
+    return {"kernel": p["kernel"] * (b / a), "bias": p["bias"] * b}
+  kernel = p["kernel"]
+  a = np.broadcast_to(np.asarray(a, np.float64), (kernel.shape[-2] * layer.groups,))
+  factor = np.asarray(b, np.float64) / a[_input_channels(kernel, layer.groups)]
+  return {"kernel": kernel * factor.astype(np.float32),
+          "bias": p["bias"] * np.asarray(b, np.float32)}
+
+
+def _stream_rescaled(net: Network, outs: list):
+  """``net`` with unit ``i`` writing its output scaled by ``outs[i]`` (a number or one
+  factor per channel; the last at 1) and reading the one before's, and
+  ``{unit: {value: scale}}``."""
   params, targets, scales = dict(net.params), dict(net.bn_targets), {}
-  units = net.units
-  reads_g = [i > 0 and any(stream_layer_scales(u, g, s) for s in (g, 1.0))
-             for i, u in enumerate(units)]
   s_in = 1.0
-  for i, unit in enumerate(units):
-    writes_g = i + 1 < len(units) and reads_g[i + 1] and stream_layer_scales(unit, s_in, g)
-    s_out = g if writes_g else 1.0
+  for unit, s_out in zip(net.units, outs):
     layers, scales[unit.name] = stream_layer_scales(unit, s_in, s_out)
     s_in = s_out
     params[unit.name], targets[unit.name] = dict(params[unit.name]), dict(targets[unit.name])
     for role, (a, b) in layers.items():      # input scale a, output scale b
-      p = params[unit.name][role]
-      params[unit.name][role] = {"kernel": p["kernel"] * (b / a), "bias": p["bias"] * b}
-      if role in targets[unit.name] and b != 1.0:
-        targets[unit.name][role] = _scaled_bn_target(targets[unit.name][role], b)
+      params[unit.name][role] = _rescaled_layer(unit.layer(role), params[unit.name][role],
+                                                a, b)
+      if role in targets[unit.name] and not _same(b, 1.0):
+        targets[unit.name][role] = _scaled_bn_target(
+            targets[unit.name][role], np.asarray(b, np.float32) if np.ndim(b) else b)
   return dataclasses.replace(net, params=params, bn_targets=targets), scales
+
+
+def _stream_units(net: Network, g) -> list[bool]:
+  """Which units can write their output scaled by ``g`` (a number) for the next to read
+  (the first reads the image, the last writes the logits, both at scale 1; a stem or
+  last conv ending in ReLU6 cannot, ``stream_layer_scales``)."""
+  units = net.units
+  reads_g = [i > 0 and any(stream_layer_scales(u, g, s) for s in (g, 1.0))
+             for i, u in enumerate(units)]
+  writes, s_in = [], 1.0
+  for i, unit in enumerate(units):
+    writes.append(bool(i + 1 < len(units) and reads_g[i + 1]
+                       and stream_layer_scales(unit, s_in, g)))
+    s_in = g if writes[-1] else 1.0
+  return writes
+
+
+def _stream_scaled(net: Network, g: float):
+  """``net`` with its stream scaled by ``g`` and ``{unit: {value: scale}}``: a unit writes
+  its output scaled by ``g`` where it can and the next unit can read it so
+  (``_stream_units``); elsewhere at 1."""
+  return _stream_rescaled(net, [g if w else 1.0 for w in _stream_units(net, g)])
 
 
 def _stream_factor(net: Network, abits: int, p: float, calib: chex.Array) -> float:
@@ -170,6 +242,75 @@ def _stream_factor(net: Network, abits: int, p: float, calib: chex.Array) -> flo
   return float(2.0 ** shifts[jnp.argmin(distance)])
 
 
+def _stream_ties(unit: Unit, c_in: int, c_out: int) -> np.ndarray | None:
+  """``[c_in]``: the output channel that each input channel must share its stream factor
+  with, as a residual sum adds the input to the output; None where the input reaches
+  the output only through layers, which absorb any factors."""
+  need = _needs(unit.program, np.arange(c_out, dtype=np.float64), c_in)
+  if need is None:
+    raise ValueError(f"unit {unit.name!r}: its sums tie channels of the stream to "
+                     "several others, which per-channel factors cannot follow")
+  return need["x"].astype(int) if "x" in need else None
+
+
+def _stream_channels(net: Network, abits: int, p: float, calib: chex.Array) -> list:
+  """Per-channel stream factors ``v``, one vector per unit output that the stream factor
+  could scale (``_stream_units``), 1.0 elsewhere. They balance the stream's per-tensor
+  activation grids against the per-channel weight grids of the layers that read it, as
+  cross-layer equalization does: ``v_c = sqrt(a_c / w_c)`` for channel ``c``'s Lp
+  activation scale ``a_c`` (``abits``, on ``calib``'s FP activations) and its largest
+  weight ``w_c`` in those layers, each relative to its tensor's geometric mean and
+  averaged (geometrically) over every unit output that residual sums tie the channel to
+  (``_stream_ties``). Their geometric mean is 1; a channel without both figures (never
+  positive) keeps 1."""
+  writes = _stream_units(net, 2.0)
+  log_a, log_w = {}, {}                 # tied group -> log2 figures of its members
+
+  def collect(table, ids, values):
+    with np.errstate(divide="ignore"):
+      logs = np.log2(np.asarray(values, np.float64))
+    finite = np.isfinite(logs)
+    logs = logs - (np.mean(logs[finite]) if finite.any() else 0.0)   # relative to the tensor
+    for i, v in zip(ids, logs):
+      if np.isfinite(v):
+        table.setdefault(int(i), []).append(v)
+
+  x, ids, n = calib, None, 0            # ids: the tied group of each channel x carries
+  groups = []
+  for i, unit in enumerate(net.units):
+    params = net.params[unit.name]
+    y = _fp_out(unit, params, x)
+    c_in, c_out = x.shape[-1], y.shape[-1]
+    s_out = np.full(c_out, 2.0) if writes[i] else 1.0
+    if ids is not None:                 # the layers whose input channels are the stream's
+      for role, (a, _) in stream_layer_scales(unit, np.full(c_in, 2.0), s_out)[0].items():
+        if np.ndim(a):
+          kernel = np.abs(np.asarray(params[role]["kernel"]))
+          per_link = kernel.reshape(-1, *kernel.shape[-2:]).max(axis=0)
+          w = np.zeros(c_in)
+          np.maximum.at(w, _input_channels(kernel, unit.layer(role).groups), per_link)
+          collect(log_w, ids, w)
+    if writes[i]:
+      out_ids = np.arange(n, n + c_out)
+      ties = _stream_ties(unit, c_in, c_out) if ids is not None else None
+      if ties is not None:
+        out_ids[ties] = ids
+      n += c_out
+      lp = pot.lp_scale_search(y, abits, signed=bool(jnp.min(y) < 0), per_channel=True, p=p)
+      collect(log_a, out_ids, lp.scale)
+      ids = out_ids
+    else:
+      ids = None
+    groups.append(ids)
+    x = y
+  log_v = np.zeros(n)
+  for g in set(log_a) & set(log_w):
+    log_v[g] = 0.5 * (np.mean(log_a[g]) - np.mean(log_w[g]))
+  used = sorted({int(g) for ids in groups if ids is not None for g in ids})
+  log_v[used] -= np.mean(log_v[used]) if used else 0.0
+  return [1.0 if ids is None else 2.0 ** log_v[ids] for ids in groups]
+
+
 def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: bool,
           p: float, calib: chex.Array | None = None) -> tuple[Network, dict]:
   """The rescaled network and ``{'unit/point': g}`` ([C] factors).
@@ -194,11 +335,19 @@ def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: boo
   if mode == "none":
     return net, factors
   if mode.endswith("_stream"):
-    net, factors = align(net, "stream", wbits=wbits, abits=abits,
-                         weight_signed=weight_signed, p=p, calib=calib)
-    net, inner = align(net, mode.removesuffix("_stream"), wbits=wbits, abits=abits,
-                       weight_signed=weight_signed, p=p, calib=calib)
-    return net, {**factors, **inner}
+    other = mode.removesuffix("_stream")
+    # 'equalize' shapes the stream itself, so the stream factor comes after it; the
+    # inner modes rescale links that the stream factor would move again.
+    order = (other, "stream") if other == "equalize" else ("stream", other)
+    for step in order:
+      net, more = align(net, step, wbits=wbits, abits=abits, weight_signed=weight_signed,
+                        p=p, calib=calib)
+      factors.update(more)
+    return net, factors
+  if mode == "equalize":
+    outs = _stream_channels(net, abits, p, calib)
+    return _stream_rescaled(net, outs)[0], {"equalize": np.concatenate(
+        [np.atleast_1d(v) for v in outs if np.ndim(v)] or [np.ones(1)])}
   if mode == "stream":
     g = _stream_factor(net, abits, p, calib)
     if g == 1.0:

@@ -37,7 +37,9 @@ ADDED = {"align_scales": "none", "search_folds": 1, "lr_w_ref_iters": 0, "search
          "search_reach": 1, "search_holdout": False, "search_confidence": 0.0}
 SEARCH_MODES = ("none", "before", "after", "both")
 PROTOCOLS = ("strict", "official")
-ALIGN_MODES = ("none", "weights", "acts", "stream", "acts_stream", "weights_stream")
+ALIGN_MODES = ("none", "weights", "acts", "stream", "acts_stream", "weights_stream",
+               "equalize", "equalize_stream")
+FLOAT_ALIGN_MODES = ("none", "equalize")   # the ones that are not about powers of two
 POT_PARTS = ("both", "weights", "acts", "outputs", "inner")
 EXP_INITS = ("nearest", "lp", "grid")
 ACT_EXP_INITS = ("nearest", "lp")
@@ -330,7 +332,7 @@ class PTQConfig:
                        "and no exponent windows")
     if self.align_scales not in ALIGN_MODES:
       raise ValueError(f"align_scales = {self.align_scales!r}: expected one of {ALIGN_MODES}")
-    if self.align_scales != "none" and not self.pot_scales:
+    if self.align_scales not in FLOAT_ALIGN_MODES and not self.pot_scales:
       raise ValueError(f"align_scales = {self.align_scales!r} puts scales on powers of two: "
                        "it needs pot_scales=True")
     if self.search_objective not in objective.SEARCH_OBJECTIVES:
