@@ -32,11 +32,20 @@ residual sum), except in the third mode:
   in steps of 1/16, is the shift that brings the log2 Lp scales of the points it
   scales, on average, closest to integers.
 
+* ``'equalize'``: one factor per channel of the stream instead of one for all of it,
+  ``rescale_stream`` (a layer absorbs per-channel factors on its input and output as it
+  absorbs one; a residual sum ties the channels it adds, across the stages of an
+  option-A ResNet too). They balance each channel's activation range against the
+  weights reading it, as cross-layer equalization does (``_stream_channels``). Not about
+  powers of two, so float methods may use it too (``config.FLOAT_ALIGN_MODES``); with a
+  shift-only stream these are the only factors left that may differ along it.
+
 * ``'acts_stream'``: ``'stream'``, then ``'acts'`` on the network it gives: every
   activation point of a ResNet, the block outputs and the inner ReLUs, near the grid.
 * ``'weights_stream'``: ``'stream'``, then ``'weights'``: the stream near the grid and
   each block's first conv on it, channel by channel (a unit's last conv writes the
   stream, whose channels no factor can move independently).
+* ``'equalize_stream'``: ``'equalize'``, then ``'stream'`` on the network it gives.
 
 The rescaled network is what gets quantized and deployed; it computes the same function
 in FP (up to float rounding).
@@ -177,14 +186,18 @@ def _rescaled_layer(layer, p: dict, a, b) -> dict:
           "bias": p["bias"] * np.asarray(b, np.float32)}
 
 
-def _stream_rescaled(net: Network, outs: list):
+def rescale_stream(net: Network, outs: list):
   """``net`` with unit ``i`` writing its output scaled by ``outs[i]`` (a number or one
   factor per channel; the last at 1) and reading the one before's, and
   ``{unit: {value: scale}}``."""
   params, targets, scales = dict(net.params), dict(net.bn_targets), {}
   s_in = 1.0
   for unit, s_out in zip(net.units, outs):
-    layers, scales[unit.name] = stream_layer_scales(unit, s_in, s_out)
+    mapped = stream_layer_scales(unit, s_in, s_out)
+    if mapped is None:
+      raise ValueError(f"unit {unit.name!r} cannot map a stream scaled by {s_in} to one "
+                       f"scaled by {s_out} (a ReLU6 or a residual sum in the way)")
+    layers, scales[unit.name] = mapped
     s_in = s_out
     params[unit.name], targets[unit.name] = dict(params[unit.name]), dict(targets[unit.name])
     for role, (a, b) in layers.items():      # input scale a, output scale b
@@ -215,7 +228,7 @@ def _stream_scaled(net: Network, g: float):
   """``net`` with its stream scaled by ``g`` and ``{unit: {value: scale}}``: a unit writes
   its output scaled by ``g`` where it can and the next unit can read it so
   (``_stream_units``); elsewhere at 1."""
-  return _stream_rescaled(net, [g if w else 1.0 for w in _stream_units(net, g)])
+  return rescale_stream(net, [g if w else 1.0 for w in _stream_units(net, g)])
 
 
 def _stream_factor(net: Network, abits: int, p: float, calib: chex.Array) -> float:
@@ -253,30 +266,49 @@ def _stream_ties(unit: Unit, c_in: int, c_out: int) -> np.ndarray | None:
   return need["x"].astype(int) if "x" in need else None
 
 
+def _channel_effects(tables: list, n: int, sweeps: int = 500) -> tuple[np.ndarray, np.ndarray]:
+  """Least-squares fit of ``log2 figure = tensor level + channel effect`` to ``tables``
+  (one ``(channel ids, figures)`` per tensor; ids ``< n``, figures that are not positive
+  left out), by alternating means: ``(effect [n], observed [n])``. Scaling channel ``c``
+  of every tensor by ``d_c`` moves its effect by exactly ``log2 d_c``; each connected
+  set of channels keeps one free constant (fixed by the alternation's start)."""
+  tensor, ids, y = [], [], []
+  for k, (t_ids, figures) in enumerate(tables):
+    with np.errstate(divide="ignore"):
+      logs = np.log2(np.asarray(figures, np.float64))
+    keep = np.isfinite(logs)
+    tensor.append(np.full(int(keep.sum()), k))
+    ids.append(np.asarray(t_ids)[keep])
+    y.append(logs[keep])
+  if not tables:
+    return np.zeros(n), np.zeros(n, bool)
+  tensor, ids, y = map(np.concatenate, (tensor, ids, y))
+  per_tensor = np.maximum(np.bincount(tensor, minlength=len(tables)), 1)
+  per_channel = np.bincount(ids, minlength=n)
+  effect = np.zeros(n)
+  for _ in range(sweeps):
+    level = np.bincount(tensor, y - effect[ids], minlength=len(tables)) / per_tensor
+    new = np.bincount(ids, y - level[tensor], minlength=n) / np.maximum(per_channel, 1)
+    done = np.max(np.abs(new - effect), initial=0.0) < 1e-12
+    effect = new
+    if done:
+      break
+  return effect, per_channel > 0
+
+
 def _stream_channels(net: Network, abits: int, p: float, calib: chex.Array) -> list:
   """Per-channel stream factors ``v``, one vector per unit output that the stream factor
   could scale (``_stream_units``), 1.0 elsewhere. They balance the stream's per-tensor
   activation grids against the per-channel weight grids of the layers that read it, as
-  cross-layer equalization does: ``v_c = sqrt(a_c / w_c)`` for channel ``c``'s Lp
-  activation scale ``a_c`` (``abits``, on ``calib``'s FP activations) and its largest
-  weight ``w_c`` in those layers, each relative to its tensor's geometric mean and
-  averaged (geometrically) over every unit output that residual sums tie the channel to
-  (``_stream_ties``). Their geometric mean is 1; a channel without both figures (never
-  positive) keeps 1."""
+  cross-layer equalization does: ``v_c = sqrt(a_c / w_c)``, for ``a_c`` and ``w_c`` the
+  channel effects (``_channel_effects``) of the Lp activation scales of the unit outputs
+  (``abits``, on ``calib``'s FP activations) and of the largest weights of the layers
+  reading them, ``c`` one channel of every unit output that residual sums tie together
+  (``_stream_ties``). So the factors follow the function, not how its channels happen
+  to be scaled; their geometric mean is 1, and a channel without both figures keeps 1."""
   writes = _stream_units(net, 2.0)
-  log_a, log_w = {}, {}                 # tied group -> log2 figures of its members
-
-  def collect(table, ids, values):
-    with np.errstate(divide="ignore"):
-      logs = np.log2(np.asarray(values, np.float64))
-    finite = np.isfinite(logs)
-    logs = logs - (np.mean(logs[finite]) if finite.any() else 0.0)   # relative to the tensor
-    for i, v in zip(ids, logs):
-      if np.isfinite(v):
-        table.setdefault(int(i), []).append(v)
-
-  x, ids, n = calib, None, 0            # ids: the tied group of each channel x carries
-  groups = []
+  acts, weights = [], []                # (tied channel ids, figures) per tensor
+  x, ids, n, groups = calib, None, 0, []
   for i, unit in enumerate(net.units):
     params = net.params[unit.name]
     y = _fp_out(unit, params, x)
@@ -286,10 +318,10 @@ def _stream_channels(net: Network, abits: int, p: float, calib: chex.Array) -> l
       for role, (a, _) in stream_layer_scales(unit, np.full(c_in, 2.0), s_out)[0].items():
         if np.ndim(a):
           kernel = np.abs(np.asarray(params[role]["kernel"]))
-          per_link = kernel.reshape(-1, *kernel.shape[-2:]).max(axis=0)
           w = np.zeros(c_in)
-          np.maximum.at(w, _input_channels(kernel, unit.layer(role).groups), per_link)
-          collect(log_w, ids, w)
+          np.maximum.at(w, _input_channels(kernel, unit.layer(role).groups),
+                        kernel.reshape(-1, *kernel.shape[-2:]).max(axis=0))
+          weights.append((ids, w))
     if writes[i]:
       out_ids = np.arange(n, n + c_out)
       ties = _stream_ties(unit, c_in, c_out) if ids is not None else None
@@ -297,18 +329,18 @@ def _stream_channels(net: Network, abits: int, p: float, calib: chex.Array) -> l
         out_ids[ties] = ids
       n += c_out
       lp = pot.lp_scale_search(y, abits, signed=bool(jnp.min(y) < 0), per_channel=True, p=p)
-      collect(log_a, out_ids, lp.scale)
+      acts.append((out_ids, np.asarray(lp.scale)))
       ids = out_ids
     else:
       ids = None
     groups.append(ids)
     x = y
-  log_v = np.zeros(n)
-  for g in set(log_a) & set(log_w):
-    log_v[g] = 0.5 * (np.mean(log_a[g]) - np.mean(log_w[g]))
-  used = sorted({int(g) for ids in groups if ids is not None for g in ids})
-  log_v[used] -= np.mean(log_v[used]) if used else 0.0
-  return [1.0 if ids is None else 2.0 ** log_v[ids] for ids in groups]
+  (log_a, seen_a), (log_w, seen_w) = _channel_effects(acts, n), _channel_effects(weights, n)
+  log_v = np.where(seen_a & seen_w, 0.5 * (log_a - log_w), 0.0)
+  used = np.unique(np.concatenate([g for g in groups if g is not None] or [np.zeros(0, int)]))
+  if used.size:
+    log_v[used] -= np.mean(log_v[used])
+  return [1.0 if g is None else 2.0 ** log_v[g] for g in groups]
 
 
 def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: bool,
@@ -324,8 +356,9 @@ def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: boo
     p: the Lp exponent of the scale searches (``PTQConfig.scale_p``).
     calib: float32 NHWC calibration images (every mode but ``'none'`` and ``'weights'``:
       the factors come from the FP activations of these).
-  Returns ``{'stream': [g]}`` as the factors of ``'stream'`` (with those of ``'acts'``
-  or ``'weights'`` for ``'acts_stream'`` and ``'weights_stream'``).
+  Returns ``{'stream': [g]}`` as the factors of ``'stream'``, ``{'unit/out': [C]}`` for
+  each unit output that ``'equalize'`` scales (with those of ``'acts'``, ``'weights'``
+  or ``'equalize'`` for their ``_stream`` compositions).
   """
   if mode not in ALIGN_MODES:
     raise ValueError(f"align_scales = {mode!r}: expected one of {ALIGN_MODES}")
@@ -346,8 +379,8 @@ def align(net: Network, mode: str, *, wbits: int, abits: int, weight_signed: boo
     return net, factors
   if mode == "equalize":
     outs = _stream_channels(net, abits, p, calib)
-    return _stream_rescaled(net, outs)[0], {"equalize": np.concatenate(
-        [np.atleast_1d(v) for v in outs if np.ndim(v)] or [np.ones(1)])}
+    return rescale_stream(net, outs)[0], {
+        f"{unit.name}/out": jnp.asarray(v) for unit, v in zip(net.units, outs) if np.ndim(v)}
   if mode == "stream":
     g = _stream_factor(net, abits, p, calib)
     if g == 1.0:

@@ -181,7 +181,11 @@ def test_bad_settings_are_refused_by_name():
     config.for_method("rapq", align_scales="channels")
   with pytest.raises(ValueError, match="needs pot_scales=True"):
     config.for_method("brecq", align_scales="weights")
-  for mode in ("acts", "stream", "acts_stream", "weights_stream"):
+  config.for_method("brecq", align_scales="equalize")       # not about powers of two
+  with pytest.raises(ValueError, match="align_scales = 'equalize_stream' puts scales"):
+    config.for_method("brecq", align_scales="equalize_stream")
+  for mode in ("acts", "stream", "acts_stream", "weights_stream", "equalize",
+               "equalize_stream"):
     with pytest.raises(ValueError, match=f"align_scales = '{mode}' needs calibration images"):
       align.align(_cifar(), mode, wbits=4, abits=4, weight_signed=False, p=2.4)
 
@@ -252,3 +256,81 @@ def test_stream_scales_refuse_a_sum_of_two_scales():
   assert align.stream_layer_scales(unit, 2.0, 2.0)[0] == {"conv1": (2.0, 1.0),
                                                           "conv2": (1.0, 2.0)}
   assert align.stream_layer_scales(unit, 2.0, 1.0) is None   # the sum needs x at 1
+
+
+def _option_a_factors(seed: int):
+  """Random positive per-channel stream factors of ``_cifar()`` (stem, 16, 32 and 64
+  channels, one block per stage) that its option-A shortcuts allow: a stage's factors
+  are the middle of the next one's."""
+  d3 = np.exp(np.random.default_rng(seed).normal(size=64))
+  d2 = d3[16:48]
+  d1 = d2[8:24]
+  return [d1, d1, d2, d3, 1.0]
+
+
+def test_per_channel_stream_factors_keep_the_function_and_follow_the_shortcuts():
+  """A stream scaled channel by channel (option-A shortcuts carry a stage's factors into
+  the middle of the next stage's channels) computes the FP function; factors that the
+  shortcuts do not allow are refused by unit name."""
+  net = _cifar()
+  x = _input_for(net)
+  outs = _option_a_factors(0)
+  chex.assert_trees_all_close(network_apply(align.rescale_stream(net, outs)[0], x),
+                              network_apply(net, x), rtol=1e-4, atol=1e-4)
+  bad = list(outs)
+  bad[2] = np.roll(outs[2], 1)             # layer2_0's sum would add two scales
+  with pytest.raises(ValueError, match="unit 'layer2_0' cannot map"):
+    align.rescale_stream(net, bad)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet", "mobilenetv2"])
+def test_equalize_keeps_the_function_and_ties_the_channels_that_sums_add(name):
+  """'equalize': one factor per channel of every unit output the stream factor could
+  scale (none for a stem ending in ReLU6), the same factors where a residual sum adds
+  two values, geometric mean 1 and the FP function unchanged; '_stream' adds the
+  stream factor after it."""
+  if name == "cifar_resnet":
+    net = _cifar()
+  else:
+    model = MobileNetV2(num_classes=10, setting=((1, 16, 1, 1), (6, 16, 2, 1)), stem_planes=8,
+                        last_planes=16)
+    net = folded(model, random_variables(model, HW), HW)
+  x = _input_for(net)
+  kw = dict(wbits=4, abits=4, weight_signed=False, p=2.4, calib=x)
+  new, factors = align.align(net, "equalize", **kw)
+  chex.assert_trees_all_close(network_apply(new, x), network_apply(net, x), rtol=1e-4,
+                              atol=1e-4)
+  streamed = align.align(net, "stream", **kw)[1]
+  # MobileNetV2's stem and last conv end in ReLU6: its stream runs between them.
+  writers = net.units[:-1] if name == "cifar_resnet" else net.units[1:-2]
+  expected = {f"{u.name}/out" for u in writers}
+  assert set(factors) == expected
+  logs = np.concatenate([np.log2(np.asarray(v)) for v in factors.values()])
+  assert np.all(np.isfinite(logs)) and np.ptp(logs) > 0.05
+  if name == "cifar_resnet":
+    f = {k.removesuffix("/out"): np.asarray(v) for k, v in factors.items()}
+    np.testing.assert_array_equal(f["conv1"], f["layer1_0"])          # identity sum
+    np.testing.assert_array_equal(f["layer2_0"][8:24], f["layer1_0"])   # option A
+    np.testing.assert_array_equal(f["layer3_0"][16:48], f["layer2_0"])
+    # layer3_0's channels hold every tied group once: their geometric mean is 1.
+    np.testing.assert_allclose(np.mean(np.log2(f["layer3_0"])), 0.0, atol=1e-6)
+  both, f_both = align.align(net, "equalize_stream", **kw)
+  chex.assert_trees_all_close(network_apply(both, x), network_apply(net, x), rtol=1e-4,
+                              atol=1e-4)
+  assert set(f_both) - set(factors) <= set(streamed)
+
+
+def test_equalize_undoes_a_function_preserving_channel_imbalance():
+  """Equalization depends on the function, not on how its channels happen to be scaled:
+  on the network with its stream scaled by arbitrary allowed factors ``d`` it finds
+  factors ``d`` times its factors on the original, up to one number per unit output."""
+  net = _cifar()
+  x = _images(64, seed=2)
+  kw = dict(wbits=4, abits=4, weight_signed=False, p=2.4, calib=x)
+  d = _option_a_factors(1)
+  distorted = align.rescale_stream(net, d)[0]
+  plain, moved = align.align(net, "equalize", **kw)[1], align.align(distorted, "equalize", **kw)[1]
+  for i, unit in enumerate(net.units[:-1]):
+    key = f"{unit.name}/out"
+    shift = np.log2(np.asarray(moved[key])) - np.log2(np.asarray(plain[key])) - np.log2(d[i])
+    np.testing.assert_allclose(shift, np.mean(shift), atol=0.03)
