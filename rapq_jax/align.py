@@ -297,15 +297,18 @@ def _channel_effects(tables: list, n: int, sweeps: int = 500) -> tuple[np.ndarra
 
 
 def _stream_channels(net: Network, abits: int, p: float, calib: chex.Array) -> list:
-  """Per-channel stream factors ``v``, one vector per unit output that the stream factor
-  could scale (``_stream_units``), 1.0 elsewhere. They balance the stream's per-tensor
-  activation grids against the per-channel weight grids of the layers that read it, as
-  cross-layer equalization does: ``v_c = sqrt(a_c / w_c)``, for ``a_c`` and ``w_c`` the
-  channel effects (``_channel_effects``) of the Lp activation scales of the unit outputs
-  (``abits``, on ``calib``'s FP activations) and of the largest weights of the layers
-  reading them, ``c`` one channel of every unit output that residual sums tie together
+  """Per-channel stream factors ``v`` (what ``rescale_stream`` multiplies each unit output
+  by), one vector per unit output that the stream factor could scale (``_stream_units``),
+  1.0 elsewhere. They balance the stream's per-tensor activation grids against the
+  per-channel weight grids of the layers that read it, as cross-layer equalization does:
+  ``v_c = sqrt(w_c / a_c)`` puts channel ``c``'s activation scale and largest weight
+  both at ``sqrt(a_c * w_c)``, for ``a_c`` and ``w_c`` the channel effects
+  (``_channel_effects``) of the Lp activation scales of the unit outputs (``abits``, on
+  ``calib``'s FP activations) and of the largest weights of the layers reading them,
+  ``c`` one channel of every unit output that residual sums tie together
   (``_stream_ties``). So the factors follow the function, not how its channels happen
-  to be scaled; their geometric mean is 1, and a channel without both figures keeps 1."""
+  to be scaled, and a second equalization finds nothing to move; their geometric mean is
+  1, and a channel without both figures keeps 1."""
   writes = _stream_units(net, 2.0)
   acts, weights = [], []                # (tied channel ids, figures) per tensor
   x, ids, n, groups = calib, None, 0, []
@@ -336,7 +339,7 @@ def _stream_channels(net: Network, abits: int, p: float, calib: chex.Array) -> l
     groups.append(ids)
     x = y
   (log_a, seen_a), (log_w, seen_w) = _channel_effects(acts, n), _channel_effects(weights, n)
-  log_v = np.where(seen_a & seen_w, 0.5 * (log_a - log_w), 0.0)
+  log_v = np.where(seen_a & seen_w, 0.5 * (log_w - log_a), 0.0)
   used = np.unique(np.concatenate([g for g in groups if g is not None] or [np.zeros(0, int)]))
   if used.size:
     log_v[used] -= np.mean(log_v[used])
